@@ -1,9 +1,17 @@
 //! keyrouter: an LLM provider key router.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod app;
 pub mod audit;
+pub mod cli;
+pub mod config;
 pub mod error;
 pub mod http;
 pub mod keys;
+pub mod metrics;
+pub mod ops;
 pub mod secret;
+pub mod server;
 pub mod store;
+pub mod telemetry;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 /// Events taken in one store write.
 const BATCH: usize = 256;
@@ -29,14 +30,16 @@ pub struct AuditQueue {
 /// The writer task; [`AuditWriter::drain`] flushes what is left and stops it.
 pub struct AuditWriter {
     task: JoinHandle<()>,
+    stop: CancellationToken,
 }
 
 impl AuditQueue {
     /// Starts the writer task on the current runtime.
     pub fn start(store: Arc<dyn Store>, pending: IntGauge) -> (AuditQueue, AuditWriter) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(write_loop(store, rx, pending.clone()));
-        (AuditQueue { tx, pending }, AuditWriter { task })
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(write_loop(store, rx, pending.clone(), stop.clone()));
+        (AuditQueue { tx, pending }, AuditWriter { task, stop })
     }
 
     /// Queues an event; never blocks the caller.
@@ -51,10 +54,10 @@ impl AuditQueue {
 }
 
 impl AuditWriter {
-    /// Waits until every queued event is written, or `deadline` passes. All
-    /// [`AuditQueue`] clones must be dropped first, or this waits the whole
-    /// deadline.
+    /// Closes the queue (later events are refused and logged) and waits until
+    /// every queued event is written, or `deadline` passes.
     pub async fn drain(self, deadline: Duration) {
+        self.stop.cancel();
         if tokio::time::timeout(deadline, self.task).await.is_err() {
             tracing::error!("audit events were still pending when the drain time ran out");
         }
@@ -65,9 +68,21 @@ async fn write_loop(
     store: Arc<dyn Store>,
     mut rx: mpsc::UnboundedReceiver<AuditEvent>,
     pending: IntGauge,
+    stop: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
-    while rx.recv_many(&mut batch, BATCH).await > 0 {
+    loop {
+        let received = tokio::select! {
+            n = rx.recv_many(&mut batch, BATCH) => n,
+            _ = stop.cancelled(), if !rx.is_closed() => {
+                // From now on `recv_many` returns what is left, then 0.
+                rx.close();
+                continue;
+            }
+        };
+        if received == 0 {
+            return;
+        }
         let mut backoff = MIN_BACKOFF;
         loop {
             match store.append_audit(&batch).await {

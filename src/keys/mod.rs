@@ -3,6 +3,7 @@
 //! material.
 
 pub mod model;
+pub mod rotate;
 pub mod state;
 pub mod vault;
 

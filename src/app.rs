@@ -1,0 +1,274 @@
+//! Wiring: builds every part from the [`Config`], starts the listeners and
+//! background tasks, and owns the shutdown sequence.
+
+use crate::admin::AdminApi;
+use crate::audit::AuditQueue;
+use crate::audit::queue::AuditWriter;
+use crate::config::{Config, ConfigError, ServerConfig, StoreConfig};
+use crate::keys::Vault;
+use crate::metrics::Metrics;
+use crate::ops::OpsApi;
+use crate::server::tls::CertStore;
+use crate::server::{self, ServeOptions, TlsSource};
+use crate::store::mongo::MongoStore;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Store, StoreError};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// A start-up failure: the process prints it as one line and exits 1.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{setting}: cannot listen on {addr}: {kind}")]
+    Bind {
+        setting: &'static str,
+        addr: SocketAddr,
+        kind: std::io::ErrorKind,
+    },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Shared state of every listener and background task.
+///
+/// Nothing here is locked on a request path: the config, vault and metric
+/// handles are immutable after start, the store does its own pooling, and
+/// the audit queue is a channel.
+pub struct App {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub vault: Vault,
+    pub metrics: Metrics,
+    /// Events written apart from a key change (`auth_failed`).
+    pub audit: AuditQueue,
+    /// Set once the store answered and the key gauges are loaded; cleared
+    /// while the store is unreachable. `/readyz` reports it.
+    pub ready: AtomicBool,
+}
+
+impl App {
+    /// Records a failed store operation in metrics and the log, and hands the
+    /// error back.
+    pub fn store_failed(&self, op: &'static str, e: StoreError) -> StoreError {
+        if matches!(e, StoreError::Unavailable(_) | StoreError::Corrupt(_)) {
+            self.metrics.store_errors.with_label_values(&[op]).inc();
+            tracing::error!(op, error = %e, "store operation failed");
+        }
+        e
+    }
+
+    /// Refreshes `keyrouter_keys` from the store's counts.
+    pub async fn refresh_key_gauges(&self) -> Result<(), StoreError> {
+        let counts = self
+            .store
+            .count_keys()
+            .await
+            .map_err(|e| self.store_failed("count_keys", e))?;
+        for p in &self.config.providers {
+            for state in crate::keys::KeyState::ALL {
+                let n = counts
+                    .iter()
+                    .find(|c| c.provider_id == p.id && c.state == state)
+                    .map_or(0, |c| c.count);
+                self.metrics
+                    .keys
+                    .with_label_values(&[p.id.as_str(), state.as_str()])
+                    .set(n as i64);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The three bound sockets. Binding happens before [`start`] so tests can
+/// bind port 0 and read the real addresses.
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: TcpListener,
+    pub ops: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(cfg: &ServerConfig) -> Result<Self, InitError> {
+        async fn one(setting: &'static str, addr: SocketAddr) -> Result<TcpListener, InitError> {
+            TcpListener::bind(addr).await.map_err(|e| InitError::Bind {
+                setting,
+                addr,
+                kind: e.kind(),
+            })
+        }
+        Ok(Listeners {
+            proxy: one("server.listen", cfg.listen).await?,
+            admin: one("server.admin_listen", cfg.admin_listen).await?,
+            ops: one("server.ops_listen", cfg.ops_listen).await?,
+        })
+    }
+}
+
+/// Opens the configured store backend.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, InitError> {
+    Ok(match &config.store {
+        StoreConfig::Sqlite { path } => Arc::new(SqliteStore::open(path).await?),
+        StoreConfig::MongoDb { uri, database } => {
+            Arc::new(MongoStore::connect(uri, database, config.audit.retention_days).await?)
+        }
+    })
+}
+
+/// A started gateway.
+pub struct Running {
+    pub admin_addr: SocketAddr,
+    pub ops_addr: SocketAddr,
+    pub proxy_addr: SocketAddr,
+    pub app: Arc<App>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+    audit_writer: AuditWriter,
+}
+
+/// How often background tasks refresh gauges, prune the audit log and check
+/// certificate files.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(5);
+const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Starts every listener and background task.
+pub async fn start(config: Config, listeners: Listeners) -> Result<Running, InitError> {
+    let store = open_store(&config).await?;
+    let vault = Vault::new(&config.fernet_keys).map_err(|e| ConfigError(e.to_string()))?;
+    let metrics = Metrics::new();
+    let (audit, audit_writer) = AuditQueue::start(store.clone(), metrics.audit_pending.clone());
+    let certs = config
+        .tls
+        .clone()
+        .map(CertStore::new)
+        .transpose()
+        .map_err(|e| ConfigError(e.to_string()))?
+        .map(Arc::new);
+    if config.admin_auth.api_key.is_none() && config.admin_auth.jwt_secret.is_none() {
+        tracing::warn!(
+            "neither KEYROUTER_ADMIN_API_KEY nor KEYROUTER_ADMIN_JWT_SECRET is set: the management API refuses every request"
+        );
+    }
+
+    let app = Arc::new(App {
+        config,
+        store,
+        vault,
+        metrics,
+        audit,
+        ready: AtomicBool::new(false),
+    });
+    let ready = app.refresh_key_gauges().await.is_ok();
+    app.ready.store(ready, Ordering::Relaxed);
+
+    let addr = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
+    let (admin_addr, ops_addr, proxy_addr) = (
+        addr(&listeners.admin),
+        addr(&listeners.ops),
+        addr(&listeners.proxy),
+    );
+    let s = &app.config.server;
+    let opts = ServeOptions {
+        max_connections: s.max_connections,
+        header_read_timeout: s.header_read_timeout,
+        shutdown_drain: s.shutdown_drain,
+    };
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    let admin_tls: TlsSource = certs.clone().map(|c| {
+        Arc::new(move || c.admin()) as Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>
+    });
+    tasks.spawn(server::serve(
+        "admin",
+        listeners.admin,
+        admin_tls,
+        Arc::new(AdminApi::new(app.clone())),
+        opts,
+        shutdown.clone(),
+    ));
+    tasks.spawn(server::serve(
+        "ops",
+        listeners.ops,
+        None,
+        Arc::new(OpsApi::new(app.clone())),
+        opts,
+        shutdown.clone(),
+    ));
+    // The proxy path takes this socket over; until then nothing accepts on it.
+    drop(listeners.proxy);
+    tasks.spawn(maintenance(app.clone(), certs, shutdown.clone()));
+    tracing::info!(%admin_addr, %ops_addr, "keyrouter started");
+    Ok(Running {
+        admin_addr,
+        ops_addr,
+        proxy_addr,
+        app,
+        shutdown,
+        tasks,
+        audit_writer,
+    })
+}
+
+/// Gauges, readiness, certificate reload and audit retention, on one timer.
+async fn maintenance(app: Arc<App>, certs: Option<Arc<CertStore>>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
+    let mut last_prune: Option<tokio::time::Instant> = None;
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let sighup = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let sighup = std::future::pending::<Option<()>>();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = sighup => {
+                if let Some(c) = &certs {
+                    c.reload();
+                }
+                continue;
+            }
+            _ = tick.tick() => {}
+        }
+        if let Some(c) = &certs {
+            c.reload_if_changed();
+        }
+        let ok = app.refresh_key_gauges().await.is_ok();
+        app.ready.store(ok, Ordering::Relaxed);
+        if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_INTERVAL) {
+            last_prune = Some(tokio::time::Instant::now());
+            let days = i64::from(app.config.audit.retention_days);
+            let before = chrono::Utc::now() - chrono::Duration::days(days);
+            match app.store.prune_audit(before).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(pruned = n, "audit events past retention removed"),
+                Err(e) => {
+                    app.store_failed("prune_audit", e);
+                }
+            }
+        }
+    }
+}
+
+impl Running {
+    /// Graceful stop: listeners stop accepting, open requests get the drain
+    /// time, then queued audit events are written.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        let drain = self.app.config.server.shutdown_drain;
+        self.audit_writer.drain(drain).await;
+    }
+}

@@ -1,0 +1,173 @@
+use super::*;
+use std::collections::HashMap;
+use std::io::Write;
+
+fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    let mut m: HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    m.entry("KEYROUTER_FERNET_KEYS".into())
+        .or_insert_with(Vault::generate_key);
+    m
+}
+
+fn file(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f
+}
+
+fn load(toml: &str, env_map: &HashMap<String, String>) -> Result<Config, ConfigError> {
+    let f = file(toml);
+    Config::load(Some(f.path()), env_map)
+}
+
+fn err(toml: &str, env_map: &HashMap<String, String>) -> String {
+    load(toml, env_map).unwrap_err().to_string()
+}
+
+#[test]
+fn defaults_are_pinned() {
+    let c = load("", &env(&[])).unwrap();
+    assert_eq!(c.server.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:8081");
+    assert_eq!(c.server.ops_listen.to_string(), "0.0.0.0:9090");
+    assert_eq!(c.server.max_body_bytes, 10 * 1024 * 1024);
+    assert!(matches!(c.store, StoreConfig::Sqlite { ref path } if path == Path::new("data/keyrouter.db")));
+    assert!(matches!(c.rate_limit.backend, RateLimitBackend::Local));
+    assert_eq!(c.rate_limit.on_backend_error, OnBackendError::Local);
+    assert!(matches!(c.client_auth, ClientAuth::None));
+    assert_eq!(c.audit.retention_days, 90);
+    assert!(c.admin_auth.api_key.is_none() && c.admin_auth.jwt_secret.is_none());
+    let ids: Vec<_> = c.providers.iter().map(|p| p.id.as_str()).collect();
+    assert_eq!(ids, ["openai", "anthropic"]);
+    assert_eq!(c.default_provider().unwrap().id, "openai");
+}
+
+#[test]
+fn env_overrides_file_values_at_any_depth() {
+    let toml = r#"
+        [server]
+        listen = "127.0.0.1:1000"
+        [[providers]]
+        id = "openai"
+        kind = "openai"
+        base_url = "https://api.openai.com"
+        route_prefix = "/openai"
+    "#;
+    let e = env(&[
+        ("KEYROUTER_SERVER__LISTEN", "127.0.0.1:2000"),
+        ("KEYROUTER_AUDIT__RETENTION_DAYS", "7"),
+        ("KEYROUTER_PROVIDERS__0__RETRY_BUDGET", "4"),
+        ("KEYROUTER_LOG__FORMAT", "pretty"),
+    ]);
+    let c = load(toml, &e).unwrap();
+    assert_eq!(c.server.listen.to_string(), "127.0.0.1:2000");
+    assert_eq!(c.audit.retention_days, 7);
+    assert_eq!(c.providers[0].retry_budget, 4);
+    assert_eq!(c.log.format, LogFormat::Pretty);
+}
+
+#[test]
+fn fernet_keys_are_required_and_checked_without_echo() {
+    let mut e = env(&[]);
+    e.remove("KEYROUTER_FERNET_KEYS");
+    assert!(err("", &e).contains("KEYROUTER_FERNET_KEYS is required"));
+    let e = env(&[("KEYROUTER_FERNET_KEYS", "definitely-not-a-fernet-key")]);
+    let msg = err("", &e);
+    assert!(msg.contains("KEYROUTER_FERNET_KEYS entry 1"), "{msg}");
+    assert!(!msg.contains("definitely-not"), "{msg}");
+}
+
+#[test]
+fn short_admin_key_is_refused_without_echo() {
+    let e = env(&[("KEYROUTER_ADMIN_API_KEY", "short-admin-key")]);
+    let msg = err("", &e);
+    assert!(msg.contains("KEYROUTER_ADMIN_API_KEY must be at least 32"), "{msg}");
+    assert!(!msg.contains("short-admin-key"));
+}
+
+#[test]
+fn secret_from_file_variable() {
+    let secret_file = file("0123456789abcdef0123456789abcdef-from-file\n");
+    let path = secret_file.path().to_str().unwrap();
+    let e = env(&[("KEYROUTER_ADMIN_API_KEY_FILE", path)]);
+    let c = load("", &e).unwrap();
+    assert_eq!(
+        c.admin_auth.api_key.unwrap().expose(),
+        "0123456789abcdef0123456789abcdef-from-file"
+    );
+    let both = env(&[
+        ("KEYROUTER_ADMIN_API_KEY_FILE", path),
+        ("KEYROUTER_ADMIN_API_KEY", "0123456789abcdef0123456789abcdef"),
+    ]);
+    assert!(err("", &both).contains("set only one of KEYROUTER_ADMIN_API_KEY"));
+}
+
+#[test]
+fn backends_that_need_secrets_fail_closed() {
+    let e = env(&[]);
+    assert!(err("[store]\nbackend = \"mongodb\"", &e).contains("KEYROUTER_MONGODB_URI is required"));
+    assert!(err("[rate_limit]\nbackend = \"redis\"", &e).contains("KEYROUTER_REDIS_URL is required"));
+    assert!(
+        err("[client_auth]\nmode = \"jwt\"", &e).contains("KEYROUTER_CLIENT_JWT_SECRET is required")
+    );
+}
+
+#[test]
+fn provider_rules_name_the_setting() {
+    let provider = |id: &str, prefix: &str, base: &str| {
+        format!(
+            "[[providers]]\nid = \"{id}\"\nkind = \"openai\"\nbase_url = \"{base}\"\nroute_prefix = \"{prefix}\"\n"
+        )
+    };
+    let e = env(&[]);
+    assert!(err(&provider("Open-AI", "/o", "https://x"), &e).contains("providers[0].id must match"));
+    assert!(err(&provider("o", "o", "https://x"), &e).contains("providers[0].route_prefix"));
+    assert!(err(&provider("o", "/v1", "https://x"), &e).contains("must not start with /v1"));
+    assert!(err(&provider("o", "/o", "ftp://x"), &e).contains("providers[0].base_url"));
+    assert!(err(&provider("o", "/o", "https://u:p@x"), &e).contains("providers[0].base_url"));
+    let twice = format!("{}{}", provider("o", "/o", "https://x"), provider("o", "/p", "https://x"));
+    assert!(err(&twice, &e).contains("providers[1].id repeats"));
+    let bad_kind = "[[providers]]\nid = \"o\"\nkind = \"nope\"\nbase_url = \"https://x\"\nroute_prefix = \"/o\"\n";
+    assert!(err(bad_kind, &e).contains("providers[0].kind must be one of"));
+}
+
+#[test]
+fn unknown_and_mistyped_settings_are_named() {
+    let e = env(&[]);
+    assert_eq!(err("[server]\nlisten_port = 1", &e), "unknown setting `server.listen_port`");
+    let msg = err("[server]\nmax_body_bytes = \"big\"", &e);
+    assert!(msg.contains("server.max_body_bytes"), "{msg}");
+    assert!(!msg.contains("big"), "{msg}");
+    assert!(err("[server]\nlisten = \"nowhere\"", &e).contains("server.listen must be an address"));
+    assert!(err("[server]\nidle_timeout = \"soon\"", &e).contains("server.idle_timeout must be a duration"));
+}
+
+#[test]
+fn unreadable_tls_file_is_named() {
+    let e = env(&[]);
+    let msg = err(
+        "[tls]\ncert_path = \"/nonexistent/cert.pem\"\nkey_path = \"/nonexistent/key.pem\"",
+        &e,
+    );
+    assert!(msg.starts_with("tls.cert_path: /nonexistent/cert.pem cannot be read"), "{msg}");
+}
+
+#[test]
+fn masked_view_never_shows_secrets() {
+    let admin = "admin-key-that-is-long-enough-0123456789";
+    let fernet = Vault::generate_key();
+    let e = env(&[
+        ("KEYROUTER_ADMIN_API_KEY", admin),
+        ("KEYROUTER_FERNET_KEYS", &fernet),
+        ("KEYROUTER_REDIS_URL", "redis://:hunter2-redis-password@localhost:6379"),
+    ]);
+    let c = load("[rate_limit]\nbackend = \"redis\"", &e).unwrap();
+    let text = masked::render(&c);
+    assert!(!text.contains(admin) && !text.contains(&fernet) && !text.contains("hunter2"));
+    assert!(text.contains("KEYROUTER_ADMIN_API_KEY = \"[set]\""), "{text}");
+    assert!(text.contains("backend = \"redis\""), "{text}");
+    assert!(!format!("{c:?}").contains("hunter2"));
+}

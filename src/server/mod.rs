@@ -1,0 +1,168 @@
+//! Listeners: accept → (TLS) → HTTP/1.1 or h2 → handler, with bounded
+//! connections, timeouts and graceful shutdown. The same loop serves the
+//! proxy, admin and ops listeners; only the handler differs.
+
+pub mod tls;
+
+use crate::http::Body;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+/// What a handler knows about the connection a request came on.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// Whether the connection is TLS (adds HSTS to responses).
+    pub tls: bool,
+}
+
+/// Answers one request. Handlers never fail: every error has already become a
+/// gateway error response.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> impl Future<Output = Response<Body>> + Send;
+}
+
+/// Where a listener gets its TLS config for each handshake (it may change on
+/// reload); `None` serves plain HTTP.
+pub type TlsSource = Option<Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>>;
+
+/// Connection limits and timeouts of one listener.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeOptions {
+    pub max_connections: usize,
+    /// Also bounds the TLS handshake.
+    pub header_read_timeout: Duration,
+    pub shutdown_drain: Duration,
+}
+
+/// Serves `listener` until `shutdown` fires, then stops accepting and gives
+/// open connections `shutdown_drain` to finish their requests.
+pub async fn serve<H: Handler>(
+    name: &'static str,
+    listener: TcpListener,
+    tls: TlsSource,
+    handler: Arc<H>,
+    opts: ServeOptions,
+    shutdown: CancellationToken,
+) {
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(opts.max_connections));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.header_read_timeout)
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .max_concurrent_streams(256);
+    let builder = Arc::new(builder);
+
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(listener = name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tls {
+                None => {
+                    let info = ConnInfo { peer, tls: false };
+                    serve_conn(&builder, stream, info, handler, watcher).await;
+                }
+                Some(source) => {
+                    let Some(tls_stream) = handshake(name, source(), stream, peer, opts).await
+                    else {
+                        return;
+                    };
+                    let info = ConnInfo { peer, tls: true };
+                    serve_conn(&builder, tls_stream, info, handler, watcher).await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(opts.shutdown_drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(listener = name, "drain time ran out; closing remaining connections");
+    }
+}
+
+async fn handshake(
+    name: &'static str,
+    config: Arc<rustls::ServerConfig>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    opts: ServeOptions,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let accept = TlsAcceptor::from(config).accept(stream);
+    match tokio::time::timeout(opts.header_read_timeout, accept).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(listener = name, %peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+async fn serve_conn<I, H>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    info: ConnInfo,
+    handler: Arc<H>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Handler,
+{
+    let service = service_fn(move |req| {
+        let handler = handler.clone();
+        async move { Ok::<_, std::convert::Infallible>(handler.handle(req, info).await) }
+    });
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
+    }
+}
