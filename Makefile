@@ -38,5 +38,14 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
+# keyrouter vs direct vs nginx under load (wrk; nginx optional). Not a test:
+# it prints figures, it does not fail on them.
+bench-load:
+	benches/load/run.sh
+
+# Criterion micro-benchmarks of the hot functions.
+bench:
+	$(CARGO) bench --bench hot_paths
+
 check-config: .env
 	set -a && . ./.env && set +a && $(CARGO) run -q -- check-config

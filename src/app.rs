@@ -6,8 +6,10 @@ use crate::audit::AuditQueue;
 use crate::audit::queue::AuditWriter;
 use crate::config::{Config, ConfigError, ServerConfig, StoreConfig};
 use crate::keys::Vault;
+use crate::keys::pool::KeyPool;
 use crate::metrics::Metrics;
 use crate::ops::OpsApi;
+use crate::proxy::ProxyApi;
 use crate::server::tls::CertStore;
 use crate::server::{self, ServeOptions, TlsSource};
 use crate::store::mongo::MongoStore;
@@ -34,6 +36,8 @@ pub enum InitError {
     },
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Upstream(#[from] crate::proxy::upstream::UpstreamInitError),
 }
 
 /// Shared state of every listener and background task.
@@ -48,7 +52,9 @@ pub struct App {
     pub metrics: Metrics,
     /// Events written apart from a key change (`auth_failed`).
     pub audit: AuditQueue,
-    /// Set once the store answered and the key gauges are loaded; cleared
+    /// Decrypted active keys per provider, read by every proxied request.
+    pub pool: KeyPool,
+    /// Set once the store answered and the keys are loaded; cleared
     /// while the store is unreachable. `/readyz` reports it.
     pub ready: AtomicBool,
 }
@@ -62,6 +68,18 @@ impl App {
             tracing::error!(op, error = %e, "store operation failed");
         }
         e
+    }
+
+    /// Reloads the key pool from the store (changes made through other
+    /// replicas or processes).
+    pub async fn reload_pool(&self) -> Result<(), StoreError> {
+        let records = self
+            .store
+            .all_keys()
+            .await
+            .map_err(|e| self.store_failed("all_keys", e))?;
+        self.pool.reload(&records, &self.vault);
+        Ok(())
     }
 
     /// Refreshes `keyrouter_keys` from the store's counts.
@@ -158,6 +176,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
     }
 
     let app = Arc::new(App {
+        pool: KeyPool::new(&config.providers),
         config,
         store,
         vault,
@@ -165,8 +184,9 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
         audit,
         ready: AtomicBool::new(false),
     });
-    let ready = app.refresh_key_gauges().await.is_ok();
+    let ready = app.reload_pool().await.is_ok() && app.refresh_key_gauges().await.is_ok();
     app.ready.store(ready, Ordering::Relaxed);
+    let proxy = Arc::new(ProxyApi::new(app.clone())?);
 
     let addr = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
     let (admin_addr, ops_addr, proxy_addr) = (
@@ -201,10 +221,20 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
         opts,
         shutdown.clone(),
     ));
-    // The proxy path takes this socket over; until then nothing accepts on it.
-    drop(listeners.proxy);
+    let proxy_tls: TlsSource = certs.clone().map(|c| {
+        Arc::new(move || c.proxy()) as Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>
+    });
+    tasks.spawn(server::serve(
+        "proxy",
+        listeners.proxy,
+        proxy_tls,
+        proxy,
+        opts,
+        shutdown.clone(),
+    ));
+    tasks.spawn(refresh_pool(app.clone(), shutdown.clone()));
     tasks.spawn(maintenance(app.clone(), certs, shutdown.clone()));
-    tracing::info!(%admin_addr, %ops_addr, "keyrouter started");
+    tracing::info!(%proxy_addr, %admin_addr, %ops_addr, "keyrouter started");
     Ok(Running {
         admin_addr,
         ops_addr,
@@ -216,7 +246,25 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
     })
 }
 
-/// Gauges, readiness, certificate reload and audit retention, on one timer.
+/// How often the key pool is reloaded from the store: changes made through
+/// another replica reach this one within this interval (the contract allows
+/// 5 s).
+const POOL_REFRESH_INTERVAL: Duration = Duration::from_secs(2);
+
+async fn refresh_pool(app: Arc<App>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(POOL_REFRESH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let ok = app.reload_pool().await.is_ok();
+        app.ready.store(ok, Ordering::Relaxed);
+    }
+}
+
+/// Gauges, certificate reload and audit retention, on one timer.
 async fn maintenance(app: Arc<App>, certs: Option<Arc<CertStore>>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
     let mut last_prune: Option<tokio::time::Instant> = None;
@@ -245,8 +293,7 @@ async fn maintenance(app: Arc<App>, certs: Option<Arc<CertStore>>, shutdown: Can
         if let Some(c) = &certs {
             c.reload_if_changed();
         }
-        let ok = app.refresh_key_gauges().await.is_ok();
-        app.ready.store(ok, Ordering::Relaxed);
+        let _ = app.refresh_key_gauges().await;
         if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_INTERVAL) {
             last_prune = Some(tokio::time::Instant::now());
             let days = i64::from(app.config.audit.retention_days);

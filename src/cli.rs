@@ -74,7 +74,10 @@ where
         Err(e) => return fail(&e.into()),
     };
     crate::telemetry::init(&cfg.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("keyrouter: error: cannot start the async runtime: {e}");
@@ -98,7 +101,8 @@ async fn serve(cfg: Config) -> Result<(), InitError> {
 
 async fn reencrypt(cfg: Config) -> Result<(), InitError> {
     let store = app::open_store(&cfg).await?;
-    let vault = Vault::new(&cfg.fernet_keys).map_err(|e| crate::config::ConfigError(e.to_string()))?;
+    let vault =
+        Vault::new(&cfg.fernet_keys).map_err(|e| crate::config::ConfigError(e.to_string()))?;
     match rotate::reencrypt_all(store.as_ref(), &vault, Actor::Admin("cli".into())).await {
         Ok(n) => {
             println!("re-encrypted {n} key(s) with the primary Fernet key");

@@ -87,10 +87,7 @@ impl GatewayError {
     }
 
     pub fn unauthorized() -> Self {
-        Self::new(
-            ErrorKind::Unauthorized,
-            "Missing or invalid credentials.",
-        )
+        Self::new(ErrorKind::Unauthorized, "Missing or invalid credentials.")
     }
 
     pub fn forbidden(message: impl Into<Cow<'static, str>>) -> Self {

@@ -16,7 +16,9 @@ pub type Body = BoxBody<Bytes, BoxError>;
 
 /// A body made of one buffer.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// A JSON response with the given status.
@@ -110,7 +112,10 @@ mod tests {
         assert_eq!(request_id(&h), "abc.DEF_1-2");
         h.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
         assert!(request_id(&h).starts_with("req_"));
-        h.insert(X_REQUEST_ID, HeaderValue::from_str(&"a".repeat(65)).unwrap());
+        h.insert(
+            X_REQUEST_ID,
+            HeaderValue::from_str(&"a".repeat(65)).unwrap(),
+        );
         assert!(request_id(&h).starts_with("req_"));
     }
 

@@ -11,6 +11,8 @@ pub mod http;
 pub mod keys;
 pub mod metrics;
 pub mod ops;
+pub mod proxy;
+pub mod sanitize;
 pub mod secret;
 pub mod server;
 pub mod store;

@@ -3,7 +3,10 @@
 //! and route templates, never from request data, so cardinality stays bounded
 //! and no secret can become a label.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
+};
 
 /// Typed handles to every series keyrouter exports.
 #[derive(Clone)]
@@ -19,6 +22,33 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     /// Audit events accepted but not yet in the store.
     pub audit_pending: IntGauge,
+    /// `keyrouter_requests_total{provider,code}`: proxied requests by the
+    /// status the client got.
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    /// Time from sending upstream to the provider's response headers.
+    pub upstream_duration: HistogramVec,
+    pub inflight: IntGaugeVec,
+    /// `keyrouter_key_requests_total{provider,key_id}`.
+    pub key_requests: IntCounterVec,
+    /// `keyrouter_tokens_total{provider,kind}` from the providers' `usage`.
+    pub tokens: IntCounterVec,
+}
+
+/// Latency buckets from 1 ms to 5 min: LLM calls range from a cached
+/// embedding to a long generation.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// One provider's series, resolved once so a request does not look labels up.
+#[derive(Clone)]
+pub struct ProviderMetrics {
+    pub request_duration: Histogram,
+    pub upstream_duration: Histogram,
+    pub inflight: IntGauge,
+    pub prompt_tokens: IntCounter,
+    pub completion_tokens: IntCounter,
 }
 
 impl Metrics {
@@ -53,6 +83,53 @@ impl Metrics {
                 "Audit events waiting to be written to the store",
             )
             .expect("valid metric"),
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "keyrouter_requests_total",
+                    "Proxied requests by provider and status code",
+                ),
+                &["provider", "code"],
+            )
+            .expect("valid metric"),
+            request_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "keyrouter_request_duration_seconds",
+                    "Time from receiving a request to the end of its response",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["provider"],
+            )
+            .expect("valid metric"),
+            upstream_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "keyrouter_upstream_duration_seconds",
+                    "Time from sending a request upstream to the provider's response headers",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["provider"],
+            )
+            .expect("valid metric"),
+            inflight: IntGaugeVec::new(
+                Opts::new(
+                    "keyrouter_inflight_requests",
+                    "Proxied requests in progress",
+                ),
+                &["provider"],
+            )
+            .expect("valid metric"),
+            key_requests: IntCounterVec::new(
+                Opts::new(
+                    "keyrouter_key_requests_total",
+                    "Upstream requests sent with each key",
+                ),
+                &["provider", "key_id"],
+            )
+            .expect("valid metric"),
+            tokens: IntCounterVec::new(
+                Opts::new("keyrouter_tokens_total", "Tokens reported by providers"),
+                &["provider", "kind"],
+            )
+            .expect("valid metric"),
             registry,
         };
         for c in [
@@ -61,10 +138,27 @@ impl Metrics {
             Box::new(m.admin_auth_failures.clone()),
             Box::new(m.store_errors.clone()),
             Box::new(m.audit_pending.clone()),
+            Box::new(m.requests.clone()),
+            Box::new(m.request_duration.clone()),
+            Box::new(m.upstream_duration.clone()),
+            Box::new(m.inflight.clone()),
+            Box::new(m.key_requests.clone()),
+            Box::new(m.tokens.clone()),
         ] {
             m.registry.register(c).expect("metric names are unique");
         }
         m
+    }
+
+    /// The series of one provider, to be resolved once at start-up.
+    pub fn provider(&self, provider: &str) -> ProviderMetrics {
+        ProviderMetrics {
+            request_duration: self.request_duration.with_label_values(&[provider]),
+            upstream_duration: self.upstream_duration.with_label_values(&[provider]),
+            inflight: self.inflight.with_label_values(&[provider]),
+            prompt_tokens: self.tokens.with_label_values(&[provider, "prompt"]),
+            completion_tokens: self.tokens.with_label_values(&[provider, "completion"]),
+        }
     }
 
     /// The Prometheus text exposition of every series.

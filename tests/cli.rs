@@ -69,7 +69,10 @@ fn check_config_masks_every_secret() {
     for secret in [key.as_str(), admin, jwt] {
         assert!(!text.contains(secret), "secret printed:\n{text}");
     }
-    assert!(text.contains("KEYROUTER_ADMIN_API_KEY = \"[set]\""), "{text}");
+    assert!(
+        text.contains("KEYROUTER_ADMIN_API_KEY = \"[set]\""),
+        "{text}"
+    );
     assert!(text.contains("admin_listen = \"127.0.0.1:8081\""), "{text}");
 }
 
@@ -81,9 +84,17 @@ fn config_errors_name_the_setting_and_exit_1() {
     let (_d1, bad_id) = config_file(
         "[[providers]]\nid = \"Bad-Id\"\nkind = \"openai\"\nbase_url = \"https://x\"\nroute_prefix = \"/x\"\n",
     );
-    let (_d2, bad_tls) =
-        config_file("[tls]\ncert_path = \"/nonexistent/tls.crt\"\nkey_path = \"/nonexistent/tls.key\"\n");
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str, Option<&str>)> = vec![
+    let (_d2, bad_tls) = config_file(
+        "[tls]\ncert_path = \"/nonexistent/tls.crt\"\nkey_path = \"/nonexistent/tls.key\"\n",
+    );
+    /// Extra arguments, environment, expected message, a value never to echo.
+    type Case<'a> = (
+        Vec<&'a str>,
+        Vec<(&'a str, &'a str)>,
+        &'a str,
+        Option<&'a str>,
+    );
+    let cases: Vec<Case> = vec![
         (vec![], vec![], "KEYROUTER_FERNET_KEYS is required", None),
         (
             vec![],
@@ -93,7 +104,10 @@ fn config_errors_name_the_setting_and_exit_1() {
         ),
         (
             vec![],
-            vec![("KEYROUTER_FERNET_KEYS", &key), ("KEYROUTER_ADMIN_API_KEY", "too-short-admin")],
+            vec![
+                ("KEYROUTER_FERNET_KEYS", &key),
+                ("KEYROUTER_ADMIN_API_KEY", "too-short-admin"),
+            ],
             "KEYROUTER_ADMIN_API_KEY must be at least 32 characters",
             Some("too-short-admin"),
         ),
@@ -124,7 +138,10 @@ fn config_errors_name_the_setting_and_exit_1() {
             let err = stderr(&out);
             assert_eq!(out.status.code(), Some(1), "{command} {extra:?}: {err}");
             assert_eq!(err.lines().count(), 1, "one line expected: {err}");
-            assert!(err.contains(expected), "{command}: expected {expected:?} in {err:?}");
+            assert!(
+                err.contains(expected),
+                "{command}: expected {expected:?} in {err:?}"
+            );
             if let Some(s) = secret {
                 assert!(!err.contains(s), "secret echoed: {err}");
             }

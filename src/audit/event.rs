@@ -227,7 +227,11 @@ mod tests {
 
     #[test]
     fn actor_round_trips() {
-        for a in [Actor::Router, Actor::Anonymous, Actor::Admin("ops@x".into())] {
+        for a in [
+            Actor::Router,
+            Actor::Anonymous,
+            Actor::Admin("ops@x".into()),
+        ] {
             assert_eq!(Actor::parse(&a.render()), Some(a));
         }
     }

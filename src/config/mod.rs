@@ -275,7 +275,11 @@ fn quoted_after(message: &str, prefix: &str) -> Option<String> {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    Some(if plausible { name.to_owned() } else { "?".to_owned() })
+    Some(if plausible {
+        name.to_owned()
+    } else {
+        "?".to_owned()
+    })
 }
 
 /// Applies `KEYROUTER_<SECTION>__<KEY>=value` (any depth, array indices as
@@ -302,7 +306,9 @@ fn apply_env_overrides(table: &mut toml::Table, env: &dyn Env) -> Result<(), Con
             .and_then(|mut t| t.remove("v"))
             .unwrap_or(toml::Value::String(value));
         set_path(table, &path, parsed).map_err(|()| {
-            bad(format!("{name}: does not match the shape of the configuration"))
+            bad(format!(
+                "{name}: does not match the shape of the configuration"
+            ))
         })?;
     }
     Ok(())
@@ -350,7 +356,11 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         max_body_bytes: match s.max_body_bytes {
             None => 10 * 1024 * 1024,
             Some(n @ 1..=1_073_741_824) => n as usize,
-            Some(_) => return Err(bad("server.max_body_bytes must be between 1 and 1073741824")),
+            Some(_) => {
+                return Err(bad(
+                    "server.max_body_bytes must be between 1 and 1073741824",
+                ));
+            }
         },
         max_connections: match s.max_connections {
             None => 10_000,
@@ -399,23 +409,32 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         on_backend_error: match rl.on_backend_error.as_deref().unwrap_or("local") {
             "local" => OnBackendError::Local,
             "deny" => OnBackendError::Deny,
-            _ => return Err(bad("rate_limit.on_backend_error must be \"local\" or \"deny\"")),
+            _ => {
+                return Err(bad(
+                    "rate_limit.on_backend_error must be \"local\" or \"deny\"",
+                ));
+            }
         },
         cooldown_base: duration("rate_limit.cooldown_base", rl.cooldown_base, 30)?,
         cooldown_max: duration("rate_limit.cooldown_max", rl.cooldown_max, 600)?,
     };
     if rate_limit.cooldown_max < rate_limit.cooldown_base {
-        return Err(bad("rate_limit.cooldown_max must not be below rate_limit.cooldown_base"));
+        return Err(bad(
+            "rate_limit.cooldown_max must not be below rate_limit.cooldown_base",
+        ));
     }
 
     let client_auth = match raw.client_auth.mode.as_deref().unwrap_or("none") {
         "none" => ClientAuth::None,
         "jwt" => ClientAuth::Jwt {
-            secret: long_secret(required_secret(
-                env,
+            secret: long_secret(
+                required_secret(
+                    env,
+                    "KEYROUTER_CLIENT_JWT_SECRET",
+                    "client_auth.mode = \"jwt\"",
+                )?,
                 "KEYROUTER_CLIENT_JWT_SECRET",
-                "client_auth.mode = \"jwt\"",
-            )?, "KEYROUTER_CLIENT_JWT_SECRET")?,
+            )?,
         },
         _ => return Err(bad("client_auth.mode must be \"none\" or \"jwt\"")),
     };
@@ -434,7 +453,9 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         },
     };
     if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
-        return Err(bad("log.level is not a valid level or filter (e.g. \"info\")"));
+        return Err(bad(
+            "log.level is not a valid level or filter (e.g. \"info\")",
+        ));
     }
 
     let fernet_keys = fernet_keys(env)?;
@@ -490,7 +511,9 @@ fn readable_file(name: &str, path: String) -> Result<PathBuf, ConfigError> {
 
 fn tls_config(raw: file::RawTls) -> Result<TlsConfig, ConfigError> {
     let (Some(cert), Some(key)) = (raw.cert_path, raw.key_path) else {
-        return Err(bad("tls.cert_path and tls.key_path must both be set when [tls] is present"));
+        return Err(bad(
+            "tls.cert_path and tls.key_path must both be set when [tls] is present",
+        ));
     };
     let tls = TlsConfig {
         cert_path: readable_file("tls.cert_path", cert)?,
@@ -554,7 +577,9 @@ fn providers(raw: Option<Vec<RawProvider>>) -> Result<Vec<ProviderConfig>, Confi
                     && seg != ".."
             });
         if !prefix_ok {
-            return Err(bad(format!("{at}.route_prefix must be a path like \"/openai\"")));
+            return Err(bad(format!(
+                "{at}.route_prefix must be a path like \"/openai\""
+            )));
         }
         if prefix == "/v1" || prefix.starts_with("/v1/") {
             return Err(bad(format!(
@@ -596,12 +621,16 @@ fn providers(raw: Option<Vec<RawProvider>>) -> Result<Vec<ProviderConfig>, Confi
             return Err(bad(format!("{at}.id repeats an earlier provider's id")));
         }
         if out.iter().any(|o| o.route_prefix == provider.route_prefix) {
-            return Err(bad(format!("{at}.route_prefix repeats an earlier provider's")));
+            return Err(bad(format!(
+                "{at}.route_prefix repeats an earlier provider's"
+            )));
         }
         out.push(provider);
     }
     if out.iter().filter(|p| p.default).count() > 1 {
-        return Err(bad("providers: at most one provider may set default = true"));
+        return Err(bad(
+            "providers: at most one provider may set default = true",
+        ));
     }
     Ok(out)
 }

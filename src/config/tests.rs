@@ -34,7 +34,9 @@ fn defaults_are_pinned() {
     assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:8081");
     assert_eq!(c.server.ops_listen.to_string(), "0.0.0.0:9090");
     assert_eq!(c.server.max_body_bytes, 10 * 1024 * 1024);
-    assert!(matches!(c.store, StoreConfig::Sqlite { ref path } if path == Path::new("data/keyrouter.db")));
+    assert!(
+        matches!(c.store, StoreConfig::Sqlite { ref path } if path == Path::new("data/keyrouter.db"))
+    );
     assert!(matches!(c.rate_limit.backend, RateLimitBackend::Local));
     assert_eq!(c.rate_limit.on_backend_error, OnBackendError::Local);
     assert!(matches!(c.client_auth, ClientAuth::None));
@@ -84,7 +86,10 @@ fn fernet_keys_are_required_and_checked_without_echo() {
 fn short_admin_key_is_refused_without_echo() {
     let e = env(&[("KEYROUTER_ADMIN_API_KEY", "short-admin-key")]);
     let msg = err("", &e);
-    assert!(msg.contains("KEYROUTER_ADMIN_API_KEY must be at least 32"), "{msg}");
+    assert!(
+        msg.contains("KEYROUTER_ADMIN_API_KEY must be at least 32"),
+        "{msg}"
+    );
     assert!(!msg.contains("short-admin-key"));
 }
 
@@ -100,7 +105,10 @@ fn secret_from_file_variable() {
     );
     let both = env(&[
         ("KEYROUTER_ADMIN_API_KEY_FILE", path),
-        ("KEYROUTER_ADMIN_API_KEY", "0123456789abcdef0123456789abcdef"),
+        (
+            "KEYROUTER_ADMIN_API_KEY",
+            "0123456789abcdef0123456789abcdef",
+        ),
     ]);
     assert!(err("", &both).contains("set only one of KEYROUTER_ADMIN_API_KEY"));
 }
@@ -108,10 +116,15 @@ fn secret_from_file_variable() {
 #[test]
 fn backends_that_need_secrets_fail_closed() {
     let e = env(&[]);
-    assert!(err("[store]\nbackend = \"mongodb\"", &e).contains("KEYROUTER_MONGODB_URI is required"));
-    assert!(err("[rate_limit]\nbackend = \"redis\"", &e).contains("KEYROUTER_REDIS_URL is required"));
     assert!(
-        err("[client_auth]\nmode = \"jwt\"", &e).contains("KEYROUTER_CLIENT_JWT_SECRET is required")
+        err("[store]\nbackend = \"mongodb\"", &e).contains("KEYROUTER_MONGODB_URI is required")
+    );
+    assert!(
+        err("[rate_limit]\nbackend = \"redis\"", &e).contains("KEYROUTER_REDIS_URL is required")
+    );
+    assert!(
+        err("[client_auth]\nmode = \"jwt\"", &e)
+            .contains("KEYROUTER_CLIENT_JWT_SECRET is required")
     );
 }
 
@@ -123,12 +136,18 @@ fn provider_rules_name_the_setting() {
         )
     };
     let e = env(&[]);
-    assert!(err(&provider("Open-AI", "/o", "https://x"), &e).contains("providers[0].id must match"));
+    assert!(
+        err(&provider("Open-AI", "/o", "https://x"), &e).contains("providers[0].id must match")
+    );
     assert!(err(&provider("o", "o", "https://x"), &e).contains("providers[0].route_prefix"));
     assert!(err(&provider("o", "/v1", "https://x"), &e).contains("must not start with /v1"));
     assert!(err(&provider("o", "/o", "ftp://x"), &e).contains("providers[0].base_url"));
     assert!(err(&provider("o", "/o", "https://u:p@x"), &e).contains("providers[0].base_url"));
-    let twice = format!("{}{}", provider("o", "/o", "https://x"), provider("o", "/p", "https://x"));
+    let twice = format!(
+        "{}{}",
+        provider("o", "/o", "https://x"),
+        provider("o", "/p", "https://x")
+    );
     assert!(err(&twice, &e).contains("providers[1].id repeats"));
     let bad_kind = "[[providers]]\nid = \"o\"\nkind = \"nope\"\nbase_url = \"https://x\"\nroute_prefix = \"/o\"\n";
     assert!(err(bad_kind, &e).contains("providers[0].kind must be one of"));
@@ -137,12 +156,18 @@ fn provider_rules_name_the_setting() {
 #[test]
 fn unknown_and_mistyped_settings_are_named() {
     let e = env(&[]);
-    assert_eq!(err("[server]\nlisten_port = 1", &e), "unknown setting `server.listen_port`");
+    assert_eq!(
+        err("[server]\nlisten_port = 1", &e),
+        "unknown setting `server.listen_port`"
+    );
     let msg = err("[server]\nmax_body_bytes = \"big\"", &e);
     assert!(msg.contains("server.max_body_bytes"), "{msg}");
     assert!(!msg.contains("big"), "{msg}");
     assert!(err("[server]\nlisten = \"nowhere\"", &e).contains("server.listen must be an address"));
-    assert!(err("[server]\nidle_timeout = \"soon\"", &e).contains("server.idle_timeout must be a duration"));
+    assert!(
+        err("[server]\nidle_timeout = \"soon\"", &e)
+            .contains("server.idle_timeout must be a duration")
+    );
 }
 
 #[test]
@@ -152,7 +177,10 @@ fn unreadable_tls_file_is_named() {
         "[tls]\ncert_path = \"/nonexistent/cert.pem\"\nkey_path = \"/nonexistent/key.pem\"",
         &e,
     );
-    assert!(msg.starts_with("tls.cert_path: /nonexistent/cert.pem cannot be read"), "{msg}");
+    assert!(
+        msg.starts_with("tls.cert_path: /nonexistent/cert.pem cannot be read"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -162,12 +190,18 @@ fn masked_view_never_shows_secrets() {
     let e = env(&[
         ("KEYROUTER_ADMIN_API_KEY", admin),
         ("KEYROUTER_FERNET_KEYS", &fernet),
-        ("KEYROUTER_REDIS_URL", "redis://:hunter2-redis-password@localhost:6379"),
+        (
+            "KEYROUTER_REDIS_URL",
+            "redis://:hunter2-redis-password@localhost:6379",
+        ),
     ]);
     let c = load("[rate_limit]\nbackend = \"redis\"", &e).unwrap();
     let text = masked::render(&c);
     assert!(!text.contains(admin) && !text.contains(&fernet) && !text.contains("hunter2"));
-    assert!(text.contains("KEYROUTER_ADMIN_API_KEY = \"[set]\""), "{text}");
+    assert!(
+        text.contains("KEYROUTER_ADMIN_API_KEY = \"[set]\""),
+        "{text}"
+    );
     assert!(text.contains("backend = \"redis\""), "{text}");
     assert!(!format!("{c:?}").contains("hunter2"));
 }

@@ -3,7 +3,9 @@
 //! material.
 
 pub mod model;
+pub mod pool;
 pub mod rotate;
+pub mod select;
 pub mod state;
 pub mod vault;
 

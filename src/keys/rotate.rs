@@ -18,7 +18,11 @@ pub enum RotateError {
 
 /// Re-encrypts every key that still holds material, in one store write with
 /// its `encryption_rotated` event. Returns how many keys were re-encrypted.
-pub async fn reencrypt_all(store: &dyn Store, vault: &Vault, actor: Actor) -> Result<u64, RotateError> {
+pub async fn reencrypt_all(
+    store: &dyn Store,
+    vault: &Vault,
+    actor: Actor,
+) -> Result<u64, RotateError> {
     let mut resealed = Vec::new();
     for key in store.all_keys().await? {
         let Some(sealed) = &key.sealed else { continue };

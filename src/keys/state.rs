@@ -185,12 +185,21 @@ mod tests {
         let rl = KeyEvent::RateLimited { until: t(10) };
         assert_eq!(transition(S::Active, rl), Ok(cool));
         assert_eq!(transition(cool, KeyEvent::CooldownOver), Ok(S::Active));
-        assert_eq!(transition(S::Active, KeyEvent::QuotaExhausted), Ok(S::Exhausted));
+        assert_eq!(
+            transition(S::Active, KeyEvent::QuotaExhausted),
+            Ok(S::Exhausted)
+        );
         assert_eq!(transition(cool, KeyEvent::QuotaExhausted), Ok(S::Exhausted));
         assert_eq!(transition(S::Active, KeyEvent::Rejected), Ok(S::Invalid));
         assert_eq!(transition(cool, KeyEvent::Rejected), Ok(S::Invalid));
-        assert_eq!(transition(S::Exhausted, KeyEvent::Reactivated), Ok(S::Active));
-        assert_eq!(transition(S::Invalid, KeyEvent::ProbeSucceeded), Ok(S::Active));
+        assert_eq!(
+            transition(S::Exhausted, KeyEvent::Reactivated),
+            Ok(S::Active)
+        );
+        assert_eq!(
+            transition(S::Invalid, KeyEvent::ProbeSucceeded),
+            Ok(S::Active)
+        );
         for s in [S::Active, cool, S::Exhausted, S::Invalid] {
             assert_eq!(transition(s, KeyEvent::Revoked), Ok(S::Revoked));
         }

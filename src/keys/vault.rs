@@ -48,7 +48,8 @@ impl Vault {
         let mut hash_keys = Vec::with_capacity(keys.len());
         for (i, key) in keys.iter().enumerate() {
             // The key is decoded only to build the cipher and its hash key.
-            let f = fernet::Fernet::new(key.expose().trim()).ok_or(VaultError::MalformedKey(i + 1))?;
+            let f =
+                fernet::Fernet::new(key.expose().trim()).ok_or(VaultError::MalformedKey(i + 1))?;
             fernets.push(f);
             hash_keys.push(derive_hash_key(key));
         }
@@ -93,7 +94,10 @@ impl Vault {
     /// The material's hash under every ring key: a duplicate registered before
     /// the last rotation carries a hash made with an older key.
     pub fn material_hashes(&self, material: &Secret) -> Vec<String> {
-        self.hash_keys.iter().map(|k| hash_with(k, material)).collect()
+        self.hash_keys
+            .iter()
+            .map(|k| hash_with(k, material))
+            .collect()
     }
 }
 
@@ -121,7 +125,13 @@ mod tests {
     use super::*;
 
     fn ring(keys: &[&str]) -> Vault {
-        Vault::new(&keys.iter().map(|k| Secret::new((*k).into())).collect::<Vec<_>>()).unwrap()
+        Vault::new(
+            &keys
+                .iter()
+                .map(|k| Secret::new((*k).into()))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -148,8 +158,14 @@ mod tests {
         // Re-encryption moves it to the new key: the new key alone opens it.
         let resealed = after.reseal(&sealed_old).unwrap();
         let only_new = ring(&[&new]);
-        assert_eq!(only_new.open(&resealed).unwrap().expose(), material.expose());
-        assert_eq!(only_new.open(&sealed_old).err(), Some(VaultError::Undecryptable));
+        assert_eq!(
+            only_new.open(&resealed).unwrap().expose(),
+            material.expose()
+        );
+        assert_eq!(
+            only_new.open(&sealed_old).err(),
+            Some(VaultError::Undecryptable)
+        );
     }
 
     #[test]

@@ -122,7 +122,10 @@ pub async fn serve<H: Handler>(
         .await
         .is_err()
     {
-        tracing::warn!(listener = name, "drain time ran out; closing remaining connections");
+        tracing::warn!(
+            listener = name,
+            "drain time ran out; closing remaining connections"
+        );
     }
 }
 

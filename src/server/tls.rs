@@ -46,12 +46,27 @@ pub fn load_server_config(tls: &TlsConfig) -> Result<ServerConfigs, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert_path)
         .map_err(|_| tls_err("tls.cert_path", &tls.cert_path, "cannot be read as PEM"))?
         .collect::<Result<_, _>>()
-        .map_err(|_| tls_err("tls.cert_path", &tls.cert_path, "holds a malformed certificate"))?;
+        .map_err(|_| {
+            tls_err(
+                "tls.cert_path",
+                &tls.cert_path,
+                "holds a malformed certificate",
+            )
+        })?;
     if certs.is_empty() {
-        return Err(tls_err("tls.cert_path", &tls.cert_path, "holds no certificate"));
+        return Err(tls_err(
+            "tls.cert_path",
+            &tls.cert_path,
+            "holds no certificate",
+        ));
     }
-    let key = PrivateKeyDer::from_pem_file(&tls.key_path)
-        .map_err(|_| tls_err("tls.key_path", &tls.key_path, "holds no readable private key"))?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key_path).map_err(|_| {
+        tls_err(
+            "tls.key_path",
+            &tls.key_path,
+            "holds no readable private key",
+        )
+    })?;
 
     let builder = || {
         rustls::ServerConfig::builder_with_provider(crypto_provider())
@@ -65,7 +80,13 @@ pub fn load_server_config(tls: &TlsConfig) -> Result<ServerConfigs, TlsError> {
     let proxy = builder()
         .with_no_client_auth()
         .with_single_cert(certs.clone(), key.clone_key())
-        .map_err(|_| tls_err("tls.key_path", &tls.key_path, "does not match the certificate"))?;
+        .map_err(|_| {
+            tls_err(
+                "tls.key_path",
+                &tls.key_path,
+                "does not match the certificate",
+            )
+        })?;
     let admin = match &tls.client_ca_path {
         None => proxy.clone(),
         Some(ca_path) => {
@@ -74,23 +95,39 @@ pub fn load_server_config(tls: &TlsConfig) -> Result<ServerConfigs, TlsError> {
                 .map_err(|_| tls_err("tls.client_ca_path", ca_path, "cannot be read as PEM"))?
             {
                 let cert = cert.map_err(|_| {
-                    tls_err("tls.client_ca_path", ca_path, "holds a malformed certificate")
+                    tls_err(
+                        "tls.client_ca_path",
+                        ca_path,
+                        "holds a malformed certificate",
+                    )
                 })?;
                 roots.add(cert).map_err(|_| {
-                    tls_err("tls.client_ca_path", ca_path, "holds an unusable CA certificate")
+                    tls_err(
+                        "tls.client_ca_path",
+                        ca_path,
+                        "holds an unusable CA certificate",
+                    )
                 })?;
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                crypto_provider(),
-            )
-            .build()
-            .map_err(|_| tls_err("tls.client_ca_path", ca_path, "holds no usable CA certificate"))?;
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crypto_provider())
+                    .build()
+                    .map_err(|_| {
+                        tls_err(
+                            "tls.client_ca_path",
+                            ca_path,
+                            "holds no usable CA certificate",
+                        )
+                    })?;
             builder()
                 .with_client_cert_verifier(verifier)
                 .with_single_cert(certs, key)
                 .map_err(|_| {
-                    tls_err("tls.key_path", &tls.key_path, "does not match the certificate")
+                    tls_err(
+                        "tls.key_path",
+                        &tls.key_path,
+                        "does not match the certificate",
+                    )
                 })?
         }
     };
@@ -135,7 +172,9 @@ impl CertStore {
                 self.current.store(Arc::new(configs));
                 tracing::info!("TLS certificate reloaded");
             }
-            Err(e) => tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate"),
+            Err(e) => {
+                tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate")
+            }
         }
     }
 

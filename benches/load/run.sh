@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# `make bench-load`: keyrouter against a direct connection to a local mock
+# upstream and against nginx as a plain reverse proxy, in one run, in
+# alternation, several rounds. Prints requests/s, p50 and p99 for each, and
+# keyrouter's ratios; then streaming time-to-first-byte (direct vs keyrouter)
+# and keyrouter's peak RSS with KEYS registered keys.
+#
+# On a machine with 2+ cores the load generator runs on CPU 0 and the servers
+# (mock upstream, nginx or keyrouter) share CPU 1, as in the reference
+# measurements. Knobs: ROUNDS (3), DURATION (10s), CONNS (64), KEYS (1000).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10s}
+CONNS=${CONNS:-64}
+KEYS=${KEYS:-1000}
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+UP_PORT=19000 NG_PORT=19001 KR_PORT=19002 KR_ADMIN=19003 KR_OPS=19004
+
+command -v wrk >/dev/null || { echo "wrk is not installed (Debian: apt-get install wrk)" >&2; exit 1; }
+command -v curl >/dev/null || { echo "curl is not installed" >&2; exit 1; }
+
+cargo build --release --features load-bench --bin keyrouter --bin keyrouter-mock-upstream
+BIN="$TARGET_DIR/release"
+
+if [ "$(nproc)" -ge 2 ]; then LOADCPU="taskset -c 0"; SRVCPU="taskset -c 1"; else LOADCPU=""; SRVCPU=""; fi
+WORK=$(mktemp -d)
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+wait_http() { for _ in $(seq 1 100); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done; echo "no answer from $1" >&2; exit 1; }
+
+# --- mock upstream -----------------------------------------------------------
+$SRVCPU "$BIN/keyrouter-mock-upstream" "127.0.0.1:$UP_PORT" &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$UP_PORT/v1/models"
+
+# --- keyrouter -----------------------------------------------------------------
+cat > "$WORK/keyrouter.toml" <<EOF
+[server]
+listen = "127.0.0.1:$KR_PORT"
+admin_listen = "127.0.0.1:$KR_ADMIN"
+ops_listen = "127.0.0.1:$KR_OPS"
+shutdown_drain = "1s"
+[[providers]]
+id = "openai"
+kind = "openai"
+base_url = "http://127.0.0.1:$UP_PORT"
+route_prefix = "/openai"
+default = true
+[store]
+path = "$WORK/keyrouter.db"
+[log]
+level = "warn"
+EOF
+ADMIN_KEY="bench-admin-key-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+KEYROUTER_FERNET_KEYS="$("$BIN/keyrouter" gen-fernet-key)" KEYROUTER_ADMIN_API_KEY="$ADMIN_KEY" \
+  TOKIO_WORKER_THREADS=1 $SRVCPU "$BIN/keyrouter" serve --config "$WORK/keyrouter.toml" 2>"$WORK/keyrouter.log" &
+KR_PID=$!
+PIDS+=($KR_PID)
+wait_http "http://127.0.0.1:$KR_OPS/readyz"
+
+# The management API allows 100 requests a minute per client address; the
+# registrations come from several loopback addresses.
+echo "registering $KEYS keys..."
+for i in $(seq 1 "$KEYS"); do
+  printf '%s\n' "$i"
+done | xargs -P 8 -I{} sh -c '
+  i={}; src="127.0.1.$(( (i / 90) + 1 ))"
+  curl -fs -o /dev/null --interface "$src" -X POST "http://127.0.0.1:'"$KR_ADMIN"'/admin/v1/keys" \
+    -H "X-API-Key: '"$ADMIN_KEY"'" -H "content-type: application/json" \
+    -d "{\"key_material\":\"sk-bench-$(printf %06d "$i")-0123456789abcdef\",\"provider_id\":\"openai\"}" \
+  || echo "registration $i failed" >&2'
+sleep 2.5   # one pool refresh
+
+# --- nginx -------------------------------------------------------------------
+NGINX=$(command -v nginx || true)
+if [ -z "$NGINX" ] && [ -x /usr/sbin/nginx ]; then NGINX=/usr/sbin/nginx; fi
+if [ -n "$NGINX" ]; then
+  USER_LINE=""; [ "$(id -u)" = 0 ] && USER_LINE="user root;"
+  { echo "$USER_LINE"; sed -e "s#@DIR@#$WORK#g" -e "s#@NGINX_PORT@#$NG_PORT#g" -e "s#@UPSTREAM_PORT@#$UP_PORT#g" benches/load/nginx.conf; } > "$WORK/nginx.conf"
+  $SRVCPU "$NGINX" -p "$WORK" -c "$WORK/nginx.conf" &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$NG_PORT/v1/models"
+  TARGETS="direct nginx keyrouter"
+else
+  echo "nginx is not installed (Debian: apt-get install nginx-light): the nginx baseline is skipped"
+  TARGETS="direct keyrouter"
+fi
+
+url_of() {
+  case $1 in
+    direct) echo "http://127.0.0.1:$UP_PORT/v1/chat/completions" ;;
+    nginx) echo "http://127.0.0.1:$NG_PORT/v1/chat/completions" ;;
+    keyrouter) echo "http://127.0.0.1:$KR_PORT/openai/v1/chat/completions" ;;
+  esac
+}
+
+# wrk's latency figures in milliseconds.
+to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms$/,"",v)} else if (v ~ /s$/) {sub(/s$/,"",v); v*=1000}; printf "%.3f", v}'; }
+
+RESULTS="$WORK/results"
+: > "$RESULTS"
+echo "warming up..."
+for t in $TARGETS; do $LOADCPU wrk -t1 -c"$CONNS" -d2s -s benches/load/chat.lua "$(url_of "$t")" >/dev/null; done
+for r in $(seq 1 "$ROUNDS"); do
+  for t in $TARGETS; do
+    out=$($LOADCPU wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s benches/load/chat.lua "$(url_of "$t")")
+    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    p50=$(echo "$out" | awk '$1=="50%" {print $2}' | to_ms)
+    p99=$(echo "$out" | awk '$1=="99%" {print $2}' | to_ms)
+    non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+    echo "$t $rps $p50 $p99" >> "$RESULTS"
+    printf 'round %d %-9s %10.0f req/s  p50 %7.3f ms  p99 %7.3f ms %s\n' "$r" "$t" "$rps" "$p50" "$p99" "${non2xx:+ NON-2XX: $non2xx}"
+  done
+done
+
+echo
+echo "median of $ROUNDS rounds, $CONNS connections, non-streaming chat completions:"
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+for t in $TARGETS; do
+  rps=$(awk -v t="$t" '$1==t {print $2}' "$RESULTS" | median)
+  p50=$(awk -v t="$t" '$1==t {print $3}' "$RESULTS" | median)
+  p99=$(awk -v t="$t" '$1==t {print $4}' "$RESULTS" | median)
+  printf '  %-9s %10.0f req/s  p50 %7.3f ms  p99 %7.3f ms\n' "$t" "$rps" "$p50" "$p99"
+  eval "RPS_$t=$rps P99_$t=$p99"
+done
+awk -v k="$RPS_keyrouter" -v d="$RPS_direct" 'BEGIN {printf "  keyrouter / direct: %.2fx requests/s\n", k/d}'
+if [ -n "${RPS_nginx:-}" ]; then
+  awk -v k="$RPS_keyrouter" -v n="$RPS_nginx" -v kp="$P99_keyrouter" -v np="$P99_nginx" \
+    'BEGIN {printf "  keyrouter / nginx:  %.2fx requests/s, p99 %+.3f ms (target: >= 0.90x, <= +1 ms)\n", k/n, kp-np}'
+fi
+
+# --- streaming time to first byte ---------------------------------------------
+ttfb() {
+  for _ in $(seq 1 200); do
+    curl -s -o /dev/null -w '%{time_starttransfer}\n' -X POST "$1" \
+      -H 'content-type: application/json' -H 'x-mock-pause-ms: 0' \
+      -d '{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+  done | awk '{print $1*1000}' | median
+}
+echo
+echo "streaming time to first byte (median of 200, new connection each):"
+TD=$(ttfb "$(url_of direct)")
+TK=$(ttfb "$(url_of keyrouter)")
+awk -v d="$TD" -v k="$TK" 'BEGIN {printf "  direct %.3f ms, keyrouter %.3f ms, difference %+.3f ms (target: <= 0.5 ms)\n", d, k, k-d}'
+
+echo
+echo "keyrouter peak RSS with $KEYS registered keys: $(awk '/VmHWM/ {printf "%.1f MB", $2/1024}' /proc/$KR_PID/status) (target: < 50 MB)"

@@ -1,0 +1,49 @@
+//! `GET /admin/v1/audit`: the audit log, newest first, filtered and paged.
+
+use super::dto::{self, PageView, Query};
+use super::{Call, store_error};
+use crate::audit::EventKind;
+use crate::error::GatewayError;
+use crate::http::{Body, json};
+use crate::store::AuditFilter;
+use http::{Response, StatusCode};
+
+pub(super) async fn list(call: &Call<'_>) -> Result<Response<Body>, GatewayError> {
+    let q = Query::parse(
+        call.query,
+        &[
+            &dto::RESOURCE,
+            &dto::EVENT,
+            &dto::SINCE,
+            &dto::UNTIL,
+            &dto::LIMIT,
+            &dto::CURSOR,
+        ],
+    )?;
+    let filter = AuditFilter {
+        resource: q.parsed(&dto::RESOURCE, dto::resource_filter)?,
+        event: q.parsed(&dto::EVENT, EventKind::parse)?,
+        since: q.parsed(&dto::SINCE, dto::timestamp)?,
+        until: q.parsed(&dto::UNTIL, dto::timestamp)?,
+    };
+    if let (Some(since), Some(until)) = (filter.since, filter.until)
+        && until < since
+    {
+        return Err(GatewayError::invalid("until: must not be before since"));
+    }
+    let page = q.page()?;
+    let found = call
+        .app
+        .store
+        .list_audit(&filter, &page)
+        .await
+        .map_err(|e| store_error(call.app, "list_audit", e))?;
+    Ok(json(
+        StatusCode::OK,
+        &PageView {
+            items_name: "events",
+            items: &found.items,
+            next: found.next.as_ref(),
+        },
+    ))
+}

@@ -1,0 +1,68 @@
+//! Choosing a key among a provider's active keys: `least_loaded` (default),
+//! `round_robin` or `weighted`. Lock-free: one atomic increment of the
+//! provider's cursor plus a scan of the (short) key list.
+
+use super::pool::{PoolKey, ProviderKeys};
+use crate::config::Policy;
+use rand::Rng;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+/// Picks a key that `usable` accepts (callers skip keys over their limits or
+/// already tried by this request), or `None` when there is none.
+pub fn pick(
+    pool: &ProviderKeys,
+    policy: Policy,
+    usable: impl Fn(&PoolKey) -> bool,
+) -> Option<Arc<PoolKey>> {
+    let keys = &pool.keys;
+    let n = keys.len();
+    if n == 0 {
+        return None;
+    }
+    match policy {
+        Policy::RoundRobin => {
+            let start = pool.cursor.fetch_add(1, Ordering::Relaxed);
+            (0..n)
+                .map(|i| &keys[(start + i) % n])
+                .find(|k| usable(k))
+                .cloned()
+        }
+        Policy::LeastLoaded => {
+            // Scanning from a rotating start makes the first of several
+            // equally loaded keys a different one each time.
+            let start = pool.cursor.fetch_add(1, Ordering::Relaxed);
+            let mut best: Option<&Arc<PoolKey>> = None;
+            for i in 0..n {
+                let k = &keys[(start + i) % n];
+                if usable(k) && best.is_none_or(|b| k.in_flight() < b.in_flight()) {
+                    best = Some(k);
+                }
+            }
+            best.cloned()
+        }
+        Policy::Weighted => {
+            let total: u64 = keys
+                .iter()
+                .filter(|k| usable(k))
+                .map(|k| u64::from(k.weight))
+                .sum();
+            if total == 0 {
+                return None;
+            }
+            let mut point = rand::rng().random_range(0..total);
+            keys.iter()
+                .filter(|k| usable(k))
+                .find(|k| {
+                    let w = u64::from(k.weight);
+                    if point < w {
+                        true
+                    } else {
+                        point -= w;
+                        false
+                    }
+                })
+                .cloned()
+        }
+    }
+}

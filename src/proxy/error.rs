@@ -1,0 +1,131 @@
+//! Everything that can end a proxied request early, and the gateway error
+//! each becomes. Messages are static: none carries a provider name, a key id
+//! or provider text (kept provider messages travel in `ProviderRefused`,
+//! already scrubbed).
+
+use crate::error::{ErrorKind, GatewayError};
+use http::StatusCode;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ProxyError {
+    /// No provider serves this path.
+    UnknownRoute,
+    /// Path traversal, encoded separators or a foreign absolute-form target.
+    BadTarget,
+    /// The request body is larger than `server.max_body_bytes`.
+    BodyTooLarge,
+    /// The client's body could not be read.
+    BrokenRequestBody,
+    /// The provider has no active key.
+    NoActiveKey,
+    /// Every usable key is at its limit or cooling down.
+    AllKeysLimited { retry_after_secs: u64 },
+    /// The provider could not be reached or broke the connection.
+    UpstreamUnreachable,
+    /// The provider did not answer within the first-byte timeout.
+    UpstreamTimeout,
+    /// The provider answered with a status that is not passed on as such.
+    UpstreamFailed,
+    /// The provider refused the request itself (400/404/413/422 ...): the
+    /// status is kept and the message, scrubbed, when there is one.
+    ProviderRefused {
+        status: StatusCode,
+        message: Option<String>,
+    },
+}
+
+impl ProxyError {
+    /// The label this error carries in logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ProxyError::UnknownRoute => "unknown_route",
+            ProxyError::BadTarget => "bad_target",
+            ProxyError::BodyTooLarge => "body_too_large",
+            ProxyError::BrokenRequestBody => "broken_request_body",
+            ProxyError::NoActiveKey => "no_active_key",
+            ProxyError::AllKeysLimited { .. } => "all_keys_limited",
+            ProxyError::UpstreamUnreachable => "upstream_unreachable",
+            ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::UpstreamFailed => "upstream_failed",
+            ProxyError::ProviderRefused { .. } => "provider_refused",
+        }
+    }
+}
+
+impl From<ProxyError> for GatewayError {
+    fn from(e: ProxyError) -> Self {
+        match e {
+            ProxyError::UnknownRoute => GatewayError::not_found("No provider serves this path."),
+            ProxyError::BadTarget => GatewayError::invalid("The request target is not allowed."),
+            ProxyError::BodyTooLarge => GatewayError::new(
+                ErrorKind::PayloadTooLarge,
+                "The request body is larger than the gateway accepts.",
+            ),
+            ProxyError::BrokenRequestBody => {
+                GatewayError::invalid("The request body could not be read.")
+            }
+            ProxyError::NoActiveKey => GatewayError::new(
+                ErrorKind::NoAvailableKey,
+                "No key is available for this provider.",
+            ),
+            ProxyError::AllKeysLimited { retry_after_secs } => GatewayError::rate_limited(
+                "All keys for this provider are at their limit. Retry later.",
+                retry_after_secs,
+            ),
+            ProxyError::UpstreamUnreachable | ProxyError::UpstreamFailed => GatewayError::new(
+                ErrorKind::UpstreamError,
+                "The provider could not complete the request.",
+            ),
+            ProxyError::UpstreamTimeout => GatewayError::new(
+                ErrorKind::UpstreamTimeout,
+                "The provider did not answer in time.",
+            ),
+            ProxyError::ProviderRefused { status, message } => {
+                let kind = match status {
+                    StatusCode::NOT_FOUND => ErrorKind::NotFound,
+                    StatusCode::PAYLOAD_TOO_LARGE => ErrorKind::PayloadTooLarge,
+                    _ => ErrorKind::InvalidRequest,
+                };
+                let message = message.unwrap_or_else(|| "The provider refused the request.".into());
+                GatewayError::new(kind, message).with_status(status)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_has_its_status() {
+        let cases = [
+            (ProxyError::UnknownRoute, 404, "not_found"),
+            (ProxyError::BadTarget, 400, "invalid_request"),
+            (ProxyError::BodyTooLarge, 413, "payload_too_large"),
+            (ProxyError::NoActiveKey, 503, "no_available_key"),
+            (
+                ProxyError::AllKeysLimited {
+                    retry_after_secs: 3,
+                },
+                429,
+                "rate_limit_exceeded",
+            ),
+            (ProxyError::UpstreamUnreachable, 502, "upstream_error"),
+            (ProxyError::UpstreamFailed, 502, "upstream_error"),
+            (ProxyError::UpstreamTimeout, 504, "upstream_timeout"),
+            (
+                ProxyError::ProviderRefused {
+                    status: StatusCode::UNPROCESSABLE_ENTITY,
+                    message: None,
+                },
+                422,
+                "invalid_request",
+            ),
+        ];
+        for (e, status, kind) in cases {
+            let g = GatewayError::from(e);
+            assert_eq!((g.status.as_u16(), g.kind.as_str()), (status, kind));
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Accounting of one proxied request: metrics, the access log line and the
+//! key lease, done exactly once when the request is over, whichever way it
+//! ends (the work happens in `Drop`, so a request whose client disappears
+//! mid-way is accounted too).
+
+use crate::keys::pool::Lease;
+use crate::metrics::{Metrics, ProviderMetrics};
+use crate::sanitize::json::Usage;
+use http::StatusCode;
+use prometheus::IntCounterVec;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// How a request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// The whole response reached the client.
+    Complete,
+    /// The provider's stream carried an error event.
+    ErrorEvent,
+    /// The provider broke the stream off.
+    Broken,
+    /// The client went away first.
+    ClientGone,
+}
+
+impl End {
+    fn as_str(self) -> &'static str {
+        match self {
+            End::Complete => "complete",
+            End::ErrorEvent => "error_event",
+            End::Broken => "broken",
+            End::ClientGone => "client_gone",
+        }
+    }
+}
+
+/// Everything needed to account a request when it ends.
+pub struct Completion {
+    provider: Arc<str>,
+    metrics: ProviderMetrics,
+    requests: IntCounterVec,
+    request_id: String,
+    started: Instant,
+    status: StatusCode,
+    lease: Option<Lease>,
+    end: End,
+    usage: Usage,
+}
+
+impl Completion {
+    /// Starts accounting a request routed to `provider` (counted in flight
+    /// from now on).
+    pub fn start(
+        provider: Arc<str>,
+        provider_metrics: &ProviderMetrics,
+        metrics: &Metrics,
+        request_id: &str,
+        started: Instant,
+    ) -> Self {
+        provider_metrics.inflight.inc();
+        Completion {
+            provider,
+            metrics: provider_metrics.clone(),
+            requests: metrics.requests.clone(),
+            request_id: request_id.to_owned(),
+            started,
+            status: StatusCode::OK,
+            lease: None,
+            end: End::ClientGone,
+            usage: Usage::default(),
+        }
+    }
+
+    /// The status the client gets.
+    pub fn set_status(&mut self, status: StatusCode) {
+        self.status = status;
+    }
+
+    /// The key serving the request; released when the request ends.
+    pub fn set_lease(&mut self, lease: Lease) {
+        self.lease = Some(lease);
+    }
+
+    pub fn finish(mut self, end: End, usage: Usage) {
+        self.end = end;
+        self.usage = usage;
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        m.inflight.dec();
+        let elapsed = self.started.elapsed();
+        m.request_duration.observe(elapsed.as_secs_f64());
+        if self.usage.prompt > 0 {
+            m.prompt_tokens.inc_by(self.usage.prompt);
+        }
+        if self.usage.completion > 0 {
+            m.completion_tokens.inc_by(self.usage.completion);
+        }
+        // A stream that fails after its headers were sent is an upstream
+        // error, whatever status line went out; an abandoned one is 499.
+        let code = match self.end {
+            End::Complete => self.status.as_str(),
+            End::ErrorEvent | End::Broken => "502",
+            End::ClientGone => "499",
+        };
+        self.requests
+            .with_label_values(&[&*self.provider, code])
+            .inc();
+        let key_id = self.lease.as_ref().map(|l| l.key().id.as_str());
+        let duration_ms = elapsed.as_secs_f64() * 1000.0;
+        if self.end == End::Complete && self.status.as_u16() < 500 {
+            tracing::debug!(
+                request_id = %self.request_id, provider = &*self.provider, key_id, status = self.status.as_u16(),
+                outcome = self.end.as_str(), duration_ms, prompt_tokens = self.usage.prompt,
+                completion_tokens = self.usage.completion, "request"
+            );
+        } else {
+            tracing::warn!(
+                request_id = %self.request_id, provider = &*self.provider, key_id, status = self.status.as_u16(),
+                outcome = self.end.as_str(), duration_ms, "request did not complete normally"
+            );
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Turning the provider's answer into the client's: error statuses become
+//! gateway errors, headers pass an allow-list, JSON bodies are rewritten
+//! whole, event streams are rewritten event by event as they flow, other
+//! bodies stream through unchanged.
+
+use super::body::{Mode, RewriteSpec, StreamBody};
+use super::error::ProxyError;
+use super::outcome::{Completion, End};
+use crate::http::{Body, full};
+use crate::keys::pool::PoolKey;
+use crate::sanitize::json::{Usage, rewrite};
+use crate::sanitize::scrub;
+use crate::sanitize::sse::SseRewriter;
+use http::Response;
+use http::header::{self, HeaderMap, HeaderValue};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest JSON body rewritten in one piece (a big embeddings batch is tens
+/// of MiB); a larger one is refused rather than passed on unsanitized.
+const MAX_JSON_BODY: usize = 256 * 1024 * 1024;
+/// Largest provider error body read for its message.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+/// Longest provider message passed on.
+const MAX_MESSAGE_CHARS: usize = 1000;
+/// Time allowed for reading a provider's error body.
+const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `model` the client asked for, from a JSON request body.
+pub fn requested_model(headers: &HeaderMap, body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Peek<'a> {
+        #[serde(borrow)]
+        model: Option<std::borrow::Cow<'a, str>>,
+    }
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.contains("json"));
+    if !json || body.is_empty() {
+        return None;
+    }
+    serde_json::from_slice::<Peek>(body)
+        .ok()?
+        .model
+        .map(|m| m.into_owned())
+}
+
+/// The client's response for the provider's answer `resp`.
+pub async fn respond(
+    resp: Response<Incoming>,
+    key: &Arc<PoolKey>,
+    spec: RewriteSpec,
+    completion: &mut Option<Completion>,
+) -> Result<Response<Body>, ProxyError> {
+    let status = resp.status();
+    if status.is_client_error() || status.is_server_error() {
+        return Err(refusal(resp, key).await);
+    }
+    let encoded = resp
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| v.as_bytes() != b"identity");
+    if encoded {
+        // Asked for identity; a compressed body could not be sanitized.
+        tracing::warn!("provider sent a compressed body despite accept-encoding: identity");
+        return Err(ProxyError::UpstreamFailed);
+    }
+    let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+    let kind = content_type
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .map_or(BodyKind::Other, BodyKind::of);
+    let mut out = Response::builder().status(status);
+    let headers = out.headers_mut().expect("builder without errors");
+    copy_allowed(resp.headers(), headers);
+
+    let mut acct = completion
+        .take()
+        .expect("completion started before respond");
+    acct.set_status(status);
+    let body: Body = match kind {
+        BodyKind::Json => {
+            let bytes = read_capped(resp.into_body(), MAX_JSON_BODY)
+                .await
+                .ok_or(ProxyError::UpstreamUnreachable)?;
+            let mut usage = Usage::default();
+            let mut rewritten = Vec::with_capacity(bytes.len() + 16);
+            let body = if rewrite(&bytes, &spec.as_rewrite(), &mut rewritten, &mut usage) {
+                full(rewritten)
+            } else {
+                full(bytes)
+            };
+            acct.finish(End::Complete, usage);
+            body
+        }
+        BodyKind::EventStream => {
+            let mode = Mode::Events(Box::new(SseRewriter::new()), spec);
+            BodyExt::boxed(StreamBody::new(resp.into_body(), mode, acct))
+        }
+        BodyKind::Other => BodyExt::boxed(StreamBody::new(resp.into_body(), Mode::Raw, acct)),
+    };
+    out.body(body).map_err(|_| ProxyError::UpstreamFailed)
+}
+
+enum BodyKind {
+    Json,
+    EventStream,
+    Other,
+}
+
+impl BodyKind {
+    fn of(content_type: &str) -> Self {
+        let essence = content_type.split(';').next().unwrap_or("").trim();
+        if essence.eq_ignore_ascii_case("text/event-stream") {
+            BodyKind::EventStream
+        } else if essence.eq_ignore_ascii_case("application/json") || essence.ends_with("+json") {
+            BodyKind::Json
+        } else {
+            BodyKind::Other
+        }
+    }
+}
+
+/// The only provider response headers a client sees (length and framing
+/// headers are set by the server for the body actually sent).
+fn copy_allowed(from: &HeaderMap, to: &mut HeaderMap) {
+    for name in [header::CONTENT_TYPE, header::CACHE_CONTROL] {
+        if let Some(v) = from.get(&name) {
+            to.insert(name, v.clone());
+        }
+    }
+}
+
+async fn read_capped(body: Incoming, max: usize) -> Option<bytes::Bytes> {
+    crate::http::read_limited(body, max).await.ok()
+}
+
+/// The error for a provider's 4xx/5xx answer. A message is kept only for the
+/// statuses that are about the request itself; 401/402/403/429 are about the
+/// key and never shown.
+async fn refusal(resp: Response<Incoming>, key: &PoolKey) -> ProxyError {
+    let status = resp.status();
+    match status.as_u16() {
+        401..=403 => ProxyError::UpstreamFailed,
+        429 => ProxyError::AllKeysLimited {
+            retry_after_secs: retry_after(resp.headers()).unwrap_or(1),
+        },
+        504 => ProxyError::UpstreamTimeout,
+        500..=599 => ProxyError::UpstreamFailed,
+        _ => {
+            let message = if matches!(status.as_u16(), 400 | 404 | 413 | 422) {
+                provider_message(resp.into_body(), key).await
+            } else {
+                None
+            };
+            ProxyError::ProviderRefused { status, message }
+        }
+    }
+}
+
+/// `Retry-After` in whole seconds (at least 1); HTTP dates are not used by
+/// the providers keyrouter serves.
+pub fn retry_after(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v: &HeaderValue| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(|s| (s.ceil() as u64).max(1))
+}
+
+/// The human message of an OpenAI/Anthropic/Gemini error body, scrubbed of
+/// anything key-like and shortened.
+async fn provider_message(body: Incoming, key: &PoolKey) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Outer {
+        error: Option<Inner>,
+        message: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Inner {
+        Object { message: Option<String> },
+        Text(String),
+    }
+    let bytes = tokio::time::timeout(ERROR_BODY_TIMEOUT, read_capped(body, MAX_ERROR_BODY))
+        .await
+        .ok()??;
+    let outer: Outer = serde_json::from_slice(&bytes).ok()?;
+    let message = match outer.error {
+        Some(Inner::Object { message }) => message,
+        Some(Inner::Text(t)) => Some(t),
+        None => outer.message,
+    }?;
+    let scrubbed = scrub::scrub(message.as_bytes(), Some(&key.material));
+    let text = String::from_utf8_lossy(&scrubbed);
+    let short: String = text.chars().take(MAX_MESSAGE_CHARS).collect();
+    (!short.trim().is_empty()).then_some(short)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_whole_seconds_at_least_one() {
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("0"));
+        assert_eq!(retry_after(&h), Some(1));
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("2.3"));
+        assert_eq!(retry_after(&h), Some(3));
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn body_kinds() {
+        assert!(matches!(
+            BodyKind::of("application/json; charset=utf-8"),
+            BodyKind::Json
+        ));
+        assert!(matches!(
+            BodyKind::of("text/event-stream"),
+            BodyKind::EventStream
+        ));
+        assert!(matches!(
+            BodyKind::of("application/problem+json"),
+            BodyKind::Json
+        ));
+        assert!(matches!(BodyKind::of("audio/mpeg"), BodyKind::Other));
+    }
+
+    #[test]
+    fn model_is_read_from_json_bodies_only() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let body = br#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4o"}"#;
+        assert_eq!(requested_model(&h, body).as_deref(), Some("gpt-4o"));
+        assert_eq!(requested_model(&HeaderMap::new(), body), None);
+        assert_eq!(requested_model(&h, b"{}"), None);
+    }
+}

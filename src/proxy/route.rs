@@ -1,0 +1,276 @@
+//! Request target → provider and upstream URI.
+//!
+//! `{route_prefix}/{rest}` goes to `{base_url}/{rest}` of that provider and
+//! bare `/v1/{rest}` to `{base_url}/v1/{rest}` of the default provider, with
+//! the query kept. Targets that could make the upstream resolve a different
+//! path than the one routed (`..` segments, encoded or not; encoded slashes
+//! or backslashes) are refused, as are absolute-form targets naming another
+//! host.
+
+use super::error::ProxyError;
+use crate::config::{ProviderConfig, ProviderKind};
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, Uri, Version, header};
+
+/// A provider's routing data, prepared once at start-up.
+pub struct RouteTable {
+    /// (route prefix, index into the providers list), longest prefix first.
+    prefixes: Vec<(String, usize)>,
+    default: Option<usize>,
+    targets: Vec<Target>,
+}
+
+/// Where one provider's requests go.
+struct Target {
+    scheme: Scheme,
+    authority: Authority,
+    /// Path of `base_url` without a trailing slash (usually empty).
+    base_path: String,
+    /// Gemini clients may put their own key in `?key=`; it is removed.
+    strip_key_param: bool,
+}
+
+/// The routing decision for one request.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Routed {
+    /// Index into the configured providers.
+    pub provider: usize,
+    pub upstream: Uri,
+}
+
+impl RouteTable {
+    pub fn new(providers: &[ProviderConfig]) -> Self {
+        let mut prefixes: Vec<(String, usize)> = providers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.route_prefix.clone(), i))
+            .collect();
+        prefixes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+        RouteTable {
+            prefixes,
+            default: providers.iter().position(|p| p.default),
+            targets: providers
+                .iter()
+                .map(|p| Target {
+                    scheme: p.base_url.scheme().cloned().unwrap_or(Scheme::HTTPS),
+                    authority: p
+                        .base_url
+                        .authority()
+                        .cloned()
+                        .expect("validated base_url has an authority"),
+                    base_path: p.base_url.path().trim_end_matches('/').to_owned(),
+                    strip_key_param: p.kind == ProviderKind::Gemini,
+                })
+                .collect(),
+        }
+    }
+
+    /// Routes a request target.
+    pub fn route(
+        &self,
+        uri: &Uri,
+        version: Version,
+        headers: &HeaderMap,
+    ) -> Result<Routed, ProxyError> {
+        check_absolute_form(uri, version, headers)?;
+        let path = uri.path();
+        check_path(path)?;
+        let (provider, rest) = self
+            .prefixes
+            .iter()
+            .find_map(|(prefix, i)| {
+                let rest = path.strip_prefix(prefix.as_str())?;
+                (rest.is_empty() || rest.starts_with('/')).then_some((*i, rest))
+            })
+            .or_else(|| {
+                let d = self.default?;
+                (path == "/v1" || path.starts_with("/v1/")).then_some((d, path))
+            })
+            .ok_or(ProxyError::UnknownRoute)?;
+        let target = &self.targets[provider];
+        let mut path_and_query = String::with_capacity(target.base_path.len() + rest.len() + 64);
+        path_and_query.push_str(&target.base_path);
+        path_and_query.push_str(if rest.is_empty() { "/" } else { rest });
+        if let Some(query) = uri.query() {
+            append_query(&mut path_and_query, query, target.strip_key_param);
+        }
+        let upstream = Uri::builder()
+            .scheme(target.scheme.clone())
+            .authority(target.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|_| ProxyError::BadTarget)?;
+        Ok(Routed { provider, upstream })
+    }
+}
+
+fn append_query(out: &mut String, query: &str, strip_key: bool) {
+    let mut first = true;
+    for pair in query.split('&') {
+        let name = pair.split('=').next().unwrap_or("");
+        if pair.is_empty() || (strip_key && name == "key") {
+            continue;
+        }
+        out.push(if first { '?' } else { '&' });
+        out.push_str(pair);
+        first = false;
+    }
+}
+
+/// HTTP/1 absolute-form (`GET http://other-host/...`) is accepted only for
+/// the host the request is addressed to. HTTP/2 always carries scheme and
+/// authority, which name this gateway.
+fn check_absolute_form(uri: &Uri, version: Version, headers: &HeaderMap) -> Result<(), ProxyError> {
+    if version >= Version::HTTP_2 {
+        return Ok(());
+    }
+    let Some(authority) = uri.authority() else {
+        return Ok(());
+    };
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    if host.is_some_and(|h| h.eq_ignore_ascii_case(authority.as_str())) {
+        Ok(())
+    } else {
+        Err(ProxyError::BadTarget)
+    }
+}
+
+/// Refuses dot segments (also percent-encoded, in any case mix), encoded
+/// slashes and backslashes.
+fn check_path(path: &str) -> Result<(), ProxyError> {
+    if !path.starts_with('/') || path.contains('\\') {
+        return Err(ProxyError::BadTarget);
+    }
+    for segment in path.split('/') {
+        let lower = segment.to_ascii_lowercase();
+        if lower.contains("%2f") || lower.contains("%5c") {
+            return Err(ProxyError::BadTarget);
+        }
+        let decoded = lower.replace("%2e", ".");
+        if decoded == "." || decoded == ".." {
+            return Err(ProxyError::BadTarget);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Policy;
+
+    fn provider(
+        id: &str,
+        kind: ProviderKind,
+        base: &str,
+        prefix: &str,
+        default: bool,
+    ) -> ProviderConfig {
+        ProviderConfig {
+            id: id.into(),
+            kind,
+            base_url: base.parse().unwrap(),
+            route_prefix: prefix.into(),
+            default,
+            upstream_ca_path: None,
+            policy: Policy::LeastLoaded,
+            retry_budget: 2,
+            probe_interval: None,
+        }
+    }
+
+    fn table() -> RouteTable {
+        RouteTable::new(&[
+            provider(
+                "openai",
+                ProviderKind::OpenAi,
+                "https://api.openai.com",
+                "/openai",
+                true,
+            ),
+            provider(
+                "anthropic",
+                ProviderKind::Anthropic,
+                "http://127.0.0.1:9000",
+                "/anthropic",
+                false,
+            ),
+            provider(
+                "gem",
+                ProviderKind::Gemini,
+                "https://g.example/base",
+                "/gemini",
+                false,
+            ),
+        ])
+    }
+
+    fn route(target: &str) -> Result<Routed, ProxyError> {
+        table().route(
+            &target.parse().unwrap(),
+            Version::HTTP_11,
+            &HeaderMap::new(),
+        )
+    }
+
+    #[test]
+    fn prefixes_and_default() {
+        let r = route("/openai/v1/chat/completions?x=1").unwrap();
+        assert_eq!(r.provider, 0);
+        assert_eq!(r.upstream, "https://api.openai.com/v1/chat/completions?x=1");
+        let r = route("/anthropic/v1/messages").unwrap();
+        assert_eq!(
+            (r.provider, r.upstream.to_string().as_str()),
+            (1, "http://127.0.0.1:9000/v1/messages")
+        );
+        let r = route("/v1/embeddings").unwrap();
+        assert_eq!(
+            (r.provider, r.upstream.to_string().as_str()),
+            (0, "https://api.openai.com/v1/embeddings")
+        );
+        let r = route("/gemini/v1beta/models/x:generateContent?key=CLIENTKEY&alt=sse").unwrap();
+        assert_eq!(
+            r.upstream,
+            "https://g.example/base/v1beta/models/x:generateContent?alt=sse"
+        );
+    }
+
+    #[test]
+    fn unknown_prefix_is_not_found() {
+        assert_eq!(route("/openaix/v1/models"), Err(ProxyError::UnknownRoute));
+        assert_eq!(route("/v2/models"), Err(ProxyError::UnknownRoute));
+        assert_eq!(route("/"), Err(ProxyError::UnknownRoute));
+    }
+
+    #[test]
+    fn traversal_is_refused() {
+        for t in [
+            "/openai/../admin",
+            "/openai/v1/%2e%2e/x",
+            "/openai/v1/%2E./x",
+            "/openai/v1/.%2e",
+            "/openai/v1/./models",
+            "/openai/v1%2fmodels",
+            "/openai/v1%5Cmodels",
+        ] {
+            assert_eq!(route(t), Err(ProxyError::BadTarget), "{t}");
+        }
+    }
+
+    #[test]
+    fn absolute_form_only_for_our_own_host() {
+        let t = table();
+        let uri: Uri = "http://evil.example/openai/v1/models".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "gateway.local:8080".parse().unwrap());
+        assert_eq!(
+            t.route(&uri, Version::HTTP_11, &h),
+            Err(ProxyError::BadTarget)
+        );
+        let own: Uri = "http://gateway.local:8080/openai/v1/models"
+            .parse()
+            .unwrap();
+        assert!(t.route(&own, Version::HTTP_11, &h).is_ok());
+        assert!(t.route(&uri, Version::HTTP_2, &h).is_ok());
+    }
+}

@@ -1,0 +1,171 @@
+//! The upstream side: one pooled HTTP client per provider (HTTP/1.1, or
+//! HTTP/2 where the provider offers it over TLS), and the request that goes
+//! to the provider: the client's credentials and hop-by-hop headers removed,
+//! the chosen key injected the way the provider kind expects it, identity
+//! encoding asked for so that no compressed body can bypass sanitization.
+
+use super::error::ProxyError;
+use crate::config::{ProviderConfig, ProviderKind, ServerConfig};
+use crate::server::tls::crypto_provider;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use std::time::Duration;
+
+/// A provider's HTTP client.
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    kind: ProviderKind,
+    first_byte_timeout: Duration,
+}
+
+/// Why a client could not be built (a CA file that went bad after
+/// validation).
+#[derive(Debug, thiserror::Error)]
+#[error("providers: {0}: upstream_ca_path holds no usable CA certificate")]
+pub struct UpstreamInitError(pub String);
+
+impl Upstream {
+    pub fn new(p: &ProviderConfig, server: &ServerConfig) -> Result<Self, UpstreamInitError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(ca) = &p.upstream_ca_path {
+            let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(ca)
+                .and_then(|it| it.collect::<Result<_, _>>())
+                .map_err(|_| UpstreamInitError(p.id.clone()))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(UpstreamInitError(p.id.clone()));
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(server.upstream_connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        Ok(Upstream {
+            client,
+            kind: p.kind,
+            first_byte_timeout: server.upstream_first_byte_timeout,
+        })
+    }
+
+    /// Sends one attempt and waits for the response headers.
+    pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, ProxyError> {
+        match tokio::time::timeout(self.first_byte_timeout, self.client.request(req)).await {
+            Err(_) => Err(ProxyError::UpstreamTimeout),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "upstream request failed");
+                Err(ProxyError::UpstreamUnreachable)
+            }
+            Ok(Ok(resp)) => Ok(resp),
+        }
+    }
+
+    /// The request for the provider: the client's method and headers minus
+    /// credentials and hop-by-hop headers, plus the key.
+    pub fn request(
+        &self,
+        method: &http::Method,
+        uri: Uri,
+        client_headers: &HeaderMap,
+        credential: &HeaderValue,
+        body: Bytes,
+    ) -> Request<Full<Bytes>> {
+        let mut headers = HeaderMap::with_capacity(client_headers.len() + 2);
+        let listed = connection_listed(client_headers);
+        for (name, value) in client_headers {
+            if !is_dropped(name) && !listed.iter().any(|l| l == name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        let name = match self.kind {
+            ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => header::AUTHORIZATION,
+            ProviderKind::Anthropic => HeaderName::from_static("x-api-key"),
+            ProviderKind::AzureOpenAi => HeaderName::from_static("api-key"),
+            ProviderKind::Gemini => HeaderName::from_static("x-goog-api-key"),
+        };
+        headers.insert(name, credential.clone());
+        if self.kind == ProviderKind::Anthropic && !headers.contains_key("anthropic-version") {
+            headers.insert(
+                HeaderName::from_static("anthropic-version"),
+                HeaderValue::from_static(ANTHROPIC_VERSION),
+            );
+        }
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        req
+    }
+}
+
+/// The API version sent to Anthropic when the client names none.
+const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// Headers never forwarded upstream: hop-by-hop (RFC 9110 section 7.6.1),
+/// the client's own credentials, and what the client library sets anew
+/// (`host` from the URI, `content-length` from the body).
+fn is_dropped(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+            | "authorization"
+            | "x-api-key"
+            | "api-key"
+            | "x-goog-api-key"
+            | "cookie"
+            | "accept-encoding"
+            | "x-request-id"
+    )
+}
+
+/// Header names listed in `Connection` (hop-by-hop by declaration).
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect()
+}
