@@ -198,6 +198,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
     let opts = ServeOptions {
         max_connections: s.max_connections,
         header_read_timeout: s.header_read_timeout,
+        idle_timeout: s.idle_timeout,
         shutdown_drain: s.shutdown_drain,
     };
     let shutdown = CancellationToken::new();

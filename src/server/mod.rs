@@ -2,24 +2,23 @@
 //! connections, timeouts and graceful shutdown. The same loop serves the
 //! proxy, admin and ops listeners; only the handler differs.
 
+mod conn;
 pub mod tls;
 
 use crate::http::Body;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// What a handler knows about the connection a request came on.
 #[derive(Clone, Copy, Debug)]
@@ -49,6 +48,9 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// Also bounds the TLS handshake.
     pub header_read_timeout: Duration,
+    /// A connection with no open request and no bytes moving for this long
+    /// is closed.
+    pub idle_timeout: Duration,
     pub shutdown_drain: Duration,
 }
 
@@ -62,7 +64,7 @@ pub async fn serve<H: Handler>(
     opts: ServeOptions,
     shutdown: CancellationToken,
 ) {
-    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(opts.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -97,14 +99,14 @@ pub async fn serve<H: Handler>(
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
             let _permit = permit;
             match tls {
                 None => {
                     let info = ConnInfo { peer, tls: false };
-                    serve_conn(&builder, stream, info, handler, watcher).await;
+                    conn::serve(&builder, stream, info, handler, opts.idle_timeout, shutdown).await;
                 }
                 Some(source) => {
                     let Some(tls_stream) = handshake(name, source(), stream, peer, opts).await
@@ -112,13 +114,22 @@ pub async fn serve<H: Handler>(
                         return;
                     };
                     let info = ConnInfo { peer, tls: true };
-                    serve_conn(&builder, tls_stream, info, handler, watcher).await;
+                    conn::serve(
+                        &builder,
+                        tls_stream,
+                        info,
+                        handler,
+                        opts.idle_timeout,
+                        shutdown,
+                    )
+                    .await;
                 }
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(opts.shutdown_drain, graceful.shutdown())
+    connections.close();
+    if tokio::time::timeout(opts.shutdown_drain, connections.wait())
         .await
         .is_err()
     {
@@ -150,22 +161,5 @@ async fn handshake(
     }
 }
 
-async fn serve_conn<I, H>(
-    builder: &auto::Builder<TokioExecutor>,
-    io: I,
-    info: ConnInfo,
-    handler: Arc<H>,
-    watcher: hyper_util::server::graceful::Watcher,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Handler,
-{
-    let service = service_fn(move |req| {
-        let handler = handler.clone();
-        async move { Ok::<_, std::convert::Infallible>(handler.handle(req, info).await) }
-    });
-    let conn = builder.serve_connection(TokioIo::new(io), service);
-    if let Err(e) = watcher.watch(conn).await {
-        tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
-    }
-}
+#[cfg(test)]
+mod tests;

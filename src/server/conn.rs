@@ -1,0 +1,220 @@
+//! One connection's life: HTTP/1.1 or h2 over the (TLS) stream, closed
+//! gracefully on shutdown or when it has been idle too long.
+//!
+//! hyper has no idle timeout of its own, so the connection tracks two things:
+//! when bytes last moved (the stream is wrapped in [`Tracked`]) and how many
+//! requests are open (a guard travels with each response body). It is idle
+//! when no request is open and nothing moved for `idle_timeout`; a long
+//! generation that sends nothing for minutes is not idle.
+
+use super::{ConnInfo, Handler};
+use crate::http::{Body, BoxError};
+use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::BodyExt;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Activity of one connection, shared by its stream, its requests and its
+/// watchdog.
+struct Activity {
+    opened: Instant,
+    /// Milliseconds after `opened` when bytes last moved.
+    last_io_ms: AtomicU64,
+    open_requests: AtomicUsize,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = self.opened.elapsed().as_millis() as u64;
+        self.last_io_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When the connection becomes idle if nothing happens meanwhile.
+    fn idle_deadline(&self, idle: Duration) -> Instant {
+        self.opened + Duration::from_millis(self.last_io_ms.load(Ordering::Relaxed)) + idle
+    }
+}
+
+/// Serves one connection until the client closes it, it idles out, or
+/// `shutdown` fires (then open requests finish and the connection closes).
+pub async fn serve<I, H>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    info: ConnInfo,
+    handler: Arc<H>,
+    idle_timeout: Duration,
+    shutdown: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Handler,
+{
+    let activity = Arc::new(Activity {
+        opened: Instant::now(),
+        last_io_ms: AtomicU64::new(0),
+        open_requests: AtomicUsize::new(0),
+    });
+    let tracked = Tracked {
+        inner: io,
+        activity: activity.clone(),
+    };
+    let per_request = activity.clone();
+    let service = service_fn(move |req| {
+        let handler = handler.clone();
+        let guard = RequestGuard::new(per_request.clone());
+        async move {
+            let resp = handler.handle(req, info).await;
+            Ok::<_, std::convert::Infallible>(resp.map(|body| {
+                Guarded {
+                    body,
+                    _guard: guard,
+                }
+                .boxed()
+            }))
+        }
+    });
+    let conn = builder.serve_connection(TokioIo::new(tracked), service);
+    tokio::pin!(conn);
+    let mut closing = false;
+    loop {
+        // With a request open the connection is busy, whatever the stream
+        // does; look again one period later.
+        let deadline = if activity.open_requests.load(Ordering::Relaxed) > 0 {
+            Instant::now() + idle_timeout
+        } else {
+            activity.idle_deadline(idle_timeout)
+        };
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = shutdown.cancelled(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tokio::time::sleep_until(deadline), if !closing => {
+                let idle = activity.open_requests.load(Ordering::Relaxed) == 0
+                    && activity.idle_deadline(idle_timeout) <= Instant::now();
+                if idle {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// Counts a request as open until its response body is finished or dropped.
+struct RequestGuard(Arc<Activity>);
+
+impl RequestGuard {
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.open_requests.fetch_add(1, Ordering::Relaxed);
+        RequestGuard(activity)
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.open_requests.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// A response body carrying its request's guard.
+struct Guarded {
+    body: Body,
+    _guard: RequestGuard,
+}
+
+impl http_body::Body for Guarded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The connection's stream, noting when bytes move.
+struct Tracked<I> {
+    inner: I,
+    activity: Arc<Activity>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        poll
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        poll
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
