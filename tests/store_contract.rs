@@ -636,3 +636,19 @@ async fn sqlite_handles_share_one_file() {
     assert_eq!(a.all_keys().await.unwrap().len(), 20);
     assert_eq!(b.count_keys().await.unwrap()[0].count, 20);
 }
+
+#[cfg(unix)]
+#[tokio::test]
+async fn sqlite_files_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let path = data.join("keyrouter.db");
+    let store = open_sqlite(&path).await;
+    insert(&store, &key("openai", "hash-perm", t(1))).await;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    for file in ["keyrouter.db", "keyrouter.db-wal"] {
+        assert_eq!(mode(&data.join(file)), 0o600, "{file}");
+    }
+}

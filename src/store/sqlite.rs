@@ -504,14 +504,36 @@ impl SqliteStore {
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| {
+        private_dir(dir).map_err(|e| {
             StoreError::Unavailable(format!("create directory {}: {e}", dir.display()))
         })?;
     }
+    private_file(path)
+        .map_err(|e| StoreError::Unavailable(format!("create {}: {e}", path.display())))?;
     let mut conn = Connection::open(path).map_err(|e| store_error("open database", &e))?;
     configure(&conn).map_err(|e| e.describe("configure database"))?;
     migrate(&mut conn).map_err(|e| e.describe("migrate schema"))?;
     Ok(conn)
+}
+
+/// A new data directory is readable by its owner only.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// A new database file is created owner-only before SQLite opens it; SQLite
+/// gives its `-wal` and `-shm` files the same permissions. Existing files
+/// keep theirs.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path).map(drop)
 }
 
 fn configure(conn: &Connection) -> CallResult<()> {
