@@ -164,6 +164,33 @@ fn whole_seconds(d: Duration) -> u64 {
 
 // === Routing ===
 
+/// Every route the router serves, as `(method, path template, scope)`: each
+/// [`Resource`] crossed with the methods [`Resource::endpoint`] accepts, and
+/// that endpoint's [`Endpoint::scope`]. `tests/openapi.rs` compares it with
+/// `docs/admin-api.yaml`.
+pub fn routes() -> Vec<(Method, &'static str, &'static str)> {
+    let methods = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::CONNECT,
+    ];
+    Resource::ALL
+        .into_iter()
+        .flat_map(|r| {
+            methods.iter().filter_map(move |m| {
+                r.endpoint(m)
+                    .map(|e| (m.clone(), r.template(), e.scope().as_str()))
+            })
+        })
+        .collect()
+}
+
 /// A path of the API, independent of the method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Resource {
@@ -202,6 +229,17 @@ impl<'p> Target<'p> {
 }
 
 impl Resource {
+    /// Every variant, for [`routes`].
+    const ALL: [Resource; 7] = [
+        Resource::Keys,
+        Resource::Key,
+        Resource::KeyRevoke,
+        Resource::KeyReactivate,
+        Resource::Audit,
+        Resource::Providers,
+        Resource::EncryptionRotate,
+    ];
+
     /// The metrics label and log field: never the raw path.
     fn template(self) -> &'static str {
         match self {

@@ -83,9 +83,12 @@ pub async fn respond(
     acct.set_status(status);
     let body: Body = match kind {
         BodyKind::Json => {
-            let bytes = read_capped(resp.into_body(), MAX_JSON_BODY)
-                .await
-                .ok_or(ProxyError::UpstreamUnreachable)?;
+            let Some(bytes) = read_capped(resp.into_body(), MAX_JSON_BODY).await else {
+                // Broken off (or too large): handed back so that the caller
+                // accounts the request once, as the error the client gets.
+                *completion = Some(acct);
+                return Err(ProxyError::UpstreamUnreachable);
+            };
             let mut usage = Usage::default();
             let mut rewritten = Vec::with_capacity(bytes.len() + 16);
             let body = if rewrite(&bytes, &spec.as_rewrite(), &mut rewritten, &mut usage) {

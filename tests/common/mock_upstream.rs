@@ -1,13 +1,25 @@
-//! A local stand-in for OpenAI and Anthropic: answers like they do (JSON,
-//! SSE streams, error shapes, provider headers that must never reach a
-//! client), over plain HTTP or HTTPS with a test CA, and records every request
-//! it receives.
+//! A local stand-in for OpenAI, Anthropic, Azure OpenAI and Gemini: answers
+//! like they do (JSON, SSE streams, error shapes, provider headers that must
+//! never reach a client), over plain HTTP or HTTPS with a test CA, and
+//! records every request it receives.
 //!
 //! Tests choose a behaviour with request headers, which keyrouter forwards:
-//! `x-mock-status: 400` answers with that status and the provider's error
-//! body, `x-mock-hang: 1` never answers, `x-mock-pause-ms: N` pauses N ms
-//! after the first SSE event, `x-mock-gzip: 1` sends a compressed body,
-//! `x-mock-retry-after: N` adds `Retry-After`.
+//! - `x-mock-status: 400` answers with that status and the provider's error
+//!   body (`x-mock-retry-after: N` adds `Retry-After`);
+//! - `x-mock-hang: 1` never answers;
+//! - `x-mock-pause-ms: N` pauses N ms after the first SSE event;
+//! - `x-mock-hold: 1` stops after the first SSE event until the test calls
+//!   [`MockUpstream::release`];
+//! - `x-mock-fragment: N` sends the SSE bytes in N-byte frames, about 1 ms
+//!   apart, so events arrive split anywhere (even inside `data:` or `\n\n`);
+//! - `x-mock-gzip: 1` sends the body gzip-compressed with
+//!   `Content-Encoding: gzip`, whatever the request's `Accept-Encoding`;
+//! - `x-mock-truncate: 1` announces the whole body's `Content-Length` but
+//!   breaks the connection off after half of it (a provider failing
+//!   mid-response).
+//!
+//! This file is also the load benchmark's upstream
+//! (`benches/load/mock_upstream.rs`), so it uses no dev-dependency.
 #![allow(dead_code)]
 
 use bytes::Bytes;
@@ -18,9 +30,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -31,6 +45,13 @@ pub struct Received {
     pub path_and_query: String,
     pub headers: HeaderMap,
     pub body: Bytes,
+}
+
+impl Received {
+    /// A header's value as text (the first one), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
 }
 
 /// Provider headers every mock response carries; none may reach a client.
@@ -49,6 +70,23 @@ pub const PROVIDER_HEADERS: [(&str, &str); 9] = [
 /// The model snapshot the mock claims served every request.
 pub const PROVIDER_MODEL: &str = "gpt-4o-2024-08-06-snapshot";
 pub const PROVIDER_ID: &str = "chatcmpl-PROVIDERID0123456789";
+/// Anthropic's message id and model snapshot in the mock's answers.
+pub const ANTHROPIC_ID: &str = "msg_01PROVIDERID0123456789";
+pub const ANTHROPIC_MODEL: &str = "claude-3-5-sonnet-20241022";
+/// The Gemini model version in the mock's answers.
+pub const GEMINI_MODEL_VERSION: &str = "gemini-1.5-pro-002";
+/// The mock's 400 message quotes this key-like string.
+pub const LEAKED_KEY: &str = "sk-proj-LEAKEDKEY0123456789abcdef";
+
+/// What a serving mock shares with its handle.
+struct Shared {
+    /// Every request, when recording (tests); `None` in the load benchmark.
+    received: Option<Arc<Mutex<Vec<Received>>>>,
+    /// SSE response bodies alive now (dropped when sent or abandoned).
+    streams: Arc<AtomicUsize>,
+    /// Turns `true` when the test releases `x-mock-hold` streams.
+    released: watch::Receiver<bool>,
+}
 
 pub struct MockUpstream {
     pub addr: SocketAddr,
@@ -56,7 +94,9 @@ pub struct MockUpstream {
     pub url: String,
     received: Arc<Mutex<Vec<Received>>>,
     /// Connections currently open to the mock.
-    open: Arc<std::sync::atomic::AtomicUsize>,
+    open: Arc<AtomicUsize>,
+    streams: Arc<AtomicUsize>,
+    release: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -81,14 +121,23 @@ impl MockUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
-        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let streams = Arc::new(AtomicUsize::new(0));
+        let (release, released) = watch::channel(false);
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let task = tokio::spawn(serve(listener, tls, Some(received.clone()), open.clone()));
+        let shared = Arc::new(Shared {
+            received: Some(received.clone()),
+            streams: streams.clone(),
+            released,
+        });
+        let task = tokio::spawn(serve_shared(listener, tls, shared, open.clone()));
         MockUpstream {
             addr,
             url: format!("{scheme}://localhost:{}", addr.port()),
             received,
             open,
+            streams,
+            release,
             task,
         }
     }
@@ -97,8 +146,28 @@ impl MockUpstream {
         self.received.lock().unwrap().clone()
     }
 
+    /// The last request received; panics when there was none.
+    pub fn last(&self) -> Received {
+        self.received().pop().expect("the mock received no request")
+    }
+
+    /// Forgets the requests received so far.
+    pub fn clear(&self) {
+        self.received.lock().unwrap().clear();
+    }
+
     pub fn open_connections(&self) -> usize {
-        self.open.load(std::sync::atomic::Ordering::SeqCst)
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// SSE response bodies still alive: being sent, paused or held.
+    pub fn open_streams(&self) -> usize {
+        self.streams.load(Ordering::SeqCst)
+    }
+
+    /// Lets every `x-mock-hold` stream (current and future) go on.
+    pub fn release(&self) {
+        let _ = self.release.send(true);
     }
 }
 
@@ -109,19 +178,35 @@ pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     received: Option<Arc<Mutex<Vec<Received>>>>,
-    open: Arc<std::sync::atomic::AtomicUsize>,
+    open: Arc<AtomicUsize>,
+) {
+    // Nobody holds the sender: `x-mock-hold` streams are never released.
+    let (_, released) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        received,
+        streams: Arc::new(AtomicUsize::new(0)),
+        released,
+    });
+    serve_shared(listener, tls, shared, open).await;
+}
+
+async fn serve_shared(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shared: Arc<Shared>,
+    open: Arc<AtomicUsize>,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let rec = received.clone();
+        let shared = shared.clone();
         let open = open.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let service = service_fn(move |req| answer(req, rec.clone()));
+            open.fetch_add(1, Ordering::SeqCst);
+            let service = service_fn(move |req| answer(req, shared.clone()));
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             match tls {
                 None => {
@@ -135,22 +220,19 @@ pub async fn serve(
                     }
                 }
             }
-            open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            open.fetch_sub(1, Ordering::SeqCst);
         });
     }
 }
 
-async fn answer(
-    req: Request<Incoming>,
-    received: Option<Arc<Mutex<Vec<Received>>>>,
-) -> Result<Response<Body>, Infallible> {
+async fn answer(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Body>, Infallible> {
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
         .await
         .map(|c| c.to_bytes())
         .unwrap_or_default();
-    let Some(received) = received else {
+    let Some(received) = &shared.received else {
         return Ok(route(&parts, &body));
     };
     received.lock().unwrap().push(Received {
@@ -163,11 +245,22 @@ async fn answer(
         headers: parts.headers.clone(),
         body: body.clone(),
     });
-    Ok(scripted(&parts, &body).await)
+    Ok(scripted(&parts, &body, &shared).await)
+}
+
+/// How an SSE answer is paced.
+#[derive(Clone, Default)]
+struct Pacing {
+    /// Wait after the first event.
+    pause: Option<Duration>,
+    /// Wait after the first event until released.
+    hold: Option<watch::Receiver<bool>>,
+    /// Frame size in bytes; `None` sends one frame per event.
+    fragment: Option<usize>,
 }
 
 /// The answer for a request, honouring the `x-mock-*` behaviours.
-async fn scripted(parts: &http::request::Parts, body: &Bytes) -> Response<Body> {
+async fn scripted(parts: &http::request::Parts, body: &Bytes, shared: &Shared) -> Response<Body> {
     let h = &parts.headers;
     let flag = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     if flag("x-mock-hang").is_some() {
@@ -182,38 +275,85 @@ async fn scripted(parts: &http::request::Parts, body: &Bytes) -> Response<Body> 
         }
         return resp;
     }
-    let pause = flag("x-mock-pause-ms")
-        .and_then(|s| s.parse().ok())
-        .map(Duration::from_millis);
-    let mut resp = answer_for(parts, body, pause);
-    if flag("x-mock-gzip").is_some() {
-        resp.headers_mut()
-            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    let pacing = Pacing {
+        pause: flag("x-mock-pause-ms")
+            .and_then(|s| s.parse().ok())
+            .map(Duration::from_millis),
+        hold: flag("x-mock-hold").map(|_| shared.released.clone()),
+        fragment: flag("x-mock-fragment")
+            .and_then(|s| s.parse().ok())
+            .filter(|n| *n > 0),
+    };
+    let resp = answer_for(parts, body, pacing, Some(shared.streams.clone()));
+    let (gzipped, truncated) = (
+        flag("x-mock-gzip").is_some(),
+        flag("x-mock-truncate").is_some(),
+    );
+    if !gzipped && !truncated {
+        return resp;
     }
-    resp
+    let (mut head, body) = resp.into_parts();
+    let mut bytes = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    if gzipped {
+        head.headers
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        bytes = Bytes::from(gzip(&bytes));
+    }
+    head.headers.remove(header::CONTENT_LENGTH);
+    if truncated {
+        // The server sends the head with this length, then half the body,
+        // then closes the connection: the body is shorter than announced.
+        head.headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        let half = bytes.slice(..bytes.len() / 2);
+        let frames = futures_util::stream::unfold(Some(half), |half| async move {
+            match half {
+                Some(half) => Some((Ok(Frame::data(half)), None)),
+                None => {
+                    // Let the head and the half go out before the break.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    None
+                }
+            }
+        });
+        return Response::from_parts(head, StreamBody::new(frames).boxed());
+    }
+    Response::from_parts(head, Full::new(bytes).boxed())
 }
 
 /// The plain answer for a request, without scripted behaviours (fast path
 /// of the load benchmark).
 fn route(parts: &http::request::Parts, body: &Bytes) -> Response<Body> {
-    answer_for(parts, body, None)
+    answer_for(parts, body, Pacing::default(), None)
 }
 
 fn answer_for(
     parts: &http::request::Parts,
     body: &Bytes,
-    pause: Option<Duration>,
+    pacing: Pacing,
+    streams: Option<Arc<AtomicUsize>>,
 ) -> Response<Body> {
     static COMPLETION: LazyLock<Bytes> = LazyLock::new(|| openai_completion().to_string().into());
     static MESSAGE: LazyLock<Bytes> = LazyLock::new(|| anthropic_message().to_string().into());
-    let stream = body.windows(14).any(|w| w == b"\"stream\":true")
-        || body.windows(15).any(|w| w == b"\"stream\": true");
-    let anthropic = parts.uri.path().ends_with("/messages");
-    match (parts.uri.path(), stream) {
-        (p, true) if p.ends_with("/chat/completions") => sse(openai_chunks(), pause),
-        (p, true) if p.ends_with("/messages") => sse(anthropic_events(), pause),
+    let contains = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+    let stream = contains(b"\"stream\":true") || contains(b"\"stream\": true");
+    let path = parts.uri.path();
+    let anthropic = path.ends_with("/messages");
+    match (path, stream) {
+        (p, true) if p.ends_with("/chat/completions") => sse(openai_chunks(), pacing, streams),
+        (p, true) if p.ends_with("/messages") => sse(anthropic_events(), pacing, streams),
+        (p, _) if p.ends_with(":streamGenerateContent") => {
+            sse(gemini_events(), pacing, streams)
+        }
         (p, false) if p.ends_with("/chat/completions") => json(COMPLETION.clone()),
         (p, false) if p.ends_with("/messages") => json(MESSAGE.clone()),
+        (p, false) if p.ends_with(":generateContent") => {
+            json(gemini_response().to_string().into())
+        }
         (p, false) if p.ends_with("/embeddings") => json(serde_json::json!({
             "object": "list", "model": PROVIDER_MODEL,
             "data": [{"object": "embedding", "index": 0, "embedding": [0.1, -0.2, 0.3]}],
@@ -242,10 +382,10 @@ fn json(body: Bytes) -> Response<Body> {
     with_provider_headers(resp)
 }
 
-/// An SSE response sending `events` one frame each; with `pause`, it waits
-/// after the first event before sending the rest.
-fn sse(events: Vec<String>, pause: Option<Duration>) -> Response<Body> {
-    let stream = async_stream(events, pause);
+/// An SSE response sending `events` as `pacing` says. `streams` counts the
+/// body while it is alive.
+fn sse(events: Vec<String>, pacing: Pacing, streams: Option<Arc<AtomicUsize>>) -> Response<Body> {
+    let stream = event_stream(events, pacing, streams.map(StreamGuard::new));
     let mut resp = Response::new(StreamBody::new(stream).boxed());
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -256,20 +396,75 @@ fn sse(events: Vec<String>, pause: Option<Duration>) -> Response<Body> {
     with_provider_headers(resp)
 }
 
-fn async_stream(
+/// Counts one live SSE body; the count drops when the body is dropped
+/// (finished, or abandoned when the connection closed).
+struct StreamGuard(Arc<AtomicUsize>);
+
+impl StreamGuard {
+    fn new(count: Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        StreamGuard(count)
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One frame of a paced stream: its bytes and what to wait for before it.
+struct Step {
+    bytes: Bytes,
+    delay: Option<Duration>,
+    /// Wait for the hold to be released before this frame.
+    held: bool,
+}
+
+fn event_stream(
     events: Vec<String>,
-    pause: Option<Duration>,
+    pacing: Pacing,
+    guard: Option<StreamGuard>,
 ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> {
+    let mut steps = Vec::new();
+    for (n, event) in events.into_iter().enumerate() {
+        let after_first = n == 1;
+        let event = Bytes::from(event);
+        let pieces: Vec<Bytes> = match pacing.fragment {
+            None => vec![event],
+            Some(size) => (0..event.len())
+                .step_by(size)
+                .map(|at| event.slice(at..(at + size).min(event.len())))
+                .collect(),
+        };
+        for (i, bytes) in pieces.into_iter().enumerate() {
+            let first_piece = i == 0;
+            let fragment_delay = pacing.fragment.map(|_| Duration::from_millis(1));
+            steps.push(Step {
+                bytes,
+                delay: if after_first && first_piece {
+                    pacing.pause.or(fragment_delay)
+                } else {
+                    fragment_delay
+                },
+                held: after_first && first_piece && pacing.hold.is_some(),
+            });
+        }
+    }
+    let hold = pacing.hold;
     futures_util::stream::unfold(
-        (events.into_iter(), 0usize),
-        move |(mut it, n)| async move {
-            let event = it.next()?;
-            if n == 1 {
-                if let Some(p) = pause {
-                    tokio::time::sleep(p).await;
-                }
+        (steps.into_iter(), hold, guard),
+        |(mut it, mut hold, guard)| async move {
+            let step = it.next()?;
+            if step.held
+                && let Some(rx) = hold.as_mut()
+            {
+                let _ = rx.wait_for(|released| *released).await;
             }
-            Some((Ok(Frame::data(Bytes::from(event))), (it, n + 1)))
+            if let Some(d) = step.delay {
+                tokio::time::sleep(d).await;
+            }
+            Some((Ok(Frame::data(step.bytes)), (it, hold, guard)))
         },
     )
 }
@@ -283,20 +478,29 @@ pub fn openai_completion() -> serde_json::Value {
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from the mock.", "refusal": null}, "logprobs": null, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 19, "completion_tokens": 10, "total_tokens": 29},
         "service_tier": "default",
-        "system_fingerprint": "fp_mockfingerprint"
+        "system_fingerprint": "fp_mockfingerprint",
+        "x_provider_trace": {"region": "us-east-mock"}
     })
 }
 
 pub fn anthropic_message() -> serde_json::Value {
     serde_json::json!({
-        "id": "msg_01PROVIDERID0123456789",
+        "id": ANTHROPIC_ID,
         "type": "message",
         "role": "assistant",
-        "model": "claude-3-5-sonnet-20241022",
+        "model": ANTHROPIC_MODEL,
         "content": [{"type": "text", "text": "Hello from the mock."}],
         "stop_reason": "end_turn",
         "stop_sequence": null,
         "usage": {"input_tokens": 12, "output_tokens": 6, "service_tier": "standard"}
+    })
+}
+
+pub fn gemini_response() -> serde_json::Value {
+    serde_json::json!({
+        "candidates": [{"content": {"parts": [{"text": "Hello from the mock."}], "role": "model"}, "finishReason": "STOP", "index": 0}],
+        "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 5, "totalTokenCount": 9},
+        "modelVersion": GEMINI_MODEL_VERSION
     })
 }
 
@@ -318,12 +522,24 @@ pub fn openai_chunks() -> Vec<String> {
 
 pub fn anthropic_events() -> Vec<String> {
     vec![
-        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_01PROVIDERID0123456789\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-3-5-sonnet-20241022\",\"content\":[],\"stop_reason\":null,\"usage\":{\"input_tokens\":25,\"output_tokens\":1,\"service_tier\":\"standard\"}}}\n\n".into(),
+        format!("event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"id\":\"{ANTHROPIC_ID}\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"{ANTHROPIC_MODEL}\",\"content\":[],\"stop_reason\":null,\"usage\":{{\"input_tokens\":25,\"output_tokens\":1,\"service_tier\":\"standard\"}}}}}}\n\n"),
         "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n".into(),
+        "event: ping\ndata: {\"type\": \"ping\"}\n\n".into(),
         "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\n".into(),
         "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n".into(),
         "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":15}}\n\n".into(),
         "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".into(),
+    ]
+}
+
+pub fn gemini_events() -> Vec<String> {
+    vec![
+        format!(
+            "data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"Hel\"}}],\"role\":\"model\"}},\"index\":0}}],\"modelVersion\":\"{GEMINI_MODEL_VERSION}\"}}\r\n\r\n"
+        ),
+        format!(
+            "data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"lo\"}}],\"role\":\"model\"}},\"finishReason\":\"STOP\",\"index\":0}}],\"modelVersion\":\"{GEMINI_MODEL_VERSION}\"}}\r\n\r\n"
+        ),
     ]
 }
 
@@ -345,4 +561,41 @@ fn error_response(status: StatusCode, anthropic: bool) -> Response<Body> {
     let mut resp = json(body.to_string().into());
     *resp.status_mut() = status;
     resp
+}
+
+/// `data` as a gzip member made of stored (uncompressed) deflate blocks: a
+/// valid gzip body any decoder accepts, without a compression dependency.
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+    let blocks: Vec<&[u8]> = if data.is_empty() {
+        vec![&[]]
+    } else {
+        data.chunks(0xffff).collect()
+    };
+    let last = blocks.len() - 1;
+    for (i, block) in blocks.into_iter().enumerate() {
+        out.push(u8::from(i == last));
+        let len = block.len() as u16;
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(block);
+    }
+    out.extend_from_slice(&crc32(data).to_le_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
 }

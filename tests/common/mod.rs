@@ -8,9 +8,26 @@
 //! let key = gw.register_key("openai", "sk-test-material-0001").await;
 //! let reply = gw.get(&format!("/keys/{}", key["id"].as_str().unwrap())).send().await;
 //! ```
+//!
+//! Proxy tests put the gateway in front of a [`mock_upstream::MockUpstream`]
+//! (plain, or HTTPS with a [`tls::TestCa`] certificate) and talk to
+//! `gw.proxy`:
+//!
+//! ```ignore
+//! let mock = MockUpstream::start().await;
+//! let gw = TestGateway::builder()
+//!     .providers(&format!("[[providers]]\nid = \"openai\"\nkind = \"openai\"\nbase_url = \"{}\"\nroute_prefix = \"/openai\"\n", mock.url))
+//!     .toml("[server]\nmax_body_bytes = 1024")
+//!     .start()
+//!     .await;
+//! let resp = gw.client().get(gw.proxy_url("/openai/v1/models")).send().await;
+//! ```
 
 // Each test file uses its own part of the harness.
 #![allow(dead_code)]
+
+pub mod mock_upstream;
+pub mod tls;
 
 use chrono::Utc;
 use jsonwebtoken::{EncodingKey, Header, encode};
@@ -42,6 +59,10 @@ pub struct GatewayBuilder {
     fernet_keys: Vec<String>,
     state_dir: Option<PathBuf>,
     extra_toml: String,
+    /// `[[providers]]` entries replacing the default ones.
+    providers: Option<String>,
+    /// What the harness's client uses toward TLS listeners.
+    client_tls: Option<rustls::ClientConfig>,
 }
 
 impl GatewayBuilder {
@@ -68,10 +89,30 @@ impl GatewayBuilder {
         self
     }
 
-    /// More TOML, appended to the generated file.
+    /// More TOML, merged into the generated file: tables are merged key by
+    /// key (so `[server]`, `[tls]` or `[sanitize]` settings join the
+    /// generated ones, later values winning), any other value replaces the
+    /// generated one (so `[[providers]]` here replaces the default
+    /// providers, as [`GatewayBuilder::providers`] does).
     pub fn toml(mut self, extra: &str) -> Self {
         self.extra_toml.push_str(extra);
         self.extra_toml.push('\n');
+        self
+    }
+
+    /// Replaces the default providers (whose base URLs do not resolve) with
+    /// `entries`, the TOML of one or more `[[providers]]` tables, e.g. ones
+    /// pointing at a [`mock_upstream::MockUpstream`].
+    pub fn providers(mut self, entries: &str) -> Self {
+        self.providers = Some(entries.to_owned());
+        self
+    }
+
+    /// The TLS config the harness's client uses when the gateway's
+    /// listeners speak TLS (`[tls]` set): trusted roots and, for an admin
+    /// listener requiring client certificates, the client's identity.
+    pub fn client_tls(mut self, config: rustls::ClientConfig) -> Self {
+        self.client_tls = Some(config);
         self
     }
 
@@ -79,14 +120,9 @@ impl GatewayBuilder {
         let temp = tempfile::tempdir().unwrap();
         let dir = self.state_dir.unwrap_or_else(|| temp.path().to_owned());
         let config_path = temp.path().join("keyrouter.toml");
-        let toml = format!(
-            r#"
-[server]
-shutdown_drain = "1s"
-
-[store]
-path = "{db}"
-
+        let providers = self.providers.unwrap_or_else(|| {
+            format!(
+                r#"
 [[providers]]
 id = "openai"
 kind = "openai"
@@ -99,12 +135,21 @@ id = "anthropic"
 kind = "anthropic"
 base_url = "{ANTHROPIC_BASE_URL}"
 route_prefix = "/anthropic"
+"#
+            )
+        });
+        let mut table = toml_table(&format!(
+            r#"
+[server]
+shutdown_drain = "1s"
 
-{extra}"#,
-            db = dir.join("keyrouter.db").display(),
-            extra = self.extra_toml,
-        );
-        std::fs::write(&config_path, toml).unwrap();
+[store]
+path = {db}
+{providers}"#,
+            db = toml::Value::String(dir.join("keyrouter.db").display().to_string()),
+        ));
+        merge_toml(&mut table, toml_table(&self.extra_toml));
+        std::fs::write(&config_path, toml::to_string(&table).unwrap()).unwrap();
 
         let mut env = HashMap::from([(
             "KEYROUTER_FERNET_KEYS".to_owned(),
@@ -126,14 +171,41 @@ route_prefix = "/anthropic"
             admin: bind().await.unwrap(),
             ops: bind().await.unwrap(),
         };
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let running = keyrouter::app::start(config, listeners).await.unwrap();
         TestGateway {
-            admin: format!("http://{}/admin/v1", running.admin_addr),
+            admin: format!("{scheme}://{}/admin/v1", running.admin_addr),
             ops: format!("http://{}", running.ops_addr),
+            proxy: format!("{scheme}://{}", running.proxy_addr),
             running,
-            client: http_client(None),
+            client: http_client(None, self.client_tls.as_ref()),
+            client_tls: self.client_tls,
             never_shown: Arc::new(Mutex::new(secrets)),
             _temp: temp,
+        }
+    }
+}
+
+/// The parsed TOML `text` (panics on invalid TOML: a broken test).
+fn toml_table(text: &str) -> toml::Table {
+    text.parse()
+        .unwrap_or_else(|e| panic!("invalid test TOML ({e}):\n{text}"))
+}
+
+/// Merges `from` into `into`: tables key by key, other values replaced.
+fn merge_toml(into: &mut toml::Table, from: toml::Table) {
+    for (key, value) in from {
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(mine)), toml::Value::Table(theirs)) => {
+                merge_toml(mine, theirs)
+            }
+            (_, value) => {
+                into.insert(key, value);
+            }
         }
     }
 }
@@ -141,11 +213,15 @@ route_prefix = "/anthropic"
 /// A started gateway.
 pub struct TestGateway {
     pub running: Running,
-    /// `http://127.0.0.1:<port>/admin/v1`
+    /// `http://127.0.0.1:<port>/admin/v1` (`https` when `[tls]` is set)
     pub admin: String,
     /// `http://127.0.0.1:<port>`
     pub ops: String,
+    /// The public proxy: `http://127.0.0.1:<port>` (`https` when `[tls]` is
+    /// set).
+    pub proxy: String,
     client: reqwest::Client,
+    client_tls: Option<rustls::ClientConfig>,
     /// Strings no answer may contain: admin credentials, every key material
     /// and token sent through this harness.
     never_shown: Arc<Mutex<Vec<String>>>,
@@ -160,6 +236,8 @@ impl TestGateway {
             fernet_keys: vec![Vault::generate_key()],
             state_dir: None,
             extra_toml: String::new(),
+            providers: None,
+            client_tls: None,
         }
     }
 
@@ -170,6 +248,17 @@ impl TestGateway {
 
     pub fn app(&self) -> &Arc<App> {
         &self.running.app
+    }
+
+    /// The proxy URL of `path_and_query` (`/openai/v1/models?x=1`).
+    pub fn proxy_url(&self, path_and_query: &str) -> String {
+        format!("{}{path_and_query}", self.proxy)
+    }
+
+    /// The harness's HTTP client (plain HTTP, or the TLS config given to
+    /// [`GatewayBuilder::client_tls`]), for requests to the proxy.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
     }
 
     pub async fn stop(self) {
@@ -365,7 +454,7 @@ impl AdminRequest<'_> {
 
     pub async fn send(self) -> Reply {
         let client = match self.from {
-            Some(addr) => http_client(Some(addr)),
+            Some(addr) => http_client(Some(addr), self.gw.client_tls.as_ref()),
             None => self.gw.client.clone(),
         };
         let mut req = client.request(self.method, &self.url);
@@ -423,15 +512,17 @@ impl Reply {
     }
 }
 
-/// A plain-HTTP client, optionally bound to a local address. reqwest is
-/// built without a default TLS crypto provider, and refuses to build a
-/// client until one is installed, even for plain HTTP.
-fn http_client(local: Option<IpAddr>) -> reqwest::Client {
+/// An HTTP client, optionally bound to a local address, using `tls` toward
+/// TLS listeners. reqwest is built without a default TLS crypto provider,
+/// and refuses to build a client until one is installed, even for plain
+/// HTTP.
+fn http_client(local: Option<IpAddr>, tls: Option<&rustls::ClientConfig>) -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .local_address(local)
-        .build()
-        .unwrap()
+    let mut builder = reqwest::Client::builder().local_address(local);
+    if let Some(tls) = tls {
+        builder = builder.use_preconfigured_tls(tls.clone());
+    }
+    builder.build().unwrap()
 }
 
 /// An HS256 token signed with `secret`.
