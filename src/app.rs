@@ -5,7 +5,9 @@ use crate::admin::AdminApi;
 use crate::audit::AuditQueue;
 use crate::audit::queue::AuditWriter;
 use crate::config::{Config, ConfigError, ServerConfig, StoreConfig};
+use crate::health::{self, Health};
 use crate::keys::Vault;
+use crate::limits::Limiter;
 use crate::keys::pool::KeyPool;
 use crate::metrics::Metrics;
 use crate::ops::OpsApi;
@@ -54,6 +56,10 @@ pub struct App {
     pub audit: AuditQueue,
     /// Decrypted active keys per provider, read by every proxied request.
     pub pool: KeyPool,
+    /// Provider-driven key state changes under way.
+    pub health: Health,
+    /// Per-key and per-client rate limits (local or Redis).
+    pub limiter: Limiter,
     /// Set once the store answered and the keys are loaded; cleared
     /// while the store is unreachable. `/readyz` reports it.
     pub ready: AtomicBool,
@@ -72,13 +78,15 @@ impl App {
 
     /// Reloads the key pool from the store (changes made through other
     /// replicas or processes).
-    pub async fn reload_pool(&self) -> Result<(), StoreError> {
+    /// Cooldowns that ended are recorded as they are noticed here.
+    pub async fn reload_pool(self: &Arc<Self>) -> Result<(), StoreError> {
         let records = self
             .store
             .all_keys()
             .await
             .map_err(|e| self.store_failed("all_keys", e))?;
         self.pool.reload(&records, &self.vault);
+        Health::recover_cooled(self, &records);
         Ok(())
     }
 
@@ -177,6 +185,8 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
 
     let app = Arc::new(App {
         pool: KeyPool::new(&config.providers),
+        health: Health::default(),
+        limiter: Limiter::new(&config.rate_limit, &metrics).await,
         config,
         store,
         vault,
@@ -234,6 +244,11 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
         shutdown.clone(),
     ));
     tasks.spawn(refresh_pool(app.clone(), shutdown.clone()));
+    for p in &app.config.providers {
+        if let Some(interval) = p.probe_interval {
+            tasks.spawn(health::probe::run(app.clone(), p.clone(), interval, shutdown.clone()));
+        }
+    }
     tasks.spawn(maintenance(app.clone(), certs, shutdown.clone()));
     tracing::info!(%proxy_addr, %admin_addr, %ops_addr, "keyrouter started");
     Ok(Running {

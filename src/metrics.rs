@@ -33,6 +33,19 @@ pub struct Metrics {
     pub key_requests: IntCounterVec,
     /// `keyrouter_tokens_total{provider,kind}` from the providers' `usage`.
     pub tokens: IntCounterVec,
+    /// `keyrouter_key_transitions_total{provider,from,to}`.
+    pub key_transitions: IntCounterVec,
+    /// `keyrouter_rate_limited_total{provider,scope}`, scope `key`,
+    /// `all_keys` or `client`.
+    pub rate_limited: IntCounterVec,
+    /// `keyrouter_upstream_retries_total{provider,reason}`.
+    pub upstream_retries: IntCounterVec,
+    /// `keyrouter_rate_limit_backend_errors_total`: failed or timed-out
+    /// calls to the Redis rate-limit backend.
+    pub rate_limit_backend_errors: IntCounter,
+    /// `keyrouter_rate_limit_fallback`: 1 while limits are counted in this
+    /// process because Redis is unreachable.
+    pub rate_limit_fallback: IntGauge,
 }
 
 /// Latency buckets from 1 ms to 5 min: LLM calls range from a cached
@@ -130,6 +143,37 @@ impl Metrics {
                 &["provider", "kind"],
             )
             .expect("valid metric"),
+            key_transitions: IntCounterVec::new(
+                Opts::new("keyrouter_key_transitions_total", "Key state transitions"),
+                &["provider", "from", "to"],
+            )
+            .expect("valid metric"),
+            rate_limited: IntCounterVec::new(
+                Opts::new(
+                    "keyrouter_rate_limited_total",
+                    "Requests or keys held back by a rate limit",
+                ),
+                &["provider", "scope"],
+            )
+            .expect("valid metric"),
+            upstream_retries: IntCounterVec::new(
+                Opts::new(
+                    "keyrouter_upstream_retries_total",
+                    "Requests retried on another key",
+                ),
+                &["provider", "reason"],
+            )
+            .expect("valid metric"),
+            rate_limit_backend_errors: IntCounter::new(
+                "keyrouter_rate_limit_backend_errors_total",
+                "Failed or timed-out calls to the Redis rate-limit backend",
+            )
+            .expect("valid metric"),
+            rate_limit_fallback: IntGauge::new(
+                "keyrouter_rate_limit_fallback",
+                "1 while rate limits are counted locally because Redis is unreachable",
+            )
+            .expect("valid metric"),
             registry,
         };
         for c in [
@@ -144,6 +188,11 @@ impl Metrics {
             Box::new(m.inflight.clone()),
             Box::new(m.key_requests.clone()),
             Box::new(m.tokens.clone()),
+            Box::new(m.key_transitions.clone()),
+            Box::new(m.rate_limited.clone()),
+            Box::new(m.upstream_retries.clone()),
+            Box::new(m.rate_limit_backend_errors.clone()),
+            Box::new(m.rate_limit_fallback.clone()),
         ] {
             m.registry.register(c).expect("metric names are unique");
         }

@@ -107,25 +107,24 @@ pub(super) async fn get(call: &Call<'_>) -> Result<Response<Body>, GatewayError>
     Ok(json(StatusCode::OK, &KeyView::new(&key).with_usage(usage)))
 }
 
-/// This replica's live counters of a key. Calls in flight come from the key
-/// pool; the per-minute request and token counts are not kept anywhere yet
-/// (the proxy path that will feed them is a later issue), so they read zero
-/// here and only here.
+/// This replica's live counters of a key (requests and tokens in the last
+/// minute, sliding estimate; requests in flight). Zero for a key that is not
+/// active here.
 fn usage(app: &App, key: &KeyRecord) -> Usage {
-    let in_flight = app
+    let counters = app
         .pool
         .snapshot(&key.provider_id)
         .and_then(|keys| {
             keys.keys
                 .iter()
                 .find(|k| k.id == key.id)
-                .map(|k| k.in_flight())
+                .map(|k| k.counters.usage())
         })
-        .unwrap_or(0);
+        .unwrap_or_default();
     Usage {
-        requests_last_minute: 0,
-        tokens_last_minute: 0,
-        in_flight: u64::from(in_flight),
+        requests_last_minute: counters.requests_last_minute,
+        tokens_last_minute: counters.tokens_last_minute,
+        in_flight: u64::from(counters.in_flight),
     }
 }
 

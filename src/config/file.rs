@@ -78,6 +78,7 @@ pub struct RawStore {
 pub struct RawRateLimit {
     pub backend: Option<String>,
     pub on_backend_error: Option<String>,
+    pub redis_prefix: Option<String>,
     pub cooldown_base: Option<String>,
     pub cooldown_max: Option<String>,
 }

@@ -13,7 +13,7 @@ struct Masked<'a> {
     tls: Option<MaskedTls>,
     providers: Vec<MaskedProvider<'a>>,
     store: MaskedStore,
-    rate_limit: MaskedRateLimit,
+    rate_limit: MaskedRateLimit<'a>,
     client_auth: MaskedClientAuth,
     sanitize: MaskedSanitize,
     audit: MaskedAudit,
@@ -69,9 +69,10 @@ struct MaskedStore {
 }
 
 #[derive(Serialize)]
-struct MaskedRateLimit {
+struct MaskedRateLimit<'a> {
     backend: &'static str,
     on_backend_error: &'static str,
+    redis_prefix: &'a str,
     cooldown_base: String,
     cooldown_max: String,
 }
@@ -175,6 +176,7 @@ pub fn render(cfg: &Config) -> String {
                 super::OnBackendError::Local => "local",
                 super::OnBackendError::Deny => "deny",
             },
+            redis_prefix: &cfg.rate_limit.redis_prefix,
             cooldown_base: dur(cfg.rate_limit.cooldown_base),
             cooldown_max: dur(cfg.rate_limit.cooldown_max),
         },

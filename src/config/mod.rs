@@ -148,6 +148,9 @@ pub enum StoreConfig {
 pub struct RateLimitConfig {
     pub backend: RateLimitBackend,
     pub on_backend_error: OnBackendError,
+    /// Prefix of every Redis key the limiter writes, so several deployments
+    /// (or test runs) can share one Redis.
+    pub redis_prefix: String,
     pub cooldown_base: Duration,
     pub cooldown_max: Duration,
 }
@@ -412,6 +415,20 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             _ => {
                 return Err(bad(
                     "rate_limit.on_backend_error must be \"local\" or \"deny\"",
+                ));
+            }
+        },
+        redis_prefix: match rl.redis_prefix {
+            None => "keyrouter".into(),
+            Some(p)
+                if (1..=64).contains(&p.len())
+                    && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b)) =>
+            {
+                p
+            }
+            Some(_) => {
+                return Err(bad(
+                    "rate_limit.redis_prefix must be 1 to 64 letters, digits, '_', '-', '.' or ':'",
                 ));
             }
         },

@@ -9,14 +9,16 @@
 //! through this replica is never chosen for a request that starts after the
 //! revoke returned.
 
-use super::{KeyId, KeyRecord, KeyState, Limits, Vault};
+use super::{KeyEvent, KeyId, KeyRecord, KeyState, Limits, Vault};
+use chrono::{DateTime, Utc};
 use crate::config::{ProviderConfig, ProviderKind};
+use crate::limits::KeyCounters;
 use crate::secret::Secret;
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A usable key with its live counters.
 pub struct PoolKey {
@@ -29,47 +31,45 @@ pub struct PoolKey {
     pub weight: u32,
     pub limits: Limits,
     /// Store revision this entry was built from; an unchanged revision keeps
-    /// the entry (and its counters) across reloads without decrypting again.
+    /// the entry across reloads without decrypting again.
     revision: i64,
-    /// Requests using this key right now, through this replica.
-    in_flight: AtomicU32,
+    /// In-flight count and rate windows; carried over when the entry is
+    /// rebuilt for a new revision, so a label change resets no limit.
+    pub counters: Arc<KeyCounters>,
 }
 
 impl PoolKey {
     pub fn in_flight(&self) -> u32 {
-        self.in_flight.load(Ordering::Relaxed)
+        self.counters.in_flight()
     }
 }
 
-/// One request's use of a key: counted in flight until dropped (which
-/// happens when the response body has been sent or abandoned).
-pub struct Lease {
-    key: Arc<PoolKey>,
-}
-
-impl Lease {
-    pub fn new(key: Arc<PoolKey>) -> Self {
-        key.in_flight.fetch_add(1, Ordering::Relaxed);
-        Lease { key }
-    }
-
-    pub fn key(&self) -> &Arc<PoolKey> {
-        &self.key
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.key.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// The active keys of one provider.
+/// The active keys of one provider, and when its resting keys wake up.
 #[derive(Default)]
 pub struct ProviderKeys {
     pub keys: Vec<Arc<PoolKey>>,
+    /// Keys cooling down after a provider 429, with the end of each
+    /// cooldown: they make "all keys busy" a 429 with `Retry-After` rather
+    /// than a 503.
+    pub cooling: Vec<(KeyId, DateTime<Utc>)>,
     /// Rotating start position for round-robin and tie-breaking.
     pub cursor: AtomicUsize,
+}
+
+impl ProviderKeys {
+    /// The earliest end of a cooldown, if any key is cooling down.
+    pub fn next_cooldown_end(&self) -> Option<DateTime<Utc>> {
+        self.cooling.iter().map(|(_, until)| *until).min()
+    }
+
+    /// A copy with the same cursor position, with `id` taken out.
+    fn without(&self, id: &KeyId) -> ProviderKeys {
+        ProviderKeys {
+            keys: self.keys.iter().filter(|k| &k.id != id).cloned().collect(),
+            cooling: self.cooling.iter().filter(|(k, _)| k != id).cloned().collect(),
+            cursor: AtomicUsize::new(self.cursor.load(Ordering::Relaxed)),
+        }
+    }
 }
 
 /// Every provider's active keys.
@@ -92,43 +92,55 @@ impl KeyPool {
         self.providers.get(provider_id).map(|(_, k)| k.load_full())
     }
 
-    /// Replaces every provider's list with the active keys among `records`
-    /// (all keys from the store). Entries whose revision did not change are
-    /// kept as they are.
+    /// Replaces every provider's lists with the keys among `records` (all
+    /// keys from the store). Entries whose revision did not change are kept
+    /// as they are.
     pub fn reload(&self, records: &[KeyRecord], vault: &Vault) {
         for (provider_id, (kind, slot)) in &self.providers {
             let current = slot.load();
-            let keys = records
-                .iter()
-                .filter(|r| &r.provider_id == provider_id)
-                .filter_map(|r| entry(r, *kind, &current.keys, vault))
-                .collect();
+            let mine = || records.iter().filter(|r| &r.provider_id == provider_id);
             slot.store(Arc::new(ProviderKeys {
-                keys,
+                keys: mine()
+                    .filter_map(|r| entry(r, *kind, &current.keys, vault))
+                    .collect(),
+                cooling: mine()
+                    .filter_map(|r| Some((r.id.clone(), r.status.cooldown_until()?)))
+                    .collect(),
                 cursor: AtomicUsize::new(current.cursor.load(Ordering::Relaxed)),
             }));
         }
     }
 
-    /// Applies one changed record at once (a management API write).
+    /// Applies one changed record at once (a management API write, a stored
+    /// transition).
     pub fn apply(&self, record: &KeyRecord, vault: &Vault) {
         let Some((kind, slot)) = self.providers.get(&record.provider_id) else {
             return;
         };
         slot.rcu(|current| {
-            let mut keys: Vec<Arc<PoolKey>> = current
-                .keys
-                .iter()
-                .filter(|k| k.id != record.id)
-                .cloned()
-                .collect();
+            let mut next = current.without(&record.id);
             if let Some(e) = entry(record, *kind, &current.keys, vault) {
-                keys.push(e);
+                next.keys.push(e);
             }
-            ProviderKeys {
-                keys,
-                cursor: AtomicUsize::new(current.cursor.load(Ordering::Relaxed)),
+            if let Some(until) = record.status.cooldown_until() {
+                next.cooling.push((record.id.clone(), until));
             }
+            next
+        });
+    }
+
+    /// Stops choosing a key that a provider just refused, before the
+    /// transition is stored (a rate-limited key joins the cooling list).
+    pub fn suspend(&self, provider_id: &str, id: &KeyId, event: KeyEvent) {
+        let Some((_, slot)) = self.providers.get(provider_id) else {
+            return;
+        };
+        slot.rcu(|current| {
+            let mut next = current.without(id);
+            if let KeyEvent::RateLimited { until } = event {
+                next.cooling.push((id.clone(), until));
+            }
+            next
         });
     }
 }
@@ -143,10 +155,8 @@ fn entry(
     if record.status.state() != KeyState::Active {
         return None;
     }
-    if let Some(same) = current
-        .iter()
-        .find(|k| k.id == record.id && k.revision == record.revision)
-    {
+    let previous = current.iter().find(|k| k.id == record.id);
+    if let Some(same) = previous.filter(|k| k.revision == record.revision) {
         return Some(same.clone());
     }
     let material = match vault.open(record.sealed.as_ref()?) {
@@ -170,13 +180,13 @@ fn entry(
         weight: record.weight,
         limits: record.limits,
         revision: record.revision,
-        in_flight: AtomicU32::new(0),
+        counters: previous.map_or_else(Default::default, |p| p.counters.clone()),
     }))
 }
 
 /// The header value a provider kind expects the key in: `Bearer <key>` for
 /// OpenAI-style `Authorization`, the bare key for the others.
-fn credential_header(kind: ProviderKind, material: &Secret) -> Option<HeaderValue> {
+pub fn credential_header(kind: ProviderKind, material: &Secret) -> Option<HeaderValue> {
     // Building the header is the one place the material becomes request bytes.
     let mut value = match kind {
         ProviderKind::OpenAi | ProviderKind::OpenAiCompatible => {

@@ -4,6 +4,7 @@
 //! already scrubbed).
 
 use crate::error::{ErrorKind, GatewayError};
+use crate::health::Verdict;
 use http::StatusCode;
 
 #[derive(Debug, PartialEq, Eq)]
@@ -16,6 +17,14 @@ pub enum ProxyError {
     BodyTooLarge,
     /// The client's body could not be read.
     BrokenRequestBody,
+    /// `client_auth.mode = "jwt"` and no valid client token.
+    ClientUnauthorized,
+    /// The client token does not allow this provider.
+    ProviderNotAllowed,
+    /// The client is over its own `rpm`.
+    ClientRateLimited { retry_after_secs: u64 },
+    /// Redis is down and `on_backend_error = "deny"`.
+    LimiterUnavailable,
     /// The provider has no active key.
     NoActiveKey,
     /// Every usable key is at its limit or cooling down.
@@ -42,12 +51,29 @@ impl ProxyError {
             ProxyError::BadTarget => "bad_target",
             ProxyError::BodyTooLarge => "body_too_large",
             ProxyError::BrokenRequestBody => "broken_request_body",
+            ProxyError::ClientUnauthorized => "client_unauthorized",
+            ProxyError::ProviderNotAllowed => "provider_not_allowed",
+            ProxyError::ClientRateLimited { .. } => "client_rate_limited",
+            ProxyError::LimiterUnavailable => "limiter_unavailable",
             ProxyError::NoActiveKey => "no_active_key",
             ProxyError::AllKeysLimited { .. } => "all_keys_limited",
             ProxyError::UpstreamUnreachable => "upstream_unreachable",
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::UpstreamFailed => "upstream_failed",
             ProxyError::ProviderRefused { .. } => "provider_refused",
+        }
+    }
+}
+
+/// What the client hears when a key problem was the last attempt's outcome:
+/// a rate-limited key's wait, else a failure that says nothing about keys.
+impl From<Verdict> for ProxyError {
+    fn from(v: Verdict) -> Self {
+        match v {
+            Verdict::RateLimited { retry_after } => ProxyError::AllKeysLimited {
+                retry_after_secs: retry_after.map_or(1, |d| d.as_secs().max(1)),
+            },
+            Verdict::QuotaExhausted | Verdict::Rejected => ProxyError::UpstreamFailed,
         }
     }
 }
@@ -63,6 +89,23 @@ impl From<ProxyError> for GatewayError {
             ),
             ProxyError::BrokenRequestBody => {
                 GatewayError::invalid("The request body could not be read.")
+            }
+            ProxyError::ClientUnauthorized => GatewayError::unauthorized(),
+            ProxyError::ProviderNotAllowed => {
+                GatewayError::forbidden("This client may not use this provider.")
+            }
+            ProxyError::ClientRateLimited { retry_after_secs } => GatewayError::rate_limited(
+                "This client is over its request limit. Retry later.",
+                retry_after_secs,
+            ),
+            ProxyError::LimiterUnavailable => {
+                let mut e = GatewayError::new(
+                    ErrorKind::InternalError,
+                    "Rate limiting is unavailable. Retry later.",
+                )
+                .with_status(StatusCode::SERVICE_UNAVAILABLE);
+                e.retry_after = Some(1);
+                e
             }
             ProxyError::NoActiveKey => GatewayError::new(
                 ErrorKind::NoAvailableKey,
@@ -104,6 +147,10 @@ mod tests {
             (ProxyError::BadTarget, 400, "invalid_request"),
             (ProxyError::BodyTooLarge, 413, "payload_too_large"),
             (ProxyError::NoActiveKey, 503, "no_available_key"),
+            (ProxyError::ClientUnauthorized, 401, "unauthorized"),
+            (ProxyError::ProviderNotAllowed, 403, "forbidden"),
+            (ProxyError::ClientRateLimited { retry_after_secs: 1 }, 429, "rate_limit_exceeded"),
+            (ProxyError::LimiterUnavailable, 503, "internal_error"),
             (
                 ProxyError::AllKeysLimited {
                     retry_after_secs: 3,

@@ -3,37 +3,50 @@
 //! ```text
 //! handle (outer shell: request id, CORS, errors → gateway error, headers)
 //!   └─ forward (inner path, `?` on ProxyError)
-//!        route      target → provider + upstream URI            route.rs
-//!        read body  capped at max_body_bytes, kept for replay
-//!        pick key   pool snapshot + policy                      keys::{pool, select}
-//!        send       credentials swapped, identity encoding      upstream.rs
-//!        respond    status → error, headers allow-listed,       respond.rs
-//!                   JSON rewritten, SSE streamed and rewritten  body.rs, sanitize
-//!        account    metrics, access log, key lease (once)       outcome.rs
+//!        route        target → provider + upstream URI               route.rs
+//!        client auth  JWT, provider allow-list, client rpm           client_auth.rs
+//!        read body    capped at max_body_bytes, kept for replay
+//!        attempts     up to 1 + retry_budget:
+//!          pick key   policy over active keys, limits, permit        pick.rs
+//!          send       credentials swapped, identity encoding         upstream.rs
+//!          classify   429/402/401/403 → key state + next key,        respond.rs, health
+//!                     5xx/connect/timeout → next key
+//!        respond      headers allow-listed, JSON rewritten,          respond.rs, body.rs
+//!                     SSE streamed and rewritten
+//!        account      metrics, access log, permit settled (once)     outcome.rs
 //! ```
+//!
+//! A retry happens only before any byte of a response went to the client:
+//! once `respond` hands a body to hyper, the attempt is final.
 
 mod body;
+mod client_auth;
 mod cors;
 pub mod error;
 mod outcome;
+mod pick;
 mod respond;
 pub mod route;
 pub mod upstream;
 
 use crate::app::App;
+use crate::config::ClientAuth as ClientAuthConfig;
 use crate::error::GatewayError;
+use crate::health::Health;
 use crate::http::{Body, ReadBodyError, finish, read_limited, request_id};
+use crate::keys::KeyId;
 use crate::keys::model::random_token;
-use crate::keys::pool::Lease;
-use crate::keys::select;
+use crate::limits::Refusal;
 use crate::metrics::ProviderMetrics;
 use crate::server::{ConnInfo, Handler};
 use bytes::Bytes;
+use client_auth::ClientAuth;
 use cors::Cors;
 use error::ProxyError;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use outcome::Completion;
+use respond::Answer;
 use route::RouteTable;
 use std::sync::Arc;
 use std::time::Instant;
@@ -43,6 +56,7 @@ use upstream::{Upstream, UpstreamInitError};
 struct ProviderRuntime {
     id: Arc<str>,
     policy: crate::config::Policy,
+    retry_budget: u32,
     upstream: Upstream,
     metrics: ProviderMetrics,
 }
@@ -52,6 +66,8 @@ pub struct ProxyApi {
     routes: RouteTable,
     providers: Vec<ProviderRuntime>,
     cors: Cors,
+    /// Set when `client_auth.mode = "jwt"`.
+    client_auth: Option<ClientAuth>,
 }
 
 impl ProxyApi {
@@ -64,6 +80,7 @@ impl ProxyApi {
                 Ok(ProviderRuntime {
                     id: Arc::from(p.id.as_str()),
                     policy: p.policy,
+                    retry_budget: p.retry_budget,
                     upstream: Upstream::new(p, &cfg.server)?,
                     metrics: app.metrics.provider(&p.id),
                 })
@@ -72,6 +89,10 @@ impl ProxyApi {
         Ok(ProxyApi {
             routes: RouteTable::new(&cfg.providers),
             cors: Cors::new(&cfg.server.cors_origins),
+            client_auth: match &cfg.client_auth {
+                ClientAuthConfig::None => None,
+                ClientAuthConfig::Jwt { secret } => Some(ClientAuth::new(secret)),
+            },
             providers,
             app,
         })
@@ -87,13 +108,14 @@ impl ProxyApi {
     ) -> Result<Response<Body>, ProxyError> {
         let routed = self.routes.route(req.uri(), req.version(), req.headers())?;
         let provider = &self.providers[routed.provider];
-        let acct = completion.insert(Completion::start(
+        *completion = Some(Completion::start(
             provider.id.clone(),
             &provider.metrics,
             &self.app.metrics,
             request_id,
             started,
         ));
+        self.authorize_client(provider, req.headers()).await?;
 
         let (parts, body) = req.into_parts();
         let max = self.app.config.server.max_body_bytes;
@@ -109,41 +131,142 @@ impl ProxyApi {
             ReadBodyError::TooLarge => ProxyError::BodyTooLarge,
             ReadBodyError::Broken => ProxyError::BrokenRequestBody,
         })?;
-        let model = respond::requested_model(&parts.headers, &body);
+        let peek = respond::peek_request(&parts.headers, &body);
 
-        let keys = self
-            .app
-            .pool
-            .snapshot(&provider.id)
-            .ok_or(ProxyError::NoActiveKey)?;
-        let key = select::pick(&keys, provider.policy, |_| true).ok_or(ProxyError::NoActiveKey)?;
-        self.app
-            .metrics
-            .key_requests
-            .with_label_values(&[&*provider.id, key.id.as_str()])
-            .inc();
-        let upstream_req = provider.upstream.request(
-            &parts.method,
-            routed.upstream,
-            &parts.headers,
-            &key.credential,
-            body,
-        );
-        acct.set_lease(Lease::new(key.clone()));
+        let mut tried: Vec<KeyId> = Vec::new();
+        let mut last: Option<(ProxyError, bool)> = None;
+        for attempt in 0..=provider.retry_budget {
+            let keys = self
+                .app
+                .pool
+                .snapshot(&provider.id)
+                .ok_or(ProxyError::NoActiveKey)?;
+            let limited = || {
+                self.app
+                    .metrics
+                    .rate_limited
+                    .with_label_values(&[&*provider.id, "key"])
+                    .inc()
+            };
+            let chosen = pick::choose(
+                &keys,
+                provider.policy,
+                &self.app.limiter,
+                &tried,
+                peek.estimated_tokens(body.len()),
+                limited,
+            )
+            .await;
+            let chosen = match (chosen, last.take()) {
+                (Ok(c), _) => c,
+                // After a provider failure (not the key's fault) the client
+                // hears about that failure, not about keys being tried out.
+                (Err(_), Some((e, false))) => return Err(e),
+                (Err(no_key), _) => {
+                    if matches!(no_key, pick::NoKey::Busy(_)) {
+                        self.app
+                            .metrics
+                            .rate_limited
+                            .with_label_values(&[&*provider.id, "all_keys"])
+                            .inc();
+                    }
+                    return Err(no_key.into());
+                }
+            };
+            if attempt > 0 {
+                tracing::debug!(request_id, attempt, "retrying on another key");
+            }
+            let key = chosen.key;
+            tried.push(key.id.clone());
+            self.app
+                .metrics
+                .key_requests
+                .with_label_values(&[&*provider.id, key.id.as_str()])
+                .inc();
+            let upstream_req = provider.upstream.request(
+                &parts.method,
+                routed.upstream.clone(),
+                &parts.headers,
+                &key.credential,
+                body.clone(),
+            );
+            let sent = Instant::now();
+            let sent_result = provider.upstream.send(upstream_req).await;
+            provider
+                .metrics
+                .upstream_duration
+                .observe(sent.elapsed().as_secs_f64());
+            let (error, key_fault, reason) = match sent_result {
+                Err(e) => {
+                    let reason = if e == ProxyError::UpstreamTimeout {
+                        "upstream_timeout"
+                    } else {
+                        "upstream_unreachable"
+                    };
+                    (e, false, reason)
+                }
+                Ok(resp) => match respond::classify(resp).await {
+                    Answer::Deliver(resp) => {
+                        if let Some(acct) = completion.as_mut() {
+                            acct.set_key(key.id.clone(), chosen.permit);
+                        }
+                        let spec = body::RewriteSpec {
+                            id_suffix: format!("kr{}", random_token(24)),
+                            model: peek.model,
+                            strip_usage: self.app.config.sanitize.strip_usage,
+                        };
+                        return respond::respond(resp, &key, spec, completion).await;
+                    }
+                    Answer::KeyFault(verdict) => {
+                        Health::report(&self.app, &provider.id, &key.id, verdict);
+                        (verdict.into(), true, verdict.retry_reason())
+                    }
+                    Answer::ProviderFault(e) => (e, false, "upstream_5xx"),
+                },
+            };
+            if attempt < provider.retry_budget {
+                self.app
+                    .metrics
+                    .upstream_retries
+                    .with_label_values(&[&*provider.id, reason])
+                    .inc();
+            }
+            last = Some((error, key_fault));
+        }
+        Err(last.map_or(ProxyError::UpstreamFailed, |(e, _)| e))
+    }
 
-        let sent = Instant::now();
-        let resp = provider.upstream.send(upstream_req).await?;
-        provider
-            .metrics
-            .upstream_duration
-            .observe(sent.elapsed().as_secs_f64());
-
-        let spec = body::RewriteSpec {
-            id_suffix: format!("kr{}", random_token(24)),
-            model,
-            strip_usage: self.app.config.sanitize.strip_usage,
+    /// With client tokens on: the client must present a valid one that
+    /// allows this provider, and stay within its own `rpm`.
+    async fn authorize_client(
+        &self,
+        provider: &ProviderRuntime,
+        headers: &http::HeaderMap,
+    ) -> Result<(), ProxyError> {
+        let Some(auth) = &self.client_auth else {
+            return Ok(());
         };
-        respond::respond(resp, &key, spec, completion).await
+        let client = auth.authenticate(headers)?;
+        if !client.may_use(&provider.id) {
+            return Err(ProxyError::ProviderNotAllowed);
+        }
+        let Some(rpm) = client.rpm else {
+            return Ok(());
+        };
+        match self.app.limiter.acquire_client(&client.id, rpm).await {
+            Ok(()) => Ok(()),
+            Err(Refusal::Limited { retry_after }) => {
+                self.app
+                    .metrics
+                    .rate_limited
+                    .with_label_values(&[&*provider.id, "client"])
+                    .inc();
+                Err(ProxyError::ClientRateLimited {
+                    retry_after_secs: pick::whole_seconds(retry_after),
+                })
+            }
+            Err(Refusal::BackendUnavailable) => Err(ProxyError::LimiterUnavailable),
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 //! ends (the work happens in `Drop`, so a request whose client disappears
 //! mid-way is accounted too).
 
-use crate::keys::pool::Lease;
+use crate::keys::KeyId;
+use crate::limits::Permit;
 use crate::metrics::{Metrics, ProviderMetrics};
 use crate::sanitize::json::Usage;
 use http::StatusCode;
@@ -43,7 +44,9 @@ pub struct Completion {
     request_id: String,
     started: Instant,
     status: StatusCode,
-    lease: Option<Lease>,
+    /// The key that served the request and its limiter permit, settled
+    /// with the real token count when the request ends.
+    key: Option<(KeyId, Permit)>,
     end: End,
     usage: Usage,
 }
@@ -66,7 +69,7 @@ impl Completion {
             request_id: request_id.to_owned(),
             started,
             status: StatusCode::OK,
-            lease: None,
+            key: None,
             end: End::ClientGone,
             usage: Usage::default(),
         }
@@ -77,9 +80,10 @@ impl Completion {
         self.status = status;
     }
 
-    /// The key serving the request; released when the request ends.
-    pub fn set_lease(&mut self, lease: Lease) {
-        self.lease = Some(lease);
+    /// The key serving the request; its permit is settled when the
+    /// request ends.
+    pub fn set_key(&mut self, id: KeyId, permit: Permit) {
+        self.key = Some((id, permit));
     }
 
     pub fn finish(mut self, end: End, usage: Usage) {
@@ -110,7 +114,13 @@ impl Drop for Completion {
         self.requests
             .with_label_values(&[&*self.provider, code])
             .inc();
-        let key_id = self.lease.as_ref().map(|l| l.key().id.as_str());
+        let (key, permit) = self.key.take().unzip();
+        let tokens = self.usage.prompt + self.usage.completion;
+        // Without reported usage the reservation stands (the permit's drop).
+        if let Some(permit) = permit.filter(|_| tokens > 0) {
+            permit.settle(tokens);
+        }
+        let key_id = key.as_ref().map(KeyId::as_str);
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
         if self.end == End::Complete && self.status.as_u16() < 500 {
             tracing::debug!(

@@ -7,6 +7,7 @@ use super::body::{Mode, RewriteSpec, StreamBody};
 use super::error::ProxyError;
 use super::outcome::{Completion, End};
 use crate::http::{Body, full};
+use crate::health::Verdict;
 use crate::keys::pool::PoolKey;
 use crate::sanitize::json::{Usage, rewrite};
 use crate::sanitize::scrub;
@@ -28,24 +29,88 @@ const MAX_MESSAGE_CHARS: usize = 1000;
 /// Time allowed for reading a provider's error body.
 const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The `model` the client asked for, from a JSON request body.
-pub fn requested_model(headers: &HeaderMap, body: &[u8]) -> Option<String> {
+/// What keyrouter reads from a JSON request body: the model the client
+/// asked for (written back into responses) and its output token cap (for
+/// the `tpm` reservation). One pass over the body.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RequestPeek {
+    pub model: Option<String>,
+    max_output_tokens: Option<u64>,
+}
+
+/// Output tokens reserved for a request that names no cap: the estimate is
+/// corrected when the provider reports usage.
+const DEFAULT_OUTPUT_TOKENS: u64 = 512;
+
+impl RequestPeek {
+    /// Tokens to reserve before the provider reports usage: the input at
+    /// about four bytes per token plus the output cap.
+    pub fn estimated_tokens(&self, body_len: usize) -> u64 {
+        (body_len as u64).div_ceil(4) + self.max_output_tokens.unwrap_or(DEFAULT_OUTPUT_TOKENS)
+    }
+}
+
+pub fn peek_request(headers: &HeaderMap, body: &[u8]) -> RequestPeek {
     #[derive(serde::Deserialize)]
     struct Peek<'a> {
         #[serde(borrow)]
         model: Option<std::borrow::Cow<'a, str>>,
+        max_tokens: Option<u64>,
+        max_completion_tokens: Option<u64>,
+        max_output_tokens: Option<u64>,
     }
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.contains("json"));
     if !json || body.is_empty() {
-        return None;
+        return RequestPeek::default();
     }
-    serde_json::from_slice::<Peek>(body)
-        .ok()?
-        .model
-        .map(|m| m.into_owned())
+    match serde_json::from_slice::<Peek>(body) {
+        Ok(p) => RequestPeek {
+            model: p.model.map(|m| m.into_owned()),
+            max_output_tokens: p.max_completion_tokens.or(p.max_tokens).or(p.max_output_tokens),
+        },
+        Err(_) => RequestPeek::default(),
+    }
+}
+
+/// What a provider's answer means for the attempt.
+pub enum Answer {
+    /// Goes to the client: a success, or a refusal of the request itself.
+    Deliver(Response<Incoming>),
+    /// The key's fault (429, 402, 401, 403): try another key.
+    KeyFault(Verdict),
+    /// The provider's trouble (5xx): try another key; the key is fine.
+    ProviderFault(ProxyError),
+}
+
+/// Sorts a provider answer. A 429's body is read to tell a rate limit from
+/// an exhausted quota (OpenAI answers `insufficient_quota` with 429).
+pub async fn classify(resp: Response<Incoming>) -> Answer {
+    match resp.status().as_u16() {
+        401 | 403 => Answer::KeyFault(Verdict::Rejected),
+        402 => Answer::KeyFault(Verdict::QuotaExhausted),
+        429 => {
+            let wait = retry_after(resp.headers()).map(Duration::from_secs);
+            let body = tokio::time::timeout(
+                ERROR_BODY_TIMEOUT,
+                read_capped(resp.into_body(), MAX_ERROR_BODY),
+            )
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+            if body.windows(18).any(|w| w == b"insufficient_quota") {
+                Answer::KeyFault(Verdict::QuotaExhausted)
+            } else {
+                Answer::KeyFault(Verdict::RateLimited { retry_after: wait })
+            }
+        }
+        504 => Answer::ProviderFault(ProxyError::UpstreamTimeout),
+        500..=599 => Answer::ProviderFault(ProxyError::UpstreamFailed),
+        _ => Answer::Deliver(resp),
+    }
 }
 
 /// The client's response for the provider's answer `resp`.
@@ -141,27 +206,17 @@ async fn read_capped(body: Incoming, max: usize) -> Option<bytes::Bytes> {
     crate::http::read_limited(body, max).await.ok()
 }
 
-/// The error for a provider's 4xx/5xx answer. A message is kept only for the
-/// statuses that are about the request itself; 401/402/403/429 are about the
-/// key and never shown.
+/// The error for a provider's refusal of the request itself (a 4xx that
+/// is not about the key). A message is kept only for the statuses that are
+/// about the request's content, scrubbed of anything key-like.
 async fn refusal(resp: Response<Incoming>, key: &PoolKey) -> ProxyError {
     let status = resp.status();
-    match status.as_u16() {
-        401..=403 => ProxyError::UpstreamFailed,
-        429 => ProxyError::AllKeysLimited {
-            retry_after_secs: retry_after(resp.headers()).unwrap_or(1),
-        },
-        504 => ProxyError::UpstreamTimeout,
-        500..=599 => ProxyError::UpstreamFailed,
-        _ => {
-            let message = if matches!(status.as_u16(), 400 | 404 | 413 | 422) {
-                provider_message(resp.into_body(), key).await
-            } else {
-                None
-            };
-            ProxyError::ProviderRefused { status, message }
-        }
-    }
+    let message = if matches!(status.as_u16(), 400 | 404 | 413 | 422) {
+        provider_message(resp.into_body(), key).await
+    } else {
+        None
+    };
+    ProxyError::ProviderRefused { status, message }
 }
 
 /// `Retry-After` in whole seconds (at least 1); HTTP dates are not used by
@@ -241,15 +296,18 @@ mod tests {
     }
 
     #[test]
-    fn model_is_read_from_json_bodies_only() {
+    fn request_peek_reads_json_bodies_only() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        let body = br#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4o"}"#;
-        assert_eq!(requested_model(&h, body).as_deref(), Some("gpt-4o"));
-        assert_eq!(requested_model(&HeaderMap::new(), body), None);
-        assert_eq!(requested_model(&h, b"{}"), None);
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let body = br#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4o","max_tokens":100}"#;
+        let peek = peek_request(&h, body);
+        assert_eq!(peek.model.as_deref(), Some("gpt-4o"));
+        assert_eq!(peek.estimated_tokens(400), 200);
+        assert_eq!(peek_request(&HeaderMap::new(), body), RequestPeek::default());
+        let uncapped = peek_request(&h, b"{}");
+        assert_eq!(uncapped.model, None);
+        assert_eq!(uncapped.estimated_tokens(0), DEFAULT_OUTPUT_TOKENS);
+        let responses_api = peek_request(&h, br#"{"model":"o3","max_output_tokens":7}"#);
+        assert_eq!(responses_api.estimated_tokens(4), 8);
     }
 }
