@@ -7,12 +7,12 @@ use crate::audit::queue::AuditWriter;
 use crate::config::{Config, ConfigError, ServerConfig, StoreConfig};
 use crate::health::{self, Health};
 use crate::keys::Vault;
-use crate::limits::Limiter;
 use crate::keys::pool::KeyPool;
+use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::ops::OpsApi;
 use crate::proxy::ProxyApi;
-use crate::server::tls::CertStore;
+use crate::server::tls::{CertStore, TlsListener};
 use crate::server::{self, ServeOptions, TlsSource};
 use crate::store::mongo::MongoStore;
 use crate::store::sqlite::SqliteStore;
@@ -213,13 +213,11 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
     };
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
-    let admin_tls: TlsSource = certs.clone().map(|c| {
-        Arc::new(move || c.admin()) as Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>
-    });
+    let tls_for = |listener: TlsListener| -> TlsSource { certs.clone().map(|c| (c, listener)) };
     tasks.spawn(server::serve(
         "admin",
         listeners.admin,
-        admin_tls,
+        tls_for(TlsListener::Admin),
         Arc::new(AdminApi::new(app.clone())),
         opts,
         shutdown.clone(),
@@ -232,13 +230,10 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
         opts,
         shutdown.clone(),
     ));
-    let proxy_tls: TlsSource = certs.clone().map(|c| {
-        Arc::new(move || c.proxy()) as Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>
-    });
     tasks.spawn(server::serve(
         "proxy",
         listeners.proxy,
-        proxy_tls,
+        tls_for(TlsListener::Proxy),
         proxy,
         opts,
         shutdown.clone(),
@@ -246,7 +241,12 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
     tasks.spawn(refresh_pool(app.clone(), shutdown.clone()));
     for p in &app.config.providers {
         if let Some(interval) = p.probe_interval {
-            tasks.spawn(health::probe::run(app.clone(), p.clone(), interval, shutdown.clone()));
+            tasks.spawn(health::probe::run(
+                app.clone(),
+                p.clone(),
+                interval,
+                shutdown.clone(),
+            ));
         }
     }
     tasks.spawn(maintenance(app.clone(), certs, shutdown.clone()));

@@ -40,7 +40,7 @@ pub trait Handler: Send + Sync + 'static {
 
 /// Where a listener gets its TLS config for each handshake (it may change on
 /// reload); `None` serves plain HTTP.
-pub type TlsSource = Option<Arc<dyn Fn() -> Arc<rustls::ServerConfig> + Send + Sync>>;
+pub type TlsSource = Option<(Arc<tls::CertStore>, tls::TlsListener)>;
 
 /// Connection limits and timeouts of one listener.
 #[derive(Clone, Copy, Debug)]
@@ -108,9 +108,9 @@ pub async fn serve<H: Handler>(
                     let info = ConnInfo { peer, tls: false };
                     conn::serve(&builder, stream, info, handler, opts.idle_timeout, shutdown).await;
                 }
-                Some(source) => {
-                    let Some(tls_stream) = handshake(name, source(), stream, peer, opts).await
-                    else {
+                Some((certs, listener)) => {
+                    let config = certs.config(listener);
+                    let Some(tls_stream) = handshake(name, config, stream, peer, opts).await else {
                         return;
                     };
                     let info = ConnInfo { peer, tls: true };

@@ -29,7 +29,14 @@ async fn start(idle: Duration) -> (SocketAddr, CancellationToken, tokio::task::J
         idle_timeout: idle,
         shutdown_drain: Duration::from_secs(5),
     };
-    let task = tokio::spawn(serve("test", listener, None, Arc::new(Sleepy), opts, shutdown.clone()));
+    let task = tokio::spawn(serve(
+        "test",
+        listener,
+        None,
+        Arc::new(Sleepy),
+        opts,
+        shutdown.clone(),
+    ));
     (addr, shutdown, task)
 }
 
@@ -60,7 +67,10 @@ async fn idle_keep_alive_connection_is_closed() {
     assert!(request(&mut s, "/").await.starts_with("HTTP/1.1 200"));
     let waited = closed_after(&mut s).await;
     // Closed by the idle timeout, not by hyper's 5 s header read timeout.
-    assert!(waited >= Duration::from_millis(200) && waited < Duration::from_secs(2), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(200) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
 }
 
 #[tokio::test]
@@ -80,6 +90,9 @@ async fn shutdown_lets_open_requests_finish_and_stops_accepting() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     shutdown.cancel();
     assert!(pending.await.unwrap().starts_with("HTTP/1.1 200"));
-    tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(TcpStream::connect(addr).await.is_err());
 }

@@ -137,6 +137,14 @@ pub fn load_server_config(tls: &TlsConfig) -> Result<ServerConfigs, TlsError> {
     })
 }
 
+/// Which listener a handshake is for: the admin listener may require
+/// client certificates, the proxy never does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsListener {
+    Proxy,
+    Admin,
+}
+
 /// The certificates in force, swapped atomically on reload: handshakes in
 /// progress keep the config they started with, new ones get the new one.
 pub struct CertStore {
@@ -156,12 +164,13 @@ impl CertStore {
         })
     }
 
-    pub fn proxy(&self) -> Arc<rustls::ServerConfig> {
-        self.current.load().proxy.clone()
-    }
-
-    pub fn admin(&self) -> Arc<rustls::ServerConfig> {
-        self.current.load().admin.clone()
+    /// The config in force for new handshakes on `listener`.
+    pub fn config(&self, listener: TlsListener) -> Arc<rustls::ServerConfig> {
+        let current = self.current.load();
+        match listener {
+            TlsListener::Proxy => current.proxy.clone(),
+            TlsListener::Admin => current.admin.clone(),
+        }
     }
 
     /// Reloads from disk. A broken new file keeps the old certificate in
