@@ -218,7 +218,8 @@ pub struct KeyCounters {
     /// Permits alive right now, limited or not: `least_loaded` reads it, and
     /// the local backend enforces `max_concurrent` on it.
     in_flight: AtomicU32,
-    /// Limiter-clock ms until which the key was refused by its rpm or tpm;
+    /// Limiter-clock ms until which the key was refused by its request
+    /// window (see [`KeyCounters::limited_until`]);
     /// 0 when never.
     limited_until: AtomicU64,
 }
@@ -255,10 +256,12 @@ impl KeyCounters {
         }
     }
 
-    /// Until when the key was refused by its rpm or tpm (by either backend),
-    /// if that moment is still ahead: a selector can skip the key without
-    /// asking the backend. A refusal for `max_concurrent` does not set it: a
-    /// slot may free at any moment.
+    /// Until when the key was refused by its windows (by either backend), if
+    /// that moment is still ahead: a selector can skip the key without
+    /// asking the backend. `Limiter::acquire` sets it only where the wait
+    /// holds for any request: not for `max_concurrent` (a slot may free at
+    /// any moment) nor for a key with a `tpm` (a smaller request, or one
+    /// after a settle correction, may fit sooner).
     pub fn limited_until(&self) -> Option<Instant> {
         self.limited_until_at(now_ms())
             .map(|ms| epoch() + Duration::from_millis(ms))
@@ -269,7 +272,7 @@ impl KeyCounters {
         (until > now).then_some(until)
     }
 
-    /// Records a refusal by rpm or tpm that lasts `wait` from `now`.
+    /// Records a window refusal that lasts `wait` from `now`.
     pub(super) fn mark_limited(&self, now: u64, wait: Duration) {
         let wait = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
         self.limited_until

@@ -187,8 +187,9 @@ impl Limiter {
     ///
     /// [`Refusal::Limited`] when a limit is reached (the key is then marked,
     /// see [`KeyCounters::limited_until`], unless only `max_concurrent`
-    /// refused); [`Refusal::BackendUnavailable`] when Redis cannot be asked
-    /// and `on_backend_error = "deny"` (keys without limits still pass).
+    /// refused or the key has a `tpm` limit); [`Refusal::BackendUnavailable`]
+    /// when Redis cannot be asked and `on_backend_error = "deny"` (keys
+    /// without limits still pass).
     pub async fn acquire(&self, key: KeyRef<'_>, estimated_tokens: u64) -> Result<Permit, Refusal> {
         let estimated_tokens = estimated_tokens.min(COUNT_MAX);
         let decision = match &self.redis {
@@ -220,7 +221,11 @@ impl Limiter {
                 remote: None,
             }),
             Err(limited) => {
-                if limited.window_wait_ms > 0 {
+                // A `tpm` refusal depends on this request's estimate and on
+                // reservations that settling may still shrink: a smaller
+                // request, or the next one after a correction, may fit. So
+                // only a key without `tpm` is marked for skipping.
+                if limited.window_wait_ms > 0 && key.limits.tpm.is_none() {
                     key.counters
                         .mark_limited(now_ms(), Duration::from_millis(limited.window_wait_ms));
                 }
