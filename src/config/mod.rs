@@ -422,7 +422,8 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             None => "keyrouter".into(),
             Some(p)
                 if (1..=64).contains(&p.len())
-                    && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b)) =>
+                    && p.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b)) =>
             {
                 p
             }

@@ -209,7 +209,11 @@ fn masked_view_never_shows_secrets() {
 #[test]
 fn redis_prefix_is_checked() {
     let e = env(&[("KEYROUTER_REDIS_URL", "redis://127.0.0.1:6379")]);
-    let c = load("[rate_limit]\nbackend = \"redis\"\nredis_prefix = \"kr:test-1\"", &e).unwrap();
+    let c = load(
+        "[rate_limit]\nbackend = \"redis\"\nredis_prefix = \"kr:test-1\"",
+        &e,
+    )
+    .unwrap();
     assert_eq!(c.rate_limit.redis_prefix, "kr:test-1");
     assert_eq!(load("", &e).unwrap().rate_limit.redis_prefix, "keyrouter");
     let msg = err("[rate_limit]\nredis_prefix = \"has space\"", &e);

@@ -32,9 +32,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Router-side bookkeeping of key health.
 #[derive(Default)]
 pub struct Health {
-    /// Keys with a transition being written, so a burst of 429s on one key
-    /// starts one write, not hundreds.
-    writing: DashMap<KeyId, ()>,
+    /// Keys with a transition being written, and the latest event that
+    /// arrived meanwhile: a burst of 429s on one key starts one write, not
+    /// hundreds, and an event arriving during a write is written after it.
+    writing: DashMap<KeyId, Option<KeyEvent>>,
     /// Consecutive rate-limit cooldowns per key, for the doubling.
     streaks: DashMap<KeyId, Streak>,
 }
@@ -70,7 +71,12 @@ impl Health {
     /// The cooldown for a 429: the provider's `Retry-After` when given, else
     /// the configured base, doubled for each repeat (a 429 arriving within
     /// `cooldown_max` of the previous cooldown's end) up to `cooldown_max`.
-    fn cooldown_until(&self, app: &App, id: &KeyId, retry_after: Option<Duration>) -> DateTime<Utc> {
+    fn cooldown_until(
+        &self,
+        app: &App,
+        id: &KeyId,
+        retry_after: Option<Duration>,
+    ) -> DateTime<Utc> {
         let now = Utc::now();
         let rl = &app.config.rate_limit;
         let mut streak = self.streaks.entry(id.clone()).or_insert(Streak {
@@ -79,7 +85,11 @@ impl Health {
         });
         let recent = now - streak.last_until
             < chrono::Duration::from_std(rl.cooldown_max).unwrap_or(chrono::Duration::MAX);
-        streak.repeats = if recent { streak.repeats.saturating_add(1) } else { 0 };
+        streak.repeats = if recent {
+            streak.repeats.saturating_add(1)
+        } else {
+            0
+        };
         let wait = retry_after.unwrap_or_else(|| {
             let factor = 1u32.checked_shl(streak.repeats.min(20)).unwrap_or(u32::MAX);
             rl.cooldown_base.saturating_mul(factor).min(rl.cooldown_max)
@@ -104,19 +114,37 @@ impl Health {
         Self::record(app, key, event);
     }
 
-    /// Writes `event` for `key` in the background unless a write for the key
-    /// is already under way.
+    /// Writes `event` for `key` in the background; while a write for the
+    /// key is under way, the event waits for it (the latest one wins).
     pub fn record(app: &Arc<App>, key: &KeyId, event: KeyEvent) {
-        if app.health.writing.insert(key.clone(), ()).is_some() {
-            return;
+        match app.health.writing.entry(key.clone()) {
+            dashmap::Entry::Occupied(mut waiting) => {
+                waiting.insert(Some(event));
+                return;
+            }
+            dashmap::Entry::Vacant(slot) => {
+                slot.insert(None);
+            }
         }
         let app = app.clone();
         let key = key.clone();
         tokio::spawn(async move {
-            app.metrics.audit_pending.inc();
-            persist(&app, &key, event).await;
-            app.metrics.audit_pending.dec();
-            app.health.writing.remove(&key);
+            let mut next = Some(event);
+            while let Some(event) = next {
+                app.metrics.audit_pending.inc();
+                persist(&app, &key, event).await;
+                app.metrics.audit_pending.dec();
+                // Done unless an event arrived during the write.
+                let finished = app
+                    .health
+                    .writing
+                    .remove_if(&key, |_, waiting| waiting.is_none());
+                next = if finished.is_some() {
+                    None
+                } else {
+                    app.health.writing.get_mut(&key).and_then(|mut w| w.take())
+                };
+            }
         });
     }
 

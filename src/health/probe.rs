@@ -64,14 +64,26 @@ pub async fn run(
                 continue;
             }
             last_probe.insert(record.id.clone(), Instant::now());
-            let Some(sealed) = &record.sealed else { continue };
+            let Some(sealed) = &record.sealed else {
+                continue;
+            };
             // The probe authenticates with the key itself.
-            let Ok(material) = app.vault.open(sealed) else { continue };
+            let Ok(material) = app.vault.open(sealed) else {
+                continue;
+            };
             let Some(credential) = credential_header(provider.kind, &material) else {
                 continue;
             };
-            let Ok(uri) = probe_uri(&provider) else { continue };
-            let req = upstream.request(&Method::GET, uri, &HeaderMap::new(), &credential, Bytes::new());
+            let Ok(uri) = probe_uri(&provider) else {
+                continue;
+            };
+            let req = upstream.request(
+                &Method::GET,
+                uri,
+                &HeaderMap::new(),
+                &credential,
+                Bytes::new(),
+            );
             match upstream.send(req).await {
                 Ok(resp) if resp.status().is_success() => {
                     tracing::info!(key_id = %record.id, provider = %provider.id, "probe succeeded");

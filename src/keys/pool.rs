@@ -10,11 +10,11 @@
 //! revoke returned.
 
 use super::{KeyEvent, KeyId, KeyRecord, KeyState, Limits, Vault};
-use chrono::{DateTime, Utc};
 use crate::config::{ProviderConfig, ProviderKind};
 use crate::limits::KeyCounters;
 use crate::secret::Secret;
 use arc_swap::ArcSwap;
+use chrono::{DateTime, Utc};
 use http::HeaderValue;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -66,7 +66,12 @@ impl ProviderKeys {
     fn without(&self, id: &KeyId) -> ProviderKeys {
         ProviderKeys {
             keys: self.keys.iter().filter(|k| &k.id != id).cloned().collect(),
-            cooling: self.cooling.iter().filter(|(k, _)| k != id).cloned().collect(),
+            cooling: self
+                .cooling
+                .iter()
+                .filter(|(k, _)| k != id)
+                .cloned()
+                .collect(),
             cursor: AtomicUsize::new(self.cursor.load(Ordering::Relaxed)),
         }
     }
@@ -130,14 +135,17 @@ impl KeyPool {
     }
 
     /// Stops choosing a key that a provider just refused, before the
-    /// transition is stored (a rate-limited key joins the cooling list).
+    /// transition is stored (a rate-limited key joins the cooling list). A
+    /// key that is no longer in the pool (revoked meanwhile) stays out.
     pub fn suspend(&self, provider_id: &str, id: &KeyId, event: KeyEvent) {
         let Some((_, slot)) = self.providers.get(provider_id) else {
             return;
         };
         slot.rcu(|current| {
+            let known = current.keys.iter().any(|k| &k.id == id)
+                || current.cooling.iter().any(|(k, _)| k == id);
             let mut next = current.without(id);
-            if let KeyEvent::RateLimited { until } = event {
+            if let (true, KeyEvent::RateLimited { until }) = (known, event) {
                 next.cooling.push((id.clone(), until));
             }
             next

@@ -87,12 +87,20 @@ mod tests {
 
     fn headers(token: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+        h.insert(
+            header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
         h
     }
 
     fn sign(secret: &str, claims: serde_json::Value) -> String {
-        encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
     }
 
     fn exp(offset: i64) -> i64 {
@@ -101,14 +109,22 @@ mod tests {
 
     #[test]
     fn valid_token_gives_the_client() {
-        let t = sign(SECRET, json!({"sub": "app-1", "exp": exp(60), "providers": ["openai"], "rpm": 10}));
+        let t = sign(
+            SECRET,
+            json!({"sub": "app-1", "exp": exp(60), "providers": ["openai"], "rpm": 10}),
+        );
         let c = auth().authenticate(&headers(&t)).unwrap();
         assert_eq!(c.id, "app-1");
         assert_eq!(c.rpm, Some(10));
         assert!(c.may_use("openai"));
         assert!(!c.may_use("anthropic"));
         let open = sign(SECRET, json!({"sub": "app-2", "exp": exp(60)}));
-        assert!(auth().authenticate(&headers(&open)).unwrap().may_use("anything"));
+        assert!(
+            auth()
+                .authenticate(&headers(&open))
+                .unwrap()
+                .may_use("anything")
+        );
     }
 
     #[test]
@@ -116,20 +132,37 @@ mod tests {
         let a = auth();
         let cases = [
             sign(SECRET, json!({"sub": "x", "exp": exp(-60)})),
-            sign("another-secret-another-secret-0123456789", json!({"sub": "x", "exp": exp(60)})),
+            sign(
+                "another-secret-another-secret-0123456789",
+                json!({"sub": "x", "exp": exp(60)}),
+            ),
             sign(SECRET, json!({"sub": "x"})),
             sign(SECRET, json!({"exp": exp(60)})),
             "not.a.jwt".to_owned(),
         ];
         for t in cases {
-            assert_eq!(a.authenticate(&headers(&t)), Err(ProxyError::ClientUnauthorized));
+            assert_eq!(
+                a.authenticate(&headers(&t)),
+                Err(ProxyError::ClientUnauthorized)
+            );
         }
-        assert_eq!(a.authenticate(&HeaderMap::new()), Err(ProxyError::ClientUnauthorized));
+        assert_eq!(
+            a.authenticate(&HeaderMap::new()),
+            Err(ProxyError::ClientUnauthorized)
+        );
         let none_alg = {
             let mut h = Header::new(Algorithm::HS512);
             h.typ = None;
-            encode(&h, &json!({"sub": "x", "exp": exp(60)}), &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+            encode(
+                &h,
+                &json!({"sub": "x", "exp": exp(60)}),
+                &EncodingKey::from_secret(SECRET.as_bytes()),
+            )
+            .unwrap()
         };
-        assert_eq!(a.authenticate(&headers(&none_alg)), Err(ProxyError::ClientUnauthorized));
+        assert_eq!(
+            a.authenticate(&headers(&none_alg)),
+            Err(ProxyError::ClientUnauthorized)
+        );
     }
 }

@@ -149,7 +149,13 @@ mod tests {
             (ProxyError::NoActiveKey, 503, "no_available_key"),
             (ProxyError::ClientUnauthorized, 401, "unauthorized"),
             (ProxyError::ProviderNotAllowed, 403, "forbidden"),
-            (ProxyError::ClientRateLimited { retry_after_secs: 1 }, 429, "rate_limit_exceeded"),
+            (
+                ProxyError::ClientRateLimited {
+                    retry_after_secs: 1,
+                },
+                429,
+                "rate_limit_exceeded",
+            ),
             (ProxyError::LimiterUnavailable, 503, "internal_error"),
             (
                 ProxyError::AllKeysLimited {

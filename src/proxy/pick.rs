@@ -62,6 +62,9 @@ pub async fn choose(
     on_key_limited: impl Fn(),
 ) -> Result<Chosen, NoKey> {
     let mut refused: Vec<KeyId> = Vec::new();
+    // The shared limiter refused some key for being down ("deny"); keys
+    // without limits need no limiter and are still tried.
+    let mut limiter_down = false;
     let mut soonest: Option<Duration> = None;
     let mut note = |wait: Duration| soonest = Some(soonest.map_or(wait, |s| s.min(wait)));
     let now = Instant::now();
@@ -84,8 +87,14 @@ pub async fn choose(
                 note(retry_after);
                 refused.push(key.id.clone());
             }
-            Err(Refusal::BackendUnavailable) => return Err(NoKey::LimiterDown),
+            Err(Refusal::BackendUnavailable) => {
+                limiter_down = true;
+                refused.push(key.id.clone());
+            }
         }
+    }
+    if limiter_down {
+        return Err(NoKey::LimiterDown);
     }
     // Keys skipped on an earlier refusal still count toward "when".
     for k in &keys.keys {

@@ -6,8 +6,8 @@
 use super::body::{Mode, RewriteSpec, StreamBody};
 use super::error::ProxyError;
 use super::outcome::{Completion, End};
-use crate::http::{Body, full};
 use crate::health::Verdict;
+use crate::http::{Body, full};
 use crate::keys::pool::PoolKey;
 use crate::sanitize::json::{Usage, rewrite};
 use crate::sanitize::scrub;
@@ -69,7 +69,10 @@ pub fn peek_request(headers: &HeaderMap, body: &[u8]) -> RequestPeek {
     match serde_json::from_slice::<Peek>(body) {
         Ok(p) => RequestPeek {
             model: p.model.map(|m| m.into_owned()),
-            max_output_tokens: p.max_completion_tokens.or(p.max_tokens).or(p.max_output_tokens),
+            max_output_tokens: p
+                .max_completion_tokens
+                .or(p.max_tokens)
+                .or(p.max_output_tokens),
         },
         Err(_) => RequestPeek::default(),
     }
@@ -298,12 +301,19 @@ mod tests {
     #[test]
     fn request_peek_reads_json_bodies_only() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        let body = br#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4o","max_tokens":100}"#;
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let body =
+            br#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4o","max_tokens":100}"#;
         let peek = peek_request(&h, body);
         assert_eq!(peek.model.as_deref(), Some("gpt-4o"));
         assert_eq!(peek.estimated_tokens(400), 200);
-        assert_eq!(peek_request(&HeaderMap::new(), body), RequestPeek::default());
+        assert_eq!(
+            peek_request(&HeaderMap::new(), body),
+            RequestPeek::default()
+        );
         let uncapped = peek_request(&h, b"{}");
         assert_eq!(uncapped.model, None);
         assert_eq!(uncapped.estimated_tokens(0), DEFAULT_OUTPUT_TOKENS);

@@ -18,6 +18,14 @@
 //!   breaks the connection off after half of it (a provider failing
 //!   mid-response).
 //!
+//! Tests can also script the mock per KEY: the behaviour is chosen by the
+//! credential the mock receives (`Authorization: Bearer <key>`,
+//! `x-api-key`, `api-key` or `x-goog-api-key`) and can be changed while the
+//! gateway runs ([`MockUpstream::script`], [`Behaviour`]); the mock counts
+//! the requests each key made ([`MockUpstream::requests_for`]). A key
+//! without a script (or scripted [`Behaviour::Ok`]) gets the plain answer,
+//! `x-mock-*` headers honoured.
+//!
 //! This file is also the load benchmark's upstream
 //! (`benches/load/mock_upstream.rs`), so it uses no dev-dependency.
 #![allow(dead_code)]
@@ -28,6 +36,7 @@ use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -51,6 +60,101 @@ impl Received {
     /// A header's value as text (the first one), if present.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The provider key this request carried, whatever the provider kind.
+    pub fn credential(&self) -> Option<String> {
+        credential(&self.headers)
+    }
+}
+
+/// How the mock answers requests made with one key (see
+/// [`MockUpstream::script`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Behaviour {
+    /// The plain answer (`x-mock-*` headers honoured).
+    Ok,
+    /// 429 rate limit, with `Retry-After: N` when given.
+    Status429 { retry_after: Option<u64> },
+    /// 401 whose message quotes the key's first eight and last four
+    /// characters, as OpenAI's does ([`key_fragment`]).
+    Unauthorized,
+    /// 429 with OpenAI's `insufficient_quota` error.
+    InsufficientQuota,
+    /// 402 Payment Required.
+    PaymentRequired,
+    /// 500 with the provider's error body.
+    ServerError,
+    /// The plain answer, after this long (before the response head).
+    Slow(Duration),
+    /// Closes the connection without answering.
+    Reset,
+    /// Waits this long, then behaves as the inner behaviour.
+    After(Duration, Box<Behaviour>),
+}
+
+/// The part of `key` the mock's 401 message quotes: its first eight and
+/// last four characters around asterisks (`sk-proj-****wxyz`).
+pub fn key_fragment(key: &str) -> String {
+    let head: String = key.chars().take(8).collect();
+    let tail: String = key
+        .chars()
+        .rev()
+        .take(4)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    format!("{head}****{tail}")
+}
+
+/// The key a request carries: `Authorization: Bearer <key>` or one of the
+/// bare key headers.
+fn credential(h: &HeaderMap) -> Option<String> {
+    let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
+    text("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| text("x-api-key"))
+        .or_else(|| text("api-key"))
+        .or_else(|| text("x-goog-api-key"))
+        .map(str::to_owned)
+}
+
+/// The error a service returns to make hyper close the connection without
+/// an answer ([`Behaviour::Reset`]).
+#[derive(Debug)]
+struct ResetConnection;
+
+impl std::fmt::Display for ResetConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection reset by the mock")
+    }
+}
+
+impl std::error::Error for ResetConnection {}
+
+/// Per-key scripts and request counts, shared by the mock and its handle.
+#[derive(Default)]
+struct Scripts {
+    behaviours: Mutex<HashMap<String, Behaviour>>,
+    counts: Mutex<HashMap<String, usize>>,
+}
+
+impl Scripts {
+    /// Counts a request made with `key`; returns the key's behaviour.
+    fn note(&self, key: &str) -> Behaviour {
+        *self
+            .counts
+            .lock()
+            .unwrap()
+            .entry(key.to_owned())
+            .or_default() += 1;
+        self.behaviours
+            .lock()
+            .unwrap()
+            .get(key)
+            .cloned()
+            .unwrap_or(Behaviour::Ok)
     }
 }
 
@@ -86,6 +190,8 @@ struct Shared {
     streams: Arc<AtomicUsize>,
     /// Turns `true` when the test releases `x-mock-hold` streams.
     released: watch::Receiver<bool>,
+    /// Per-key behaviours and request counts.
+    scripts: Arc<Scripts>,
 }
 
 pub struct MockUpstream {
@@ -97,6 +203,7 @@ pub struct MockUpstream {
     open: Arc<AtomicUsize>,
     streams: Arc<AtomicUsize>,
     release: watch::Sender<bool>,
+    scripts: Arc<Scripts>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -125,10 +232,12 @@ impl MockUpstream {
         let streams = Arc::new(AtomicUsize::new(0));
         let (release, released) = watch::channel(false);
         let scheme = if tls.is_some() { "https" } else { "http" };
+        let scripts = Arc::new(Scripts::default());
         let shared = Arc::new(Shared {
             received: Some(received.clone()),
             streams: streams.clone(),
             released,
+            scripts: scripts.clone(),
         });
         let task = tokio::spawn(serve_shared(listener, tls, shared, open.clone()));
         MockUpstream {
@@ -138,6 +247,7 @@ impl MockUpstream {
             open,
             streams,
             release,
+            scripts,
             task,
         }
     }
@@ -169,6 +279,35 @@ impl MockUpstream {
     pub fn release(&self) {
         let _ = self.release.send(true);
     }
+
+    /// From now on, requests made with `key` get `behaviour`.
+    pub fn script(&self, key: &str, behaviour: Behaviour) {
+        self.scripts
+            .behaviours
+            .lock()
+            .unwrap()
+            .insert(key.to_owned(), behaviour);
+    }
+
+    /// Requests the mock received with `key` (every path, probes included).
+    pub fn requests_for(&self, key: &str) -> usize {
+        self.scripts
+            .counts
+            .lock()
+            .unwrap()
+            .get(key)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The requests received with `key` whose method and path are these.
+    pub fn requests_to(&self, key: &str, method: &http::Method, path: &str) -> usize {
+        self.received()
+            .iter()
+            .filter(|r| r.credential().as_deref() == Some(key))
+            .filter(|r| r.method == *method && r.path_and_query == path)
+            .count()
+    }
 }
 
 /// Serves mock answers on `listener` until the task is aborted. With
@@ -186,6 +325,7 @@ pub async fn serve(
         received,
         streams: Arc::new(AtomicUsize::new(0)),
         released,
+        scripts: Arc::default(),
     });
     serve_shared(listener, tls, shared, open).await;
 }
@@ -225,7 +365,10 @@ async fn serve_shared(
     }
 }
 
-async fn answer(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Body>, Infallible> {
+async fn answer(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+) -> Result<Response<Body>, ResetConnection> {
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -235,6 +378,7 @@ async fn answer(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
     let Some(received) = &shared.received else {
         return Ok(route(&parts, &body));
     };
+    let key = credential(&parts.headers);
     received.lock().unwrap().push(Received {
         method: parts.method.clone(),
         path_and_query: parts
@@ -245,7 +389,89 @@ async fn answer(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
         headers: parts.headers.clone(),
         body: body.clone(),
     });
+    if let Some(key) = key {
+        let behaviour = shared.scripts.note(&key);
+        if let Some(resp) = per_key(behaviour, &key, &parts).await? {
+            return Ok(resp);
+        }
+    }
     Ok(scripted(&parts, &body, &shared).await)
+}
+
+/// The answer `behaviour` scripts for a request made with `key`; `None`
+/// for the plain answer.
+async fn per_key(
+    mut behaviour: Behaviour,
+    key: &str,
+    parts: &http::request::Parts,
+) -> Result<Option<Response<Body>>, ResetConnection> {
+    let anthropic = parts.uri.path().ends_with("/messages");
+    let error = |status: u16, message: &str, kind: &str, code: &str| {
+        let body = if anthropic {
+            serde_json::json!({"type": "error", "error": {"type": kind, "message": message}})
+        } else {
+            serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+        };
+        let mut resp = json(body.to_string().into());
+        *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+        Some(resp)
+    };
+    loop {
+        let resp = match behaviour {
+            Behaviour::Ok => None,
+            Behaviour::After(wait, next) => {
+                tokio::time::sleep(wait).await;
+                behaviour = *next;
+                continue;
+            }
+            Behaviour::Slow(wait) => {
+                tokio::time::sleep(wait).await;
+                None
+            }
+            Behaviour::Reset => return Err(ResetConnection),
+            Behaviour::Status429 { retry_after } => {
+                let mut resp = error(
+                    429,
+                    "Rate limit reached for gpt-4o in organization org-mockorganization on requests per min (RPM): Limit 3, Used 3, Requested 1.",
+                    "requests",
+                    "rate_limit_exceeded",
+                );
+                if let (Some(resp), Some(secs)) = (resp.as_mut(), retry_after) {
+                    resp.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                }
+                resp
+            }
+            Behaviour::Unauthorized => error(
+                401,
+                &format!(
+                    "Incorrect API key provided: {}. You can find your API key at https://platform.openai.com/account/api-keys.",
+                    key_fragment(key)
+                ),
+                "invalid_request_error",
+                "invalid_api_key",
+            ),
+            Behaviour::InsufficientQuota => error(
+                429,
+                "You exceeded your current quota, please check your plan and billing details.",
+                "insufficient_quota",
+                "insufficient_quota",
+            ),
+            Behaviour::PaymentRequired => error(
+                402,
+                "Your credit balance is too low to access the API.",
+                "billing_error",
+                "billing_hard_limit_reached",
+            ),
+            Behaviour::ServerError => error(
+                500,
+                "The server had an error while processing your request.",
+                "server_error",
+                "server_error",
+            ),
+        };
+        return Ok(resp);
+    }
 }
 
 /// How an SSE answer is paced.

@@ -34,7 +34,7 @@ use jsonwebtoken::{EncodingKey, Header, encode};
 use keyrouter::app::{App, Listeners, Running};
 use keyrouter::audit::{Actor, AuditEvent, EventKind};
 use keyrouter::config::Config;
-use keyrouter::keys::{KeyId, KeyStatus, Vault};
+use keyrouter::keys::{KeyId, KeyRecord, KeyState, KeyStatus, Vault};
 use keyrouter::store::{AuditFilter, PageRequest};
 use reqwest::Method;
 use reqwest::header::HeaderMap;
@@ -63,6 +63,9 @@ pub struct GatewayBuilder {
     providers: Option<String>,
     /// What the harness's client uses toward TLS listeners.
     client_tls: Option<rustls::ClientConfig>,
+    /// More environment variables (secrets such as
+    /// `KEYROUTER_CLIENT_JWT_SECRET`, `KEYROUTER_REDIS_URL`, overrides).
+    extra_env: Vec<(String, String)>,
 }
 
 impl GatewayBuilder {
@@ -116,6 +119,14 @@ impl GatewayBuilder {
         self
     }
 
+    /// Sets an environment variable for the gateway's configuration (the
+    /// process environment is left alone). The value of a variable whose
+    /// name contains `SECRET` joins the strings no answer may contain.
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.extra_env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
     pub async fn start(self) -> TestGateway {
         let temp = tempfile::tempdir().unwrap();
         let dir = self.state_dir.unwrap_or_else(|| temp.path().to_owned());
@@ -163,6 +174,12 @@ path = {db}
         if let Some(s) = &self.jwt_secret {
             env.insert("KEYROUTER_ADMIN_JWT_SECRET".into(), s.clone());
             secrets.push(s.clone());
+        }
+        for (name, value) in &self.extra_env {
+            if name.contains("SECRET") {
+                secrets.push(value.clone());
+            }
+            env.insert(name.clone(), value.clone());
         }
         let config = Config::load(Some(&config_path), &env).unwrap();
         let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
@@ -238,6 +255,7 @@ impl TestGateway {
             extra_toml: String::new(),
             providers: None,
             client_tls: None,
+            extra_env: Vec::new(),
         }
     }
 
@@ -383,6 +401,63 @@ impl TestGateway {
         key.updated_at = event.timestamp;
         key.state_changed_at = event.timestamp;
         store.update_key(&key, &event).await.unwrap();
+    }
+
+    /// The key's record as the store holds it now (no request counted
+    /// against the management API's rate limit).
+    pub async fn key_record(&self, id: &str) -> KeyRecord {
+        self.app()
+            .store
+            .get_key(&KeyId::parse(id).unwrap())
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("no key {id} in the store"))
+    }
+
+    /// Waits until the store holds the key in `state`, polling every 20 ms
+    /// for at most `within`; returns the record.
+    pub async fn wait_for_key_state(
+        &self,
+        id: &str,
+        state: KeyState,
+        within: Duration,
+    ) -> KeyRecord {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let key = self.key_record(id).await;
+            if key.status.state() == state {
+                return key;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "key {id} is {} after {within:?}, expected {}",
+                key.status.state().as_str(),
+                state.as_str()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Every audit event about `resource`, oldest first, read from the store
+    /// directly.
+    pub async fn events_for(&self, resource: &str) -> Vec<AuditEvent> {
+        let filter = AuditFilter {
+            resource: Some(resource.to_owned()),
+            ..AuditFilter::default()
+        };
+        let page = PageRequest {
+            limit: 200,
+            cursor: None,
+        };
+        let mut events = self
+            .app()
+            .store
+            .list_audit(&filter, &page)
+            .await
+            .unwrap()
+            .items;
+        events.reverse();
+        events
     }
 
     fn assert_nothing_secret(&self, text: &str) {
