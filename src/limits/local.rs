@@ -30,7 +30,9 @@ fn epoch() -> Instant {
 /// can neither reopen nor freeze a window. (Local windows are aligned to
 /// process start, not to wall-clock minutes; nothing outside this process
 /// sees them.)
-pub(super) fn now_ms() -> u64 {
+/// Milliseconds on the limiter's clock. Callers that check many keys read it
+/// once and pass it to [`KeyCounters::is_limited_at`].
+pub fn now_ms() -> u64 {
     u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -265,6 +267,12 @@ impl KeyCounters {
     pub fn limited_until(&self) -> Option<Instant> {
         self.limited_until_at(now_ms())
             .map(|ms| epoch() + Duration::from_millis(ms))
+    }
+
+    /// Whether the key is marked refused at `now` (from [`now_ms`]): the
+    /// selector's per-key check, without a clock read per key.
+    pub fn is_limited_at(&self, now: u64) -> bool {
+        self.limited_until_at(now).is_some()
     }
 
     fn limited_until_at(&self, now: u64) -> Option<u64> {

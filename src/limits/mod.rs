@@ -60,12 +60,12 @@
 mod local;
 mod redis;
 
-pub use local::{KeyCounters, KeyUsage};
+pub use local::{KeyCounters, KeyUsage, now_ms};
 
 use crate::config::{OnBackendError, RateLimitBackend, RateLimitConfig};
 use crate::keys::Limits;
 use crate::metrics::Metrics;
-use local::{COUNT_MAX, ClientWindows, LocalPermit, now_ms};
+use local::{COUNT_MAX, ClientWindows, LocalPermit};
 use redis::{RedisBackend, Remote, RemotePermit};
 use std::sync::Arc;
 use std::time::Duration;

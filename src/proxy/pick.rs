@@ -11,7 +11,7 @@ use crate::config::Policy;
 use crate::keys::KeyId;
 use crate::keys::pool::{PoolKey, ProviderKeys};
 use crate::keys::select;
-use crate::limits::{KeyRef, Limiter, Permit, Refusal};
+use crate::limits::{self, KeyRef, Limiter, Permit, Refusal};
 use chrono::Utc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,12 +67,11 @@ pub async fn choose(
     let mut limiter_down = false;
     let mut soonest: Option<Duration> = None;
     let mut note = |wait: Duration| soonest = Some(soonest.map_or(wait, |s| s.min(wait)));
-    let now = Instant::now();
+    // One clock read for the whole scan, not one per key.
+    let now_ms = limits::now_ms();
     loop {
         let key = select::pick(keys, policy, |k| {
-            !tried.contains(&k.id)
-                && !refused.contains(&k.id)
-                && k.counters.limited_until().is_none_or(|t| t <= now)
+            !k.counters.is_limited_at(now_ms) && !tried.contains(&k.id) && !refused.contains(&k.id)
         });
         let Some(key) = key else { break };
         let key_ref = KeyRef {
@@ -97,6 +96,7 @@ pub async fn choose(
         return Err(NoKey::LimiterDown);
     }
     // Keys skipped on an earlier refusal still count toward "when".
+    let now = Instant::now();
     for k in &keys.keys {
         if let Some(until) = k.counters.limited_until().filter(|t| *t > now) {
             note(until - now);

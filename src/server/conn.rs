@@ -1,11 +1,12 @@
 //! One connection's life: HTTP/1.1 or h2 over the (TLS) stream, closed
 //! gracefully on shutdown or when it has been idle too long.
 //!
-//! hyper has no idle timeout of its own, so the connection tracks two things:
-//! when bytes last moved (the stream is wrapped in [`Tracked`]) and how many
-//! requests are open (a guard travels with each response body). It is idle
-//! when no request is open and nothing moved for `idle_timeout`; a long
-//! generation that sends nothing for minutes is not idle.
+//! hyper has no idle timeout of its own, so the connection tracks how many
+//! requests are open (a guard travels with each response body) and when the
+//! last one ended. It is idle when no request is open and none ended within
+//! `idle_timeout`; a long generation that sends nothing for minutes is not
+//! idle. A client that opens a connection and trickles a request's headers
+//! is cut off by hyper's header read timeout instead.
 
 use super::{ConnInfo, Handler};
 use crate::http::{Body, BoxError};
@@ -15,34 +16,32 @@ use http_body_util::BodyExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// Activity of one connection, shared by its stream, its requests and its
-/// watchdog.
+/// Activity of one connection, shared by its requests and its watchdog.
 struct Activity {
     opened: Instant,
-    /// Milliseconds after `opened` when bytes last moved.
-    last_io_ms: AtomicU64,
+    /// Milliseconds after `opened` when the last request ended.
+    last_request_ms: AtomicU64,
     open_requests: AtomicUsize,
 }
 
 impl Activity {
-    fn touch(&self) {
+    fn request_ended(&self) {
         let ms = self.opened.elapsed().as_millis() as u64;
-        self.last_io_ms.store(ms, Ordering::Relaxed);
+        self.last_request_ms.store(ms, Ordering::Relaxed);
     }
 
     /// When the connection becomes idle if nothing happens meanwhile.
     fn idle_deadline(&self, idle: Duration) -> Instant {
-        self.opened + Duration::from_millis(self.last_io_ms.load(Ordering::Relaxed)) + idle
+        self.opened + Duration::from_millis(self.last_request_ms.load(Ordering::Relaxed)) + idle
     }
 }
 
@@ -61,13 +60,9 @@ pub async fn serve<I, H>(
 {
     let activity = Arc::new(Activity {
         opened: Instant::now(),
-        last_io_ms: AtomicU64::new(0),
+        last_request_ms: AtomicU64::new(0),
         open_requests: AtomicUsize::new(0),
     });
-    let tracked = Tracked {
-        inner: io,
-        activity: activity.clone(),
-    };
     let per_request = activity.clone();
     let service = service_fn(move |req| {
         let handler = handler.clone();
@@ -83,7 +78,7 @@ pub async fn serve<I, H>(
             }))
         }
     });
-    let conn = builder.serve_connection(TokioIo::new(tracked), service);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let mut closing = false;
     loop {
@@ -130,7 +125,7 @@ impl RequestGuard {
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.0.open_requests.fetch_sub(1, Ordering::Relaxed);
-        self.0.touch();
+        self.0.request_ended();
     }
 }
 
@@ -157,64 +152,5 @@ impl http_body::Body for Guarded {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
-    }
-}
-
-/// The connection's stream, noting when bytes move.
-struct Tracked<I> {
-    inner: I,
-    activity: Arc<Activity>,
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        poll
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        poll
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        poll
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
