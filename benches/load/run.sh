@@ -7,7 +7,9 @@
 #
 # On a machine with 2+ cores the load generator runs on CPU 0 and the servers
 # (mock upstream, nginx or keyrouter) share CPU 1, as in the reference
-# measurements. Knobs: ROUNDS (3), DURATION (10s), CONNS (64), KEYS (1000).
+# measurements. Knobs: ROUNDS (3), DURATION (10s), CONNS (64), KEYS (1000),
+# LIMITS (unset; "on" registers every key with rpm/tpm/max_concurrent limits
+# high enough never to refuse, so the limiter's cost is measured).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -15,6 +17,8 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}
 KEYS=${KEYS:-1000}
+LIMITS_JSON=""
+[ "${LIMITS:-}" = "on" ] && LIMITS_JSON=',\"limits\":{\"rpm\":1000000,\"tpm\":1000000000,\"max_concurrent\":100000}'
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 UP_PORT=19000 NG_PORT=19001 KR_PORT=19002 KR_ADMIN=19003 KR_OPS=19004
 
@@ -69,14 +73,14 @@ wait_http "http://127.0.0.1:$KR_OPS/readyz"
 
 # The management API allows 100 requests a minute per client address; the
 # registrations come from several loopback addresses.
-echo "registering $KEYS keys..."
+echo "registering $KEYS keys${LIMITS:+ with limits}..."
 for i in $(seq 1 "$KEYS"); do
   printf '%s\n' "$i"
 done | xargs -P 8 -I{} sh -c '
   i={}; src="127.0.1.$(( (i / 90) + 1 ))"
   curl -fs -o /dev/null --interface "$src" -X POST "http://127.0.0.1:'"$KR_ADMIN"'/admin/v1/keys" \
     -H "X-API-Key: '"$ADMIN_KEY"'" -H "content-type: application/json" \
-    -d "{\"key_material\":\"sk-bench-$(printf %06d "$i")-0123456789abcdef\",\"provider_id\":\"openai\"}" \
+    -d "{\"key_material\":\"sk-bench-$(printf %06d "$i")-0123456789abcdef\",\"provider_id\":\"openai\"'"$LIMITS_JSON"'}" \
   || echo "registration $i failed" >&2'
 sleep 2.5   # one pool refresh
 

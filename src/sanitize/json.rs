@@ -273,6 +273,29 @@ mod tests {
     }
 
     #[test]
+    fn responses_api_event_nests_the_response() {
+        let body = json!({
+            "type": "response.completed",
+            "sequence_number": 9,
+            "response": {
+                "id": "resp_67ccd2bed1ec8190b14f964abc054267",
+                "object": "response",
+                "model": "gpt-4o-2024-08-06",
+                "service_tier": "default",
+                "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hi"}]}],
+                "usage": {"input_tokens": 36, "output_tokens": 87, "total_tokens": 123}
+            }
+        });
+        let (v, usage) = run(&body, Some("gpt-4o"), false);
+        assert_eq!(v["response"]["id"], "resp_kr0123456789");
+        assert_eq!(v["response"]["model"], "gpt-4o");
+        assert!(v["response"].get("service_tier").is_none());
+        assert_eq!(v["response"]["output"], body["response"]["output"]);
+        assert_eq!(v["sequence_number"], 9);
+        assert_eq!(usage, Usage { prompt: 36, completion: 87 });
+    }
+
+    #[test]
     fn strip_usage_and_missing_model() {
         let body = json!({"id": "cmpl-1", "model": "m-snap", "usage": {"prompt_tokens": 3, "completion_tokens": 4}});
         let (v, usage) = run(&body, None, true);
