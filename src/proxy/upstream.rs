@@ -133,8 +133,8 @@ impl Upstream {
 const ANTHROPIC_VERSION: &str = "2023-06-01";
 
 /// Headers never forwarded upstream: hop-by-hop (RFC 9110 section 7.6.1),
-/// the client's own credentials, and what the client library sets anew
-/// (`host` from the URI, `content-length` from the body).
+/// the client's own credentials and account selectors, and what the client
+/// library sets anew (`host` from the URI, `content-length` from the body).
 fn is_dropped(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -156,6 +156,10 @@ fn is_dropped(name: &HeaderName) -> bool {
             | "cookie"
             | "accept-encoding"
             | "x-request-id"
+            // A client must not pick the organisation or project a shared
+            // key bills to.
+            | "openai-organization"
+            | "openai-project"
     )
 }
 

@@ -97,12 +97,25 @@ enum Level {
 
 /// Rewrites `input` into `out`. Returns `false` (and writes nothing) when
 /// `input` is not a JSON object; the caller then passes it on unchanged.
+/// A top-level array (Gemini's non-SSE `streamGenerateContent`) has each of
+/// its object elements rewritten.
 pub fn rewrite(input: &[u8], rw: &Rewrite, out: &mut Vec<u8>, usage: &mut Usage) -> bool {
-    let Ok(members) = serde_json::from_slice::<Members>(input) else {
+    out.reserve(input.len() + 16);
+    if let Ok(members) = serde_json::from_slice::<Members>(input) {
+        write_object(&members, Level::Object, 0, rw, out, usage);
+        return true;
+    }
+    let Ok(items) = serde_json::from_slice::<Vec<&RawValue>>(input) else {
         return false;
     };
-    out.reserve(input.len() + 16);
-    write_object(&members, Level::Object, 0, rw, out, usage);
+    out.push(b'[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&nested(item, Level::Object, 0, rw, usage));
+    }
+    out.push(b']');
     true
 }
 
@@ -292,7 +305,13 @@ mod tests {
         assert!(v["response"].get("service_tier").is_none());
         assert_eq!(v["response"]["output"], body["response"]["output"]);
         assert_eq!(v["sequence_number"], 9);
-        assert_eq!(usage, Usage { prompt: 36, completion: 87 });
+        assert_eq!(
+            usage,
+            Usage {
+                prompt: 36,
+                completion: 87
+            }
+        );
     }
 
     #[test]
@@ -328,6 +347,25 @@ mod tests {
     }
 
     #[test]
+    fn arrays_have_each_object_rewritten() {
+        let body = json!([{"id": "a-1", "model": "snap", "system_fingerprint": "fp"}, 7]);
+        let rw = Rewrite {
+            id_suffix: "kr1",
+            model: Some("m"),
+            strip_usage: false,
+        };
+        let mut out = Vec::new();
+        assert!(rewrite(
+            body.to_string().as_bytes(),
+            &rw,
+            &mut out,
+            &mut Usage::default()
+        ));
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v, json!([{"id": "a-kr1", "model": "m"}, 7]));
+    }
+
+    #[test]
     fn non_objects_are_left_alone() {
         let rw = Rewrite {
             id_suffix: "x",
@@ -336,8 +374,8 @@ mod tests {
         };
         let mut out = Vec::new();
         let mut usage = Usage::default();
-        assert!(!rewrite(b"[1,2]", &rw, &mut out, &mut usage));
         assert!(!rewrite(b"{not json", &rw, &mut out, &mut usage));
+        assert!(!rewrite(b"\"text\"", &rw, &mut out, &mut usage));
         assert!(out.is_empty());
     }
 }

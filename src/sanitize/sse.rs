@@ -121,16 +121,33 @@ fn rewrite_event(event: &[u8], rw: &Rewrite, usage: &mut Usage, out: &mut Vec<u8
             &joined
         };
         errored |= is_error_payload(payload);
-        out.extend_from_slice(b"data: ");
-        let before = out.len();
-        if errored {
-            out.extend_from_slice(scrub::scrub(payload, None).as_ref());
-        } else if !rewrite(payload, rw, out, usage) {
+        let mut rewritten = Vec::with_capacity(payload.len() + 16);
+        let body: &[u8] = if rewrite(payload, rw, &mut rewritten, usage) {
+            // JSON whitespace may hold line breaks copied from the provider;
+            // inside an event they would end the `data:` field.
+            for b in rewritten
+                .iter_mut()
+                .filter(|b| matches!(**b, b'\n' | b'\r'))
+            {
+                *b = b' ';
+            }
+            &rewritten
+        } else {
             // `[DONE]` and other non-JSON payloads pass unchanged.
-            out.truncate(before);
-            out.extend_from_slice(payload);
+            payload
+        };
+        // An error event is rewritten like any other, then scrubbed: its
+        // provider message may quote key material.
+        let body = if errored {
+            scrub::scrub(body, None)
+        } else {
+            body.into()
+        };
+        for line in body.split(|&b| b == b'\n') {
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(line);
+            out.push(b'\n');
         }
-        out.push(b'\n');
     }
     out.push(b'\n');
     errored
@@ -221,6 +238,34 @@ mod tests {
             }
         );
         assert!(!errored);
+    }
+
+    #[test]
+    fn multi_line_data_keeps_its_framing() {
+        let (out, _, _) = run_in_pieces(
+            b"data: line one\ndata: line two\n\ndata: {\ndata: \"id\": \"x-1\"\ndata: }\n\n",
+            &[],
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with("data: line one\ndata: line two\n\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("data: {\"id\":\"x-krTEST\"}\n\n"), "{text}");
+    }
+
+    #[test]
+    fn error_events_are_rewritten_and_scrubbed() {
+        let input = b"data: {\"type\":\"response.failed\",\"response\":{\"id\":\"resp_1\",\"model\":\"gpt-4o-2024-08-06\",\"service_tier\":\"default\",\"error\":{\"message\":\"bad sk-abcdef0123456789\"}}}\n\n";
+        let (out, _, errored) = run_in_pieces(input, &[]);
+        let text = String::from_utf8(out).unwrap();
+        assert!(errored);
+        assert!(
+            !text.contains("2024-08-06") && !text.contains("service_tier"),
+            "{text}"
+        );
+        assert!(!text.contains("sk-abcdef"), "{text}");
+        assert!(text.contains("\"id\":\"resp_krTEST\""), "{text}");
     }
 
     #[test]
