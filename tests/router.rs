@@ -1222,3 +1222,41 @@ async fn an_operators_revoke_beats_a_concurrent_rate_limit() {
     chat(&gw).await.error(503, "no_available_key");
     assert_eq!(mock.received().len(), before);
 }
+
+// ---------------------------------------------------------------------------
+// A 403 about the request, not the key
+
+/// A provider 403 that does not name the key (a resource the client may not
+/// use) goes to the client as it is: not retried, and the key stays active,
+/// so no client can invalidate keys by asking for forbidden things.
+#[tokio::test]
+async fn a_403_about_the_request_leaves_the_key_alone() {
+    const A: &str = "sk-router-forbidden-a-000VVVV";
+    const B: &str = "sk-router-forbidden-b-000WWWW";
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "retry_budget = 2", "").await;
+    let ids = [
+        register(&gw, A, json!({})).await,
+        register(&gw, B, json!({})).await,
+    ];
+    for _ in 0..3 {
+        let answer = send(
+            gw.client()
+                .post(gw.proxy_url("/openai/v1/chat/completions"))
+                .header("x-mock-status", "403")
+                .json(&chat_body()),
+        )
+        .await;
+        answer.error(403, "invalid_request");
+    }
+    assert_eq!(
+        mock.received().len(),
+        3,
+        "one attempt per request, no retries"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for id in &ids {
+        assert_eq!(gw.key_record(id).await.status.state(), KeyState::Active);
+        assert_eq!(transitions(&gw, id).await, []);
+    }
+}

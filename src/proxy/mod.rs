@@ -9,7 +9,8 @@
 //!        attempts     up to 1 + retry_budget:
 //!          pick key   policy over active keys, limits, permit        pick.rs
 //!          send       credentials swapped, identity encoding         upstream.rs
-//!          classify   429/402/401/403 → key state + next key,        respond.rs, health
+//!          classify   429/402/401 (and 400/403 naming the key)       respond.rs, health
+//!                     → key state + next key,
 //!                     5xx/connect/timeout → next key
 //!        respond      headers allow-listed, JSON rewritten,          respond.rs, body.rs
 //!                     SSE streamed and rewritten
@@ -205,7 +206,7 @@ impl ProxyApi {
                     };
                     (e, false, reason)
                 }
-                Ok(resp) => match respond::classify(resp).await {
+                Ok(resp) => match respond::classify(resp, &key).await {
                     Answer::Deliver(resp) => {
                         if let Some(acct) = completion.as_mut() {
                             acct.set_key(key.id.clone(), chosen.permit);
@@ -217,6 +218,7 @@ impl ProxyApi {
                         };
                         return respond::respond(resp, &key, spec, completion).await;
                     }
+                    Answer::Refused(e) => return Err(e),
                     Answer::KeyFault(verdict) => {
                         Health::report(&self.app, &provider.id, &key.id, verdict);
                         (verdict.into(), true, verdict.retry_reason())

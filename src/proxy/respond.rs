@@ -82,29 +82,73 @@ pub fn peek_request(headers: &HeaderMap, body: &[u8]) -> RequestPeek {
 pub enum Answer {
     /// Goes to the client: a success, or a refusal of the request itself.
     Deliver(Response<Incoming>),
-    /// The key's fault (429, 402, 401, 403): try another key.
+    /// The provider refused the request itself (read and judged already):
+    /// not retried, and the key keeps its state.
+    Refused(ProxyError),
+    /// The key's fault (429, 402, 401, and 400/403 that name the key):
+    /// try another key.
     KeyFault(Verdict),
     /// The provider's trouble (5xx): try another key; the key is fine.
     ProviderFault(ProxyError),
 }
 
-/// Sorts a provider answer. A 429's body is read to tell a rate limit from
-/// an exhausted quota (OpenAI answers `insufficient_quota` with 429).
-pub async fn classify(resp: Response<Incoming>) -> Answer {
-    match resp.status().as_u16() {
-        401 | 403 => Answer::KeyFault(Verdict::Rejected),
+/// Markers of an answer about the key rather than the request: OpenAI,
+/// Anthropic and Gemini spell a bad or unauthorised key these ways (Gemini
+/// answers a bad key with 400).
+const KEY_MARKERS: [&[u8]; 6] = [
+    b"invalid_api_key",
+    b"API_KEY_INVALID",
+    b"authentication_error",
+    b"Incorrect API key",
+    b"API key not valid",
+    b"invalid x-api-key",
+];
+/// Markers of an exhausted balance or quota in a 400 or 429.
+const QUOTA_MARKERS: [&[u8]; 2] = [b"insufficient_quota", b"credit balance is too low"];
+
+fn mentions(body: &[u8], markers: &[&[u8]]) -> bool {
+    markers
+        .iter()
+        .any(|m| body.windows(m.len()).any(|w| w == *m))
+}
+
+async fn error_body(resp: Response<Incoming>) -> bytes::Bytes {
+    tokio::time::timeout(
+        ERROR_BODY_TIMEOUT,
+        read_capped(resp.into_body(), MAX_ERROR_BODY),
+    )
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or_default()
+}
+
+/// Sorts a provider answer. Bodies of 400, 403 and 429 are read: a 403 is
+/// the key's fault only when it says so (a 403 about a resource the client
+/// named must not let a client invalidate keys at will), a 400 can be
+/// Gemini's bad key or Anthropic's empty balance, a 429 OpenAI's exhausted
+/// quota.
+pub async fn classify(resp: Response<Incoming>, key: &PoolKey) -> Answer {
+    let status = resp.status();
+    match status.as_u16() {
+        401 => Answer::KeyFault(Verdict::Rejected),
         402 => Answer::KeyFault(Verdict::QuotaExhausted),
+        400 | 403 => {
+            let body = error_body(resp).await;
+            if mentions(&body, &KEY_MARKERS) {
+                Answer::KeyFault(Verdict::Rejected)
+            } else if mentions(&body, &QUOTA_MARKERS) {
+                Answer::KeyFault(Verdict::QuotaExhausted)
+            } else {
+                let message = (status.as_u16() == 400)
+                    .then(|| provider_message(&body, key))
+                    .flatten();
+                Answer::Refused(ProxyError::ProviderRefused { status, message })
+            }
+        }
         429 => {
             let wait = retry_after(resp.headers()).map(Duration::from_secs);
-            let body = tokio::time::timeout(
-                ERROR_BODY_TIMEOUT,
-                read_capped(resp.into_body(), MAX_ERROR_BODY),
-            )
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-            if body.windows(18).any(|w| w == b"insufficient_quota") {
+            if mentions(&error_body(resp).await, &QUOTA_MARKERS) {
                 Answer::KeyFault(Verdict::QuotaExhausted)
             } else {
                 Answer::KeyFault(Verdict::RateLimited { retry_after: wait })
@@ -214,8 +258,8 @@ async fn read_capped(body: Incoming, max: usize) -> Option<bytes::Bytes> {
 /// about the request's content, scrubbed of anything key-like.
 async fn refusal(resp: Response<Incoming>, key: &PoolKey) -> ProxyError {
     let status = resp.status();
-    let message = if matches!(status.as_u16(), 400 | 404 | 413 | 422) {
-        provider_message(resp.into_body(), key).await
+    let message = if matches!(status.as_u16(), 404 | 413 | 422) {
+        provider_message(&error_body(resp).await, key)
     } else {
         None
     };
@@ -235,7 +279,7 @@ pub fn retry_after(headers: &HeaderMap) -> Option<u64> {
 
 /// The human message of an OpenAI/Anthropic/Gemini error body, scrubbed of
 /// anything key-like and shortened.
-async fn provider_message(body: Incoming, key: &PoolKey) -> Option<String> {
+fn provider_message(bytes: &[u8], key: &PoolKey) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Outer {
         error: Option<Inner>,
@@ -247,10 +291,7 @@ async fn provider_message(body: Incoming, key: &PoolKey) -> Option<String> {
         Object { message: Option<String> },
         Text(String),
     }
-    let bytes = tokio::time::timeout(ERROR_BODY_TIMEOUT, read_capped(body, MAX_ERROR_BODY))
-        .await
-        .ok()??;
-    let outer: Outer = serde_json::from_slice(&bytes).ok()?;
+    let outer: Outer = serde_json::from_slice(bytes).ok()?;
     let message = match outer.error {
         Some(Inner::Object { message }) => message,
         Some(Inner::Text(t)) => Some(t),
