@@ -8,6 +8,8 @@
 //! test writes under its own `rate_limit.redis_prefix`, so tests run in
 //! parallel and leave nothing another run could trip over.
 
+#[path = "common/redis.rs"]
+mod test_redis;
 use keyrouter::config::{OnBackendError, RateLimitBackend, RateLimitConfig};
 use keyrouter::keys::Limits;
 use keyrouter::limits::{KeyCounters, KeyRef, Limiter, Permit, Refusal};
@@ -17,42 +19,10 @@ use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+use test_redis::{plain, redis_url, unique_prefix};
 
 const KEY_ID: &str = "key_sharedtest01";
-
-fn redis_url() -> String {
-    std::env::var("KEYROUTER_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-/// A plain connection, to look at what the limiter wrote. Fails the test
-/// when no Redis answers: these tests are the only proof that limits are
-/// shared, so they must not pass vacuously.
-async fn plain(url: &str) -> MultiplexedConnection {
-    let connect = async {
-        redis::Client::open(url)
-            .ok()?
-            .get_multiplexed_async_connection()
-            .await
-            .ok()
-    };
-    match tokio::time::timeout(Duration::from_secs(3), connect).await {
-        Ok(Some(conn)) => conn,
-        _ => panic!(
-            "tests/limits_redis.rs needs a running Redis at {url} \
-             (set KEYROUTER_TEST_REDIS_URL; CI starts one)"
-        ),
-    }
-}
-
-/// A prefix no other test or run uses.
-fn unique_prefix(test: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("krtest:{test}:{}:{nanos}", std::process::id())
-}
 
 fn config(url: &str, prefix: &str, on_error: OnBackendError) -> RateLimitConfig {
     RateLimitConfig {

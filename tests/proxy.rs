@@ -8,6 +8,7 @@ mod common;
 
 use bytes::Bytes;
 use common::TestGateway;
+use common::answer::{Answer, assert_error_shape};
 use common::mock_upstream::{
     ANTHROPIC_ID, ANTHROPIC_MODEL, GEMINI_MODEL_VERSION, LEAKED_KEY, MockUpstream,
     PROVIDER_HEADERS, PROVIDER_ID, PROVIDER_MODEL, Received,
@@ -93,52 +94,6 @@ fn chat_stream(model: &str) -> Value {
 
 fn anthropic_body(model: &str, stream: bool) -> Value {
     json!({"model": model, "max_tokens": 64, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
-}
-
-/// A response as the client saw it.
-struct Answer {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    text: String,
-}
-
-impl Answer {
-    async fn of(resp: reqwest::Response) -> Answer {
-        Answer {
-            status: resp.status().as_u16(),
-            headers: resp.headers().clone(),
-            text: resp.text().await.unwrap(),
-        }
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    /// Asserts the contract's gateway error of `status` and `kind` whose
-    /// `request_id` equals `x-request-id`; returns its message.
-    fn error(&self, status: u16, kind: &str) -> String {
-        assert_eq!(self.status, status, "{}", self.text);
-        assert_error_shape(&self.json(), kind, self.header("x-request-id"));
-        self.json()["error"]["message"].as_str().unwrap().to_owned()
-    }
-}
-
-/// `{"error": {"type", "message", "request_id"}}` and nothing else.
-fn assert_error_shape(v: &Value, kind: &str, request_id: Option<&str>) {
-    let error = v["error"].as_object().unwrap_or_else(|| panic!("{v}"));
-    let mut fields: Vec<&str> = error.keys().map(String::as_str).collect();
-    fields.sort_unstable();
-    assert_eq!(fields, ["message", "request_id", "type"], "{v}");
-    assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
-    assert_eq!(error["type"], kind, "{v}");
-    assert!(!error["message"].as_str().unwrap().is_empty(), "{v}");
-    assert!(request_id.is_some(), "no x-request-id");
-    assert_eq!(error["request_id"].as_str(), request_id, "{v}");
 }
 
 async fn post(gw: &TestGateway, path: &str, body: &Value) -> Answer {

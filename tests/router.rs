@@ -12,6 +12,7 @@
 mod common;
 
 use chrono::{DateTime, Utc};
+use common::answer::Answer;
 use common::mock_upstream::{Behaviour, MockUpstream, key_fragment};
 use common::{TestGateway, sign_jwt};
 use keyrouter::audit::EventKind;
@@ -54,60 +55,6 @@ async fn register(gw: &TestGateway, material: &str, limits: Value) -> String {
         .await;
     assert_eq!(reply.status, 201, "{}", reply.text);
     reply.json()["id"].as_str().unwrap().to_owned()
-}
-
-/// A response as the client saw it.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    text: String,
-}
-
-impl Answer {
-    async fn of(resp: reqwest::Response) -> Answer {
-        Answer {
-            status: resp.status().as_u16(),
-            headers: resp.headers().clone(),
-            text: resp.text().await.unwrap(),
-        }
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    /// Asserts the contract's gateway error (`{"error": {"type", "message",
-    /// "request_id"}}` and nothing else, `request_id` = `x-request-id`).
-    fn error(&self, status: u16, kind: &str) {
-        assert_eq!(self.status, status, "{}", self.text);
-        let v = self.json();
-        let error = v["error"].as_object().unwrap_or_else(|| panic!("{v}"));
-        let mut fields: Vec<&str> = error.keys().map(String::as_str).collect();
-        fields.sort_unstable();
-        assert_eq!(fields, ["message", "request_id", "type"], "{v}");
-        assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
-        assert_eq!(error["type"], kind, "{v}");
-        assert_eq!(
-            error["request_id"].as_str(),
-            self.header("x-request-id"),
-            "{v}"
-        );
-    }
-
-    /// `Retry-After` as whole seconds; panics when absent or not a number.
-    fn retry_after(&self) -> u64 {
-        let value = self
-            .header("retry-after")
-            .unwrap_or_else(|| panic!("no Retry-After: {self:?}"));
-        value
-            .parse()
-            .unwrap_or_else(|_| panic!("Retry-After is not whole seconds: {value}"))
-    }
 }
 
 fn chat_body() -> Value {

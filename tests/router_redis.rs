@@ -13,44 +13,13 @@ mod common;
 
 use chrono::Utc;
 use common::mock_upstream::MockUpstream;
+use common::redis::{plain, redis_url, unique_prefix};
 use common::{TestGateway, sign_jwt};
 use keyrouter::keys::Vault;
 use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-fn redis_url() -> String {
-    std::env::var("KEYROUTER_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-/// A plain connection to Redis; fails the test with a clear message when
-/// none answers (these tests must not pass without Redis).
-async fn plain(url: &str) -> MultiplexedConnection {
-    let connect = async {
-        redis::Client::open(url)
-            .ok()?
-            .get_multiplexed_async_connection()
-            .await
-            .ok()
-    };
-    match tokio::time::timeout(Duration::from_secs(3), connect).await {
-        Ok(Some(conn)) => conn,
-        _ => panic!(
-            "tests/router_redis.rs needs a running Redis at {url} \
-             (set KEYROUTER_TEST_REDIS_URL; CI starts one)"
-        ),
-    }
-}
-
-/// A prefix no other test or run uses.
-fn unique_prefix(test: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("krrouter:{test}:{}:{nanos}", std::process::id())
-}
+use std::time::{Duration, Instant};
 
 /// The sum of the counters matching `pattern`.
 async fn sum_of(conn: &mut MultiplexedConnection, pattern: &str) -> i64 {

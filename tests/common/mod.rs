@@ -26,7 +26,9 @@
 // Each test file uses its own part of the harness.
 #![allow(dead_code)]
 
+pub mod answer;
 pub mod mock_upstream;
+pub mod redis;
 pub mod tls;
 
 use chrono::Utc;
