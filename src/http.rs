@@ -39,30 +39,51 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
 
 pub const X_REQUEST_ID: &str = "x-request-id";
 
-/// The request id for this request: the client's `x-request-id` when it
-/// matches `^[A-Za-z0-9._-]{1,64}$`, else a new one.
-pub fn request_id(headers: &HeaderMap) -> String {
-    headers
-        .get(X_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= 64
-                && v.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        })
-        .map_or_else(
-            || format!("req_{}", crate::keys::model::random_token(20)),
-            str::to_owned,
-        )
+/// A request's id: the client's `x-request-id` when it matches
+/// `^[A-Za-z0-9._-]{1,64}$`, else a new `req_...` one.
+///
+/// Held as the header value itself: echoing it in the response, the error
+/// body and the access log costs no copy (a reused client id shares the
+/// request head's buffer).
+#[derive(Clone, Debug)]
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    pub fn of(headers: &HeaderMap) -> Self {
+        match headers.get(X_REQUEST_ID) {
+            Some(v) if is_well_formed(v.as_bytes()) => RequestId(v.clone()),
+            _ => RequestId::generate(),
+        }
+    }
+
+    fn generate() -> Self {
+        let id = crate::ids::prefixed("req_", 20);
+        RequestId(HeaderValue::from_maybe_shared(Bytes::from(id)).expect("ids are visible ASCII"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Well-formed ids are ASCII by construction.
+        self.0.to_str().unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn is_well_formed(id: &[u8]) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Adds `x-request-id` and the security headers every response carries.
-pub fn finish(resp: &mut Response<Body>, request_id: &str, over_tls: bool) {
+pub fn finish(resp: &mut Response<Body>, request_id: &RequestId, over_tls: bool) {
     let headers = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        headers.insert(X_REQUEST_ID, v);
-    }
+    headers.insert(X_REQUEST_ID, request_id.0.clone());
     headers.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
@@ -108,15 +129,18 @@ mod tests {
     #[test]
     fn client_request_id_reused_only_when_well_formed() {
         let mut h = HeaderMap::new();
+        assert!(RequestId::of(&h).as_str().starts_with("req_"));
         h.insert(X_REQUEST_ID, HeaderValue::from_static("abc.DEF_1-2"));
-        assert_eq!(request_id(&h), "abc.DEF_1-2");
+        assert_eq!(RequestId::of(&h).as_str(), "abc.DEF_1-2");
         h.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
-        assert!(request_id(&h).starts_with("req_"));
+        assert!(RequestId::of(&h).as_str().starts_with("req_"));
         h.insert(
             X_REQUEST_ID,
             HeaderValue::from_str(&"a".repeat(65)).unwrap(),
         );
-        assert!(request_id(&h).starts_with("req_"));
+        assert!(RequestId::of(&h).as_str().starts_with("req_"));
+        h.insert(X_REQUEST_ID, HeaderValue::from_static(""));
+        assert!(RequestId::of(&h).as_str().starts_with("req_"));
     }
 
     #[tokio::test]

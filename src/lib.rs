@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod http;
+pub mod ids;
 pub mod keys;
 pub mod limits;
 pub mod metrics;

@@ -3,10 +3,12 @@
 //! and route templates, never from request data, so cardinality stays bounded
 //! and no secret can become a label.
 
+use http::StatusCode;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
 };
+use std::sync::{Arc, OnceLock};
 
 /// Typed handles to every series keyrouter exports.
 #[derive(Clone)]
@@ -55,8 +57,9 @@ const LATENCY_BUCKETS: [f64; 16] = [
 ];
 
 /// One provider's series, resolved once so a request does not look labels up.
-#[derive(Clone)]
 pub struct ProviderMetrics {
+    pub provider: Arc<str>,
+    pub requests: RequestsByCode,
     pub request_duration: Histogram,
     pub upstream_duration: Histogram,
     pub inflight: IntGauge,
@@ -202,6 +205,14 @@ impl Metrics {
     /// The series of one provider, to be resolved once at start-up.
     pub fn provider(&self, provider: &str) -> ProviderMetrics {
         ProviderMetrics {
+            provider: Arc::from(provider),
+            requests: RequestsByCode {
+                vec: self.requests.clone(),
+                provider: provider.to_owned(),
+                codes: (StatusCode::CONTINUE.as_u16()..=MAX_STATUS)
+                    .map(|_| OnceLock::new())
+                    .collect(),
+            },
             request_duration: self.request_duration.with_label_values(&[provider]),
             upstream_duration: self.upstream_duration.with_label_values(&[provider]),
             inflight: self.inflight.with_label_values(&[provider]),
@@ -219,8 +230,66 @@ impl Metrics {
     }
 }
 
+/// The largest status code `http::StatusCode` can hold.
+const MAX_STATUS: u16 = 999;
+
+/// `keyrouter_requests_total{provider,code}` for one provider. Finding a
+/// series by label values hashes the strings under a lock; here each code's
+/// series is found once, on its first use (so codes never answered export no
+/// series), and then reused.
+pub struct RequestsByCode {
+    vec: IntCounterVec,
+    provider: String,
+    /// Indexed by status code minus 100.
+    codes: Box<[OnceLock<IntCounter>]>,
+}
+
+impl RequestsByCode {
+    pub fn inc(&self, code: StatusCode) {
+        let slot = &self.codes[usize::from(code.as_u16() - StatusCode::CONTINUE.as_u16())];
+        slot.get_or_init(|| self.vec.with_label_values(&[&self.provider, code.as_str()]))
+            .inc();
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(m: &Metrics) -> String {
+        String::from_utf8(m.render()).unwrap()
+    }
+
+    #[test]
+    fn requests_by_code_count_each_code_under_its_own_series() {
+        let m = Metrics::new();
+        let p = m.provider("openai");
+        p.requests.inc(StatusCode::OK);
+        p.requests.inc(StatusCode::OK);
+        p.requests.inc(StatusCode::from_u16(499).unwrap());
+        p.requests.inc(StatusCode::from_u16(999).unwrap());
+        let t = text(&m);
+        assert!(
+            t.contains(r#"keyrouter_requests_total{code="200",provider="openai"} 2"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"keyrouter_requests_total{code="499",provider="openai"} 1"#),
+            "{t}"
+        );
+        assert!(
+            t.contains(r#"keyrouter_requests_total{code="999",provider="openai"} 1"#),
+            "{t}"
+        );
+        assert!(
+            !t.contains(r#"code="404""#),
+            "codes never answered have no series: {t}"
+        );
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::app::App;
 use crate::error::GatewayError;
-use crate::http::{Body, finish, full, json, request_id};
+use crate::http::{Body, RequestId, finish, full, json};
 use crate::server::{ConnInfo, Handler};
 use http::{HeaderValue, Method, Response, StatusCode, header};
 use hyper::Request;
@@ -52,10 +52,10 @@ impl OpsApi {
 
 impl Handler for OpsApi {
     async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
-        let id = request_id(req.headers());
+        let id = RequestId::of(req.headers());
         let mut resp = self
             .route(req.method(), req.uri().path())
-            .unwrap_or_else(|e| e.into_response(&id));
+            .unwrap_or_else(|e| e.into_response(id.as_str()));
         finish(&mut resp, &id, conn.tls);
         resp
     }

@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use keyrouter::audit::{Actor, AuditEvent, EventKind};
-use keyrouter::keys::model::random_token;
+use keyrouter::ids::random_token;
 use keyrouter::keys::{KeyId, KeyRecord, KeyState, KeyStatus, Limits, SealedMaterial, Vault};
 use keyrouter::secret::Secret;
 use keyrouter::store::mongo::MongoStore;

@@ -25,7 +25,7 @@ mod ratelimit;
 use crate::app::App;
 use crate::audit::Actor;
 use crate::error::{ErrorKind, GatewayError};
-use crate::http::{Body, finish, request_id};
+use crate::http::{Body, RequestId, finish};
 use crate::keys::KeyId;
 use crate::server::{ConnInfo, Handler};
 use crate::store::StoreError;
@@ -112,7 +112,7 @@ impl AdminApi {
 impl Handler for AdminApi {
     async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         let started = Instant::now();
-        let request_id = request_id(req.headers());
+        let request_id = RequestId::of(req.headers());
         let client = conn.peer.ip();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
@@ -120,13 +120,13 @@ impl Handler for AdminApi {
         let route = target.as_ref().map_or(UNMATCHED, |t| t.resource.template());
 
         let mut resp = match self
-            .respond(req, target.as_ref(), client, &request_id)
+            .respond(req, target.as_ref(), client, request_id.as_str())
             .await
         {
             Ok(resp) => resp,
             Err(e) => {
                 let status = e.status;
-                let mut resp = e.into_response(&request_id);
+                let mut resp = e.into_response(request_id.as_str());
                 if let (StatusCode::METHOD_NOT_ALLOWED, Some(t)) = (status, &target)
                     && let Ok(allow) = HeaderValue::from_str(&t.resource.allowed_methods())
                 {

@@ -1,7 +1,7 @@
 //! The audit record. Every field is a closed enum or an id, so an event cannot
 //! carry key material by construction.
 
-use crate::keys::{KeyState, model::random_token};
+use crate::keys::KeyState;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Serialize, Serializer};
 use std::net::IpAddr;
@@ -160,7 +160,7 @@ impl AuditEvent {
     /// truncated to microseconds, the precision both stores keep.
     pub fn new(event: EventKind, actor: Actor, resource: impl Into<String>) -> Self {
         AuditEvent {
-            id: format!("evt_{}", random_token(20)),
+            id: crate::ids::prefixed("evt_", 20),
             timestamp: now_micros(),
             event,
             actor,

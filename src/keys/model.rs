@@ -3,7 +3,6 @@
 
 use super::state::KeyStatus;
 use chrono::{DateTime, Utc};
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,21 +11,11 @@ use std::fmt;
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct KeyId(String);
 
-const ID_ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-
-/// Random lowercase alphanumerics, for generated ids.
-pub fn random_token(len: usize) -> String {
-    let mut rng = rand::rng();
-    (0..len)
-        .map(|_| ID_ALPHABET[rng.random_range(0..ID_ALPHABET.len())] as char)
-        .collect()
-}
-
 impl KeyId {
-    /// A fresh id with 16 random characters (~82 bits): collisions are not a
+    /// A fresh id with 16 random characters (80 bits): collisions are not a
     /// practical concern, and the store's unique index catches one anyway.
     pub fn generate() -> Self {
-        KeyId(format!("key_{}", random_token(16)))
+        KeyId(crate::ids::prefixed("key_", 16))
     }
 
     /// Accepts only the contract's id pattern; anything else is a 400.

@@ -16,9 +16,10 @@ use crate::secret::Secret;
 use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
 use http::HeaderValue;
+use prometheus::IntCounter;
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 /// A usable key with its live counters.
 pub struct PoolKey {
@@ -36,11 +37,20 @@ pub struct PoolKey {
     /// In-flight count and rate windows; carried over when the entry is
     /// rebuilt for a new revision, so a label change resets no limit.
     pub counters: Arc<KeyCounters>,
+    /// This key's `keyrouter_key_requests_total` series, found on first use
+    /// rather than by label lookup on every request.
+    requests: OnceLock<IntCounter>,
 }
 
 impl PoolKey {
     pub fn in_flight(&self) -> u32 {
         self.counters.in_flight()
+    }
+
+    /// Counts one upstream request sent with this key; `series` finds the
+    /// key's series the first time.
+    pub fn count_request(&self, series: impl FnOnce() -> IntCounter) {
+        self.requests.get_or_init(series).inc();
     }
 }
 
@@ -189,6 +199,7 @@ fn entry(
         limits: record.limits,
         revision: record.revision,
         counters: previous.map_or_else(Default::default, |p| p.counters.clone()),
+        requests: OnceLock::new(),
     }))
 }
 

@@ -1,6 +1,7 @@
 //! Choosing a key among a provider's active keys: `least_loaded` (default),
 //! `round_robin` or `weighted`. Lock-free: one atomic increment of the
-//! provider's cursor plus a scan of the (short) key list.
+//! provider's cursor plus a scan of the key list, which for `least_loaded`
+//! and `round_robin` stops at the first idle (or first usable) key.
 
 use super::pool::{PoolKey, ProviderKeys};
 use crate::config::Policy;
@@ -32,14 +33,21 @@ pub fn pick(
             // Scanning from a rotating start makes the first of several
             // equally loaded keys a different one each time.
             let start = pool.cursor.fetch_add(1, Ordering::Relaxed);
-            let mut best: Option<&Arc<PoolKey>> = None;
+            let mut best: Option<(&Arc<PoolKey>, u32)> = None;
             for i in 0..n {
                 let k = &keys[(start + i) % n];
-                if usable(k) && best.is_none_or(|b| k.in_flight() < b.in_flight()) {
-                    best = Some(k);
+                let load = k.in_flight();
+                if best.is_some_and(|(_, least)| load >= least) || !usable(k) {
+                    continue;
+                }
+                best = Some((k, load));
+                // Nothing beats an idle key: with many keys the scan ends
+                // after a few, not after the whole list.
+                if load == 0 {
+                    break;
                 }
             }
-            best.cloned()
+            best.map(|(k, _)| k.clone())
         }
         Policy::Weighted => {
             let total: u64 = keys

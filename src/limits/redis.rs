@@ -233,7 +233,7 @@ impl RedisBackend {
             down: AtomicBool::new(false),
             errors: metrics.rate_limit_backend_errors.clone(),
             fallback: metrics.rate_limit_fallback.clone(),
-            replica: crate::keys::model::random_token(12),
+            replica: crate::ids::random_token(12),
             next_permit: AtomicU64::new(0),
         };
         inner.ping().await;

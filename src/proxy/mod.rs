@@ -34,9 +34,8 @@ use crate::app::App;
 use crate::config::ClientAuth as ClientAuthConfig;
 use crate::error::GatewayError;
 use crate::health::Health;
-use crate::http::{Body, ReadBodyError, finish, read_limited, request_id};
-use crate::keys::KeyId;
-use crate::keys::model::random_token;
+use crate::http::{Body, ReadBodyError, RequestId, finish, read_limited};
+use crate::keys::pool::PoolKey;
 use crate::limits::Refusal;
 use crate::metrics::ProviderMetrics;
 use crate::server::{ConnInfo, Handler};
@@ -59,7 +58,7 @@ struct ProviderRuntime {
     policy: crate::config::Policy,
     retry_budget: u32,
     upstream: Upstream,
-    metrics: ProviderMetrics,
+    metrics: Arc<ProviderMetrics>,
 }
 
 pub struct ProxyApi {
@@ -83,7 +82,7 @@ impl ProxyApi {
                     policy: p.policy,
                     retry_budget: p.retry_budget,
                     upstream: Upstream::new(p, &cfg.server)?,
-                    metrics: app.metrics.provider(&p.id),
+                    metrics: Arc::new(app.metrics.provider(&p.id)),
                 })
             })
             .collect::<Result<_, UpstreamInitError>>()?;
@@ -103,19 +102,13 @@ impl ProxyApi {
     async fn forward(
         &self,
         req: Request<Incoming>,
-        request_id: &str,
+        request_id: &RequestId,
         started: Instant,
         completion: &mut Option<Completion>,
     ) -> Result<Response<Body>, ProxyError> {
         let routed = self.routes.route(req.uri(), req.version(), req.headers())?;
         let provider = &self.providers[routed.provider];
-        *completion = Some(Completion::start(
-            provider.id.clone(),
-            &provider.metrics,
-            &self.app.metrics,
-            request_id,
-            started,
-        ));
+        *completion = Some(Completion::start(&provider.metrics, request_id, started));
         self.authorize_client(provider, req.headers()).await?;
 
         let (parts, body) = req.into_parts();
@@ -134,7 +127,7 @@ impl ProxyApi {
         })?;
         let peek = respond::peek_request(&parts.headers, &body);
 
-        let mut tried: Vec<KeyId> = Vec::new();
+        let mut tried: Vec<Arc<PoolKey>> = Vec::new();
         let mut last: Option<(ProxyError, bool)> = None;
         for attempt in 0..=provider.retry_budget {
             let keys = self
@@ -175,15 +168,16 @@ impl ProxyApi {
                 }
             };
             if attempt > 0 {
-                tracing::debug!(request_id, attempt, "retrying on another key");
+                tracing::debug!(request_id = %request_id, attempt, "retrying on another key");
             }
             let key = chosen.key;
-            tried.push(key.id.clone());
-            self.app
-                .metrics
-                .key_requests
-                .with_label_values(&[&*provider.id, key.id.as_str()])
-                .inc();
+            tried.push(key.clone());
+            key.count_request(|| {
+                self.app
+                    .metrics
+                    .key_requests
+                    .with_label_values(&[&*provider.id, key.id.as_str()])
+            });
             let upstream_req = provider.upstream.request(
                 &parts.method,
                 routed.upstream.clone(),
@@ -209,10 +203,10 @@ impl ProxyApi {
                 Ok(resp) => match respond::classify(resp, &key).await {
                     Answer::Deliver(resp) => {
                         if let Some(acct) = completion.as_mut() {
-                            acct.set_key(key.id.clone(), chosen.permit);
+                            acct.set_key(key.clone(), chosen.permit);
                         }
                         let spec = body::RewriteSpec {
-                            id_suffix: format!("kr{}", random_token(24)),
+                            id_suffix: crate::ids::prefixed("kr", 24),
                             model: peek.model,
                             strip_usage: self.app.config.sanitize.strip_usage,
                         };
@@ -275,12 +269,12 @@ impl ProxyApi {
 impl Handler for ProxyApi {
     async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         let started = Instant::now();
-        let id = request_id(req.headers());
+        let id = RequestId::of(req.headers());
         if Cors::is_preflight(req.method(), req.headers()) {
             let mut resp = self
                 .cors
                 .preflight(req.headers())
-                .unwrap_or_else(|e| e.into_response(&id));
+                .unwrap_or_else(|e| e.into_response(id.as_str()));
             finish(&mut resp, &id, conn.tls);
             return resp;
         }
@@ -290,7 +284,7 @@ impl Handler for ProxyApi {
             Ok(resp) => resp,
             Err(e) => {
                 let label = e.as_str();
-                let resp = GatewayError::from(e).into_response(&id);
+                let resp = GatewayError::from(e).into_response(id.as_str());
                 match completion.take() {
                     Some(mut c) => {
                         c.set_status(resp.status());

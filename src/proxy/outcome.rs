@@ -3,12 +3,12 @@
 //! ends (the work happens in `Drop`, so a request whose client disappears
 //! mid-way is accounted too).
 
-use crate::keys::KeyId;
+use crate::http::RequestId;
+use crate::keys::pool::PoolKey;
 use crate::limits::Permit;
-use crate::metrics::{Metrics, ProviderMetrics};
+use crate::metrics::ProviderMetrics;
 use crate::sanitize::json::Usage;
 use http::StatusCode;
-use prometheus::IntCounterVec;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -36,37 +36,30 @@ impl End {
     }
 }
 
+/// The code counted for a client that left before its response was over.
+const CLIENT_CLOSED: u16 = 499;
+
 /// Everything needed to account a request when it ends.
 pub struct Completion {
-    provider: Arc<str>,
-    metrics: ProviderMetrics,
-    requests: IntCounterVec,
-    request_id: String,
+    metrics: Arc<ProviderMetrics>,
+    request_id: RequestId,
     started: Instant,
     status: StatusCode,
     /// The key that served the request and its limiter permit, settled
     /// with the real token count when the request ends.
-    key: Option<(KeyId, Permit)>,
+    key: Option<(Arc<PoolKey>, Permit)>,
     end: End,
     usage: Usage,
 }
 
 impl Completion {
-    /// Starts accounting a request routed to `provider` (counted in flight
-    /// from now on).
-    pub fn start(
-        provider: Arc<str>,
-        provider_metrics: &ProviderMetrics,
-        metrics: &Metrics,
-        request_id: &str,
-        started: Instant,
-    ) -> Self {
-        provider_metrics.inflight.inc();
+    /// Starts accounting a request routed to the provider of `metrics`
+    /// (counted in flight from now on).
+    pub fn start(metrics: &Arc<ProviderMetrics>, request_id: &RequestId, started: Instant) -> Self {
+        metrics.inflight.inc();
         Completion {
-            provider,
-            metrics: provider_metrics.clone(),
-            requests: metrics.requests.clone(),
-            request_id: request_id.to_owned(),
+            metrics: metrics.clone(),
+            request_id: request_id.clone(),
             started,
             status: StatusCode::OK,
             key: None,
@@ -82,8 +75,8 @@ impl Completion {
 
     /// The key serving the request; its permit is settled when the
     /// request ends.
-    pub fn set_key(&mut self, id: KeyId, permit: Permit) {
-        self.key = Some((id, permit));
+    pub fn set_key(&mut self, key: Arc<PoolKey>, permit: Permit) {
+        self.key = Some((key, permit));
     }
 
     pub fn finish(mut self, end: End, usage: Usage) {
@@ -107,30 +100,28 @@ impl Drop for Completion {
         // A stream that fails after its headers were sent is an upstream
         // error, whatever status line went out; an abandoned one is 499.
         let code = match self.end {
-            End::Complete => self.status.as_str(),
-            End::ErrorEvent | End::Broken => "502",
-            End::ClientGone => "499",
+            End::Complete => self.status,
+            End::ErrorEvent | End::Broken => StatusCode::BAD_GATEWAY,
+            End::ClientGone => StatusCode::from_u16(CLIENT_CLOSED).expect("a valid code"),
         };
-        self.requests
-            .with_label_values(&[&*self.provider, code])
-            .inc();
+        m.requests.inc(code);
         let (key, permit) = self.key.take().unzip();
         let tokens = self.usage.prompt + self.usage.completion;
         // Without reported usage the reservation stands (the permit's drop).
         if let Some(permit) = permit.filter(|_| tokens > 0) {
             permit.settle(tokens);
         }
-        let key_id = key.as_ref().map(KeyId::as_str);
+        let key_id = key.as_ref().map(|k| k.id.as_str());
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
         if self.end == End::Complete && self.status.as_u16() < 500 {
             tracing::debug!(
-                request_id = %self.request_id, provider = &*self.provider, key_id, status = self.status.as_u16(),
+                request_id = %self.request_id, provider = &*m.provider, key_id, status = self.status.as_u16(),
                 outcome = self.end.as_str(), duration_ms, prompt_tokens = self.usage.prompt,
                 completion_tokens = self.usage.completion, "request"
             );
         } else {
             tracing::warn!(
-                request_id = %self.request_id, provider = &*self.provider, key_id, status = self.status.as_u16(),
+                request_id = %self.request_id, provider = &*m.provider, key_id, status = self.status.as_u16(),
                 outcome = self.end.as_str(), duration_ms, "request did not complete normally"
             );
         }

@@ -57,7 +57,7 @@ pub async fn choose(
     keys: &ProviderKeys,
     policy: Policy,
     limiter: &Limiter,
-    tried: &[KeyId],
+    tried: &[Arc<PoolKey>],
     estimated_tokens: u64,
     on_key_limited: impl Fn(),
 ) -> Result<Chosen, NoKey> {
@@ -71,7 +71,9 @@ pub async fn choose(
     let now_ms = limits::now_ms();
     loop {
         let key = select::pick(keys, policy, |k| {
-            !k.counters.is_limited_at(now_ms) && !tried.contains(&k.id) && !refused.contains(&k.id)
+            !k.counters.is_limited_at(now_ms)
+                && !tried.iter().any(|t| t.id == k.id)
+                && !refused.contains(&k.id)
         });
         let Some(key) = key else { break };
         let key_ref = KeyRef {

@@ -136,22 +136,41 @@ fn check_absolute_form(uri: &Uri, version: Version, headers: &HeaderMap) -> Resu
 }
 
 /// Refuses dot segments (also percent-encoded, in any case mix), encoded
-/// slashes and backslashes.
+/// slashes and backslashes. Runs on every request: no allocation.
 fn check_path(path: &str) -> Result<(), ProxyError> {
-    if !path.starts_with('/') || path.contains('\\') {
+    let path = path.as_bytes();
+    if path.first() != Some(&b'/') || path.contains(&b'\\') {
         return Err(ProxyError::BadTarget);
     }
-    for segment in path.split('/') {
-        let lower = segment.to_ascii_lowercase();
-        if lower.contains("%2f") || lower.contains("%5c") {
-            return Err(ProxyError::BadTarget);
-        }
-        let decoded = lower.replace("%2e", ".");
-        if decoded == "." || decoded == ".." {
+    for segment in path.split(|&b| b == b'/') {
+        if is_dot_segment(segment) || has_encoded_separator(segment) {
             return Err(ProxyError::BadTarget);
         }
     }
     Ok(())
+}
+
+/// `.` or `..`, each dot written as `.` or `%2e` (any case).
+fn is_dot_segment(mut segment: &[u8]) -> bool {
+    let mut dots = 0;
+    while !segment.is_empty() {
+        if segment[0] == b'.' {
+            segment = &segment[1..];
+        } else if segment.len() >= 3 && segment[..3].eq_ignore_ascii_case(b"%2e") {
+            segment = &segment[3..];
+        } else {
+            return false;
+        }
+        dots += 1;
+    }
+    (1..=2).contains(&dots)
+}
+
+/// `%2f` or `%5c` (any case): a slash or backslash the upstream could decode.
+fn has_encoded_separator(segment: &[u8]) -> bool {
+    segment
+        .windows(3)
+        .any(|w| w.eq_ignore_ascii_case(b"%2f") || w.eq_ignore_ascii_case(b"%5c"))
 }
 
 #[cfg(test)]
@@ -254,6 +273,16 @@ mod tests {
             "/openai/v1%5Cmodels",
         ] {
             assert_eq!(route(t), Err(ProxyError::BadTarget), "{t}");
+        }
+        // Dots inside names are not dot segments.
+        for t in [
+            "/openai/v1/files/report.v2.jsonl",
+            "/openai/v1/models/..x",
+            "/openai/v1/models/...",
+            "/openai/v1/models/%2e%2e%2e",
+            "/openai/v1/a%2ex",
+        ] {
+            assert!(route(t).is_ok(), "{t}");
         }
     }
 

@@ -12,7 +12,6 @@ use super::{ConnInfo, Handler};
 use crate::http::{Body, BoxError};
 use bytes::Bytes;
 use http_body::Frame;
-use http_body_util::BodyExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -69,12 +68,9 @@ pub async fn serve<I, H>(
         let guard = RequestGuard::new(per_request.clone());
         async move {
             let resp = handler.handle(req, info).await;
-            Ok::<_, std::convert::Infallible>(resp.map(|body| {
-                Guarded {
-                    body,
-                    _guard: guard,
-                }
-                .boxed()
+            Ok::<_, std::convert::Infallible>(resp.map(|body| Guarded {
+                body,
+                _guard: guard,
             }))
         }
     });
