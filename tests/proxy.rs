@@ -10,8 +10,9 @@ use bytes::Bytes;
 use common::TestGateway;
 use common::answer::{Answer, assert_error_shape};
 use common::mock_upstream::{
-    ANTHROPIC_ID, ANTHROPIC_MODEL, GEMINI_MODEL_VERSION, LEAKED_KEY, MockUpstream,
-    PROVIDER_HEADERS, PROVIDER_ID, PROVIDER_MODEL, Received,
+    ANTHROPIC_ID, ANTHROPIC_MODEL, FILE_ID, FINE_TUNED_MODEL, FINE_TUNING_JOB_ID,
+    GEMINI_MODEL_VERSION, LEAKED_KEY, MODEL_OWNER_USER, MockUpstream, ORGANIZATION,
+    PROVIDER_HEADERS, PROVIDER_ID, PROVIDER_MODEL, Received, file_object,
 };
 use common::tls::TestCa;
 use serde_json::{Value, json};
@@ -730,6 +731,64 @@ async fn json_bodies_are_rewritten_and_usage_is_counted() {
         0.0,
     )
     .await;
+}
+
+#[tokio::test]
+async fn resources_keep_their_ids_and_lose_account_details() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "").await;
+
+    let a = get(&gw, "/v1/models").await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(
+        a.json(),
+        json!({
+            "object": "list",
+            "data": [
+                {"id": "gpt-4o", "object": "model", "created": 1715367049, "owned_by": "system"},
+                {"id": FINE_TUNED_MODEL, "object": "model", "created": 1721000000, "owned_by": "organization-owner"}
+            ]
+        })
+    );
+    assert!(!a.text.contains(MODEL_OWNER_USER), "{}", a.text);
+
+    for id in ["gpt-4o", FINE_TUNED_MODEL] {
+        let a = get(&gw, &format!("/openai/v1/models/{id}")).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        let v = a.json();
+        assert_eq!(v["id"], id);
+        assert_eq!(v["object"], "model");
+        assert_ne!(v["owned_by"], ORGANIZATION);
+        assert!(!a.text.contains(ORGANIZATION), "{}", a.text);
+    }
+
+    // A fine-tuning job: its id, its base model and the file it names are
+    // what the client reuses; the organisation is not the client's business.
+    let a = get(&gw, &format!("/v1/fine_tuning/jobs/{FINE_TUNING_JOB_ID}")).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let v = a.json();
+    assert_eq!(v["id"], FINE_TUNING_JOB_ID);
+    assert_eq!(v["model"], "gpt-4o-mini-2024-07-18");
+    assert_eq!(v["training_file"], FILE_ID);
+    assert!(v.get("organization_id").is_none(), "{v}");
+    assert!(!a.text.contains(ORGANIZATION), "{}", a.text);
+
+    let a = get(&gw, &format!("/v1/files/{FILE_ID}")).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.json(), file_object());
+
+    // Resources report no usage of this request.
+    eventually_metric(
+        &gw,
+        "keyrouter_requests_total",
+        &[("provider", "openai"), ("code", "200")],
+        5.0,
+    )
+    .await;
+    assert_eq!(
+        metric(&gw, "keyrouter_tokens_total", &[("provider", "openai")]).await,
+        0.0
+    );
 }
 
 #[tokio::test]

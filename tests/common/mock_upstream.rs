@@ -572,22 +572,29 @@ fn answer_for(
     match (path, stream) {
         (p, true) if p.ends_with("/chat/completions") => sse(openai_chunks(), pacing, streams),
         (p, true) if p.ends_with("/messages") => sse(anthropic_events(), pacing, streams),
-        (p, _) if p.ends_with(":streamGenerateContent") => {
-            sse(gemini_events(), pacing, streams)
-        }
+        (p, _) if p.ends_with(":streamGenerateContent") => sse(gemini_events(), pacing, streams),
         (p, false) if p.ends_with("/chat/completions") => json(COMPLETION.clone()),
         (p, false) if p.ends_with("/messages") => json(MESSAGE.clone()),
-        (p, false) if p.ends_with(":generateContent") => {
-            json(gemini_response().to_string().into())
+        (p, false) if p.ends_with(":generateContent") => json(gemini_response().to_string().into()),
+        (p, false) if p.ends_with("/embeddings") => json(
+            serde_json::json!({
+                "object": "list", "model": PROVIDER_MODEL,
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, -0.2, 0.3]}],
+                "usage": {"prompt_tokens": 5, "total_tokens": 5}
+            })
+            .to_string()
+            .into(),
+        ),
+        (p, false) if p.ends_with("/models") => json(models_list().to_string().into()),
+        (p, false) if p.contains("/models/") => json(
+            model_object(p.rsplit('/').next().unwrap_or_default())
+                .to_string()
+                .into(),
+        ),
+        (p, false) if p.contains("/fine_tuning/jobs/") => {
+            json(fine_tuning_job().to_string().into())
         }
-        (p, false) if p.ends_with("/embeddings") => json(serde_json::json!({
-            "object": "list", "model": PROVIDER_MODEL,
-            "data": [{"object": "embedding", "index": 0, "embedding": [0.1, -0.2, 0.3]}],
-            "usage": {"prompt_tokens": 5, "total_tokens": 5}
-        }).to_string().into()),
-        (p, false) if p.ends_with("/models") => json(serde_json::json!({
-            "object": "list", "data": [{"id": "gpt-4o", "object": "model", "owned_by": "system"}]
-        }).to_string().into()),
+        (p, false) if p.contains("/files/") => json(file_object().to_string().into()),
         _ => error_response(StatusCode::NOT_FOUND, anthropic),
     }
 }
@@ -706,6 +713,51 @@ pub fn openai_completion() -> serde_json::Value {
         "service_tier": "default",
         "system_fingerprint": "fp_mockfingerprint",
         "x_provider_trace": {"region": "us-east-mock"}
+    })
+}
+
+/// The organisation the mock's resources belong to; never shown to a client.
+pub const ORGANIZATION: &str = "org-mockorganization";
+/// A fine-tuned model of the mock's organisation, and the user owning it.
+pub const FINE_TUNED_MODEL: &str = "ft:gpt-4o-mini-2024-07-18:acme::9A8b7C6d";
+pub const MODEL_OWNER_USER: &str = "user-mockowner0123";
+
+/// `GET /v1/models`: a vendor model and a fine-tuned one owned by a user.
+pub fn models_list() -> serde_json::Value {
+    serde_json::json!({
+        "object": "list",
+        "data": [
+            {"id": "gpt-4o", "object": "model", "created": 1715367049, "owned_by": "system"},
+            {"id": FINE_TUNED_MODEL, "object": "model", "created": 1721000000, "owned_by": MODEL_OWNER_USER}
+        ]
+    })
+}
+
+/// `GET /v1/models/{id}`: fine-tuned models belong to the organisation.
+pub fn model_object(id: &str) -> serde_json::Value {
+    let owner = if id.starts_with("ft:") {
+        ORGANIZATION
+    } else {
+        "system"
+    };
+    serde_json::json!({"id": id, "object": "model", "created": 1715367049, "owned_by": owner})
+}
+
+pub const FINE_TUNING_JOB_ID: &str = "ftjob-abc123mock";
+pub const FILE_ID: &str = "file-abc123mock";
+
+pub fn fine_tuning_job() -> serde_json::Value {
+    serde_json::json!({
+        "object": "fine_tuning.job", "id": FINE_TUNING_JOB_ID, "model": "gpt-4o-mini-2024-07-18",
+        "created_at": 1721000000, "fine_tuned_model": null, "organization_id": ORGANIZATION,
+        "result_files": [], "status": "queued", "training_file": FILE_ID, "metadata": null
+    })
+}
+
+pub fn file_object() -> serde_json::Value {
+    serde_json::json!({
+        "id": FILE_ID, "object": "file", "bytes": 120000, "created_at": 1721000000,
+        "filename": "train.jsonl", "purpose": "fine-tune"
     })
 }
 
