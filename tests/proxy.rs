@@ -11,8 +11,8 @@ use common::TestGateway;
 use common::answer::{Answer, assert_error_shape};
 use common::mock_upstream::{
     ANTHROPIC_ID, ANTHROPIC_MODEL, FILE_ID, FINE_TUNED_MODEL, FINE_TUNING_JOB_ID,
-    GEMINI_MODEL_VERSION, LEAKED_KEY, MODEL_OWNER_USER, MockUpstream, ORGANIZATION,
-    PROVIDER_HEADERS, PROVIDER_ID, PROVIDER_MODEL, Received, file_object,
+    GEMINI_MODEL_VERSION, GEMINI_RESPONSE_ID, LEAKED_KEY, MODEL_OWNER_USER, MockUpstream,
+    ORGANIZATION, PROVIDER_HEADERS, PROVIDER_ID, PROVIDER_MODEL, Received, file_object,
 };
 use common::tls::TestCa;
 use serde_json::{Value, json};
@@ -148,8 +148,9 @@ fn parse_sse(text: &str) -> Vec<Event> {
         .collect()
 }
 
-/// Strings that identify the provider's answer; none may reach a client.
-const PROVIDER_TRACES: [&str; 9] = [
+/// Strings that identify the provider's answer; none may reach a client
+/// ("PROVIDERID" is part of every provider id the mock sends).
+const PROVIDER_TRACES: [&str; 8] = [
     "PROVIDERID",
     PROVIDER_MODEL,
     ANTHROPIC_MODEL,
@@ -158,7 +159,6 @@ const PROVIDER_TRACES: [&str; 9] = [
     "system_fingerprint",
     "service_tier",
     "x_provider_trace",
-    "modelVersion",
 ];
 
 fn assert_no_provider_traces(text: &str) {
@@ -325,9 +325,9 @@ async fn credentials_are_swapped(mock: &MockUpstream, gw: &TestGateway) {
     assert_eq!(r.header("x-goog-api-key"), Some(GEMINI_KEY));
     assert!(r.headers.get("authorization").is_none());
     assert_no_client_credentials(&r);
-    // Gemini's model version is provider detail too.
+    // Gemini's model version is the model named in the path.
     let v = a.json();
-    assert!(v.get("modelVersion").is_none(), "{v}");
+    assert_eq!(v["modelVersion"], "gemini-1.5-pro");
     assert_eq!(
         v["candidates"][0]["content"]["parts"][0]["text"],
         "Hello from the mock."
@@ -791,6 +791,77 @@ async fn resources_keep_their_ids_and_lose_account_details() {
     );
 }
 
+/// The `responseId` of every Gemini answer or chunk in `chunks`: one
+/// keyrouter id for the whole answer, never the provider's. Checks each
+/// names the model of the path.
+fn gemini_response_id(chunks: &[Value]) -> String {
+    let id = chunks[0]["responseId"].as_str().unwrap().to_owned();
+    assert!(!id.is_empty() && id != GEMINI_RESPONSE_ID, "{id}");
+    for chunk in chunks {
+        assert_eq!(chunk["responseId"], id.as_str(), "one id per answer");
+        assert_eq!(chunk["modelVersion"], "gemini-1.5-pro");
+    }
+    id
+}
+
+#[tokio::test]
+async fn gemini_answers_get_our_id_the_path_model_and_count_tokens() {
+    let mock = MockUpstream::start().await;
+    let gw = TestGateway::builder()
+        .providers(&provider("gemini", "gemini", &mock.url, ""))
+        .start()
+        .await;
+    let key = gw
+        .post(
+            "/keys",
+            json!({"key_material": GEMINI_KEY, "provider_id": "gemini", "limits": {"tpm": 100000}}),
+        )
+        .send()
+        .await;
+    assert_eq!(key.status, 201, "{}", key.text);
+    let key_id = key.json()["id"].as_str().unwrap().to_owned();
+    let body = json!({"contents": [{"parts": [{"text": "hi"}]}]});
+    let base = "/gemini/v1beta/models/gemini-1.5-pro";
+
+    // generateContent: 4 prompt, 5 answer + 3 thinking tokens.
+    let a = post(&gw, &format!("{base}:generateContent"), &body).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_no_provider_traces(&a.text);
+    let v = a.json();
+    let first = gemini_response_id(std::slice::from_ref(&v));
+    assert_eq!(
+        v["candidates"][0]["content"]["parts"][0]["text"],
+        "Hello from the mock."
+    );
+    assert_eq!(v["usageMetadata"]["totalTokenCount"], 12);
+    // The tpm window holds what the provider reported, not the
+    // reservation made before (input estimate + 512 output tokens).
+    let used =
+        gw.get(&format!("/keys/{key_id}")).send().await.json()["usage"]["tokens_last_minute"]
+            .as_u64()
+            .unwrap();
+    assert!((1..=12).contains(&used), "tokens_last_minute {used}");
+
+    // streamGenerateContent as SSE and as one JSON array: 4 + 2 each.
+    let a = post(&gw, &format!("{base}:streamGenerateContent?alt=sse"), &body).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_no_provider_traces(&a.text);
+    let events: Vec<Value> = parse_sse(&a.text).iter().map(Event::json).collect();
+    assert_eq!(events.len(), 2, "{}", a.text);
+    let streamed = gemini_response_id(&events);
+    let a = post(&gw, &format!("{base}:streamGenerateContent"), &body).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_no_provider_traces(&a.text);
+    let chunks = a.json().as_array().unwrap().clone();
+    assert_eq!(chunks.len(), 2, "{}", a.text);
+    let arrayed = gemini_response_id(&chunks);
+    assert!(first != streamed && streamed != arrayed && first != arrayed);
+
+    let gemini = |kind| [("provider", "gemini"), ("kind", kind)];
+    eventually_metric(&gw, "keyrouter_tokens_total", &gemini("prompt"), 12.0).await;
+    eventually_metric(&gw, "keyrouter_tokens_total", &gemini("completion"), 12.0).await;
+}
+
 #[tokio::test]
 async fn strip_usage_removes_usage_but_still_counts_tokens() {
     let mock = MockUpstream::start().await;
@@ -904,7 +975,7 @@ async fn streams_are_rewritten_event_by_event_and_counted() {
     assert_eq!(a.status, 200);
     assert_anthropic_stream(&a.text, "claude-3-5-haiku-latest");
 
-    // Gemini streams use CRLF line ends; modelVersion goes.
+    // Gemini streams use CRLF line ends.
     let a = post(
         &gw,
         "/gemini/v1beta/models/gemini-1.5-pro:streamGenerateContent?alt=sse&key=CLIENTKEY",

@@ -6,6 +6,7 @@
 //!        route        target → provider + upstream URI               route.rs
 //!        client auth  JWT, provider allow-list, client rpm           client_auth.rs
 //!        read body    capped at max_body_bytes, kept for replay
+//!        peek         requested model (body or Gemini path), output cap  peek.rs
 //!        attempts     up to 1 + retry_budget:
 //!          pick key   policy over active keys, limits, permit        pick.rs
 //!          send       credentials swapped, identity encoding         upstream.rs
@@ -25,6 +26,7 @@ mod client_auth;
 mod cors;
 pub mod error;
 mod outcome;
+mod peek;
 mod pick;
 mod respond;
 pub mod route;
@@ -132,7 +134,7 @@ impl ProxyApi {
             ReadBodyError::TooLarge => ProxyError::BodyTooLarge,
             ReadBodyError::Broken => ProxyError::BrokenRequestBody,
         })?;
-        let peek = respond::peek_request(&parts.headers, &body);
+        let peek = peek::peek_request(&parts.headers, parts.uri.path(), &body);
 
         let mut tried: Vec<KeyId> = Vec::new();
         let mut last: Option<(ProxyError, bool)> = None;

@@ -6,6 +6,8 @@
 //!   keyrouter `id` and the `model` the client asked for, and its `usage` is
 //!   counted; stream events that carry one (Anthropic `message_start`,
 //!   Responses `response.*`) have the nested answer rewritten the same way;
+//! - a Gemini `generateContent` answer gets a keyrouter `responseId`, the
+//!   requested model as `modelVersion`, and its `usageMetadata` counted;
 //! - an embeddings list gets the requested `model` (its items carry no id);
 //! - anything else is a resource whose `id` and `model` the client reuses
 //!   in later calls (`gpt-4o`, `file-abc`, `ftjob-abc`, an assistant, a
@@ -52,16 +54,40 @@ pub struct Usage {
 
 impl Usage {
     fn absorb(&mut self, raw: &RawValue) {
+        /// OpenAI, Anthropic and Gemini spellings of the same counts.
         #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
         struct Counts {
-            prompt_tokens: Option<u64>,
-            completion_tokens: Option<u64>,
-            input_tokens: Option<u64>,
-            output_tokens: Option<u64>,
+            #[serde(rename = "prompt_tokens")]
+            openai_prompt: Option<u64>,
+            #[serde(rename = "completion_tokens")]
+            openai_completion: Option<u64>,
+            #[serde(rename = "input_tokens")]
+            anthropic_input: Option<u64>,
+            #[serde(rename = "output_tokens")]
+            anthropic_output: Option<u64>,
+            prompt_token_count: Option<u64>,
+            candidates_token_count: Option<u64>,
+            /// Gemini's thinking tokens are output tokens apart from the
+            /// answer's (billed as output; OpenAI's `completion_tokens`
+            /// include its reasoning tokens the same way).
+            thoughts_token_count: Option<u64>,
         }
         if let Ok(c) = serde_json::from_str::<Counts>(raw.get()) {
-            let prompt = c.prompt_tokens.or(c.input_tokens).unwrap_or(0);
-            let completion = c.completion_tokens.or(c.output_tokens).unwrap_or(0);
+            let gemini_output = match (c.candidates_token_count, c.thoughts_token_count) {
+                (None, None) => None,
+                (answer, thoughts) => Some(answer.unwrap_or(0) + thoughts.unwrap_or(0)),
+            };
+            let prompt = c
+                .openai_prompt
+                .or(c.anthropic_input)
+                .or(c.prompt_token_count)
+                .unwrap_or(0);
+            let completion = c
+                .openai_completion
+                .or(c.anthropic_output)
+                .or(gemini_output)
+                .unwrap_or(0);
             self.prompt = self.prompt.max(prompt);
             self.completion = self.completion.max(completion);
         }
@@ -76,7 +102,6 @@ fn is_provider_detail(key: &str) -> bool {
         "system_fingerprint"
             | "service_tier"
             | "obfuscation"
-            | "modelVersion"
             | "organization"
             | "organization_id"
             | "project_id"
@@ -139,6 +164,9 @@ fn as_text(raw: &RawValue) -> Option<Cow<'_, str>> {
 enum Kind {
     /// A generated answer: new `id`, requested `model`, `usage` counted.
     Answer,
+    /// A Gemini answer: new `responseId`, requested model as
+    /// `modelVersion`, `usageMetadata` counted.
+    Gemini,
     /// An embeddings list: requested `model`, `usage` counted; no id.
     Embeddings,
     /// A stream event around an answer: its `message` / `response` is an
@@ -175,6 +203,17 @@ impl Kind {
         // Moderation results carry no `object`; their `modr-` id marks them.
         if members.text("id").is_some_and(|id| id.starts_with("modr-")) {
             return Kind::Answer;
+        }
+        // Nor do Gemini answers; these members are theirs alone.
+        let gemini = [
+            "candidates",
+            "promptFeedback",
+            "usageMetadata",
+            "modelVersion",
+            "responseId",
+        ];
+        if members.0.iter().any(|(k, _)| gemini.contains(&k.as_ref())) {
+            return Kind::Gemini;
         }
         Kind::Resource
     }
@@ -241,10 +280,13 @@ fn write_object(members: &Members, kind: Kind, rw: &Rewrite, out: &mut Vec<u8>, 
         let value: Option<Cow<[u8]>> = match (kind, key) {
             (_, "owned_by") => Some(owner(raw)),
             (Kind::Answer, "id") => Some(Cow::Owned(new_id(raw, rw.id_suffix))),
-            (Kind::Answer | Kind::Embeddings, "model") => {
+            // Gemini ids have no type prefix to keep.
+            (Kind::Gemini, "responseId") => Some(Cow::Owned(json_string(rw.id_suffix))),
+            (Kind::Answer | Kind::Embeddings, "model") | (Kind::Gemini, "modelVersion") => {
                 rw.model.map(|m| Cow::Owned(json_string(m)))
             }
-            (Kind::Answer | Kind::Embeddings | Kind::Event, "usage") => {
+            (Kind::Answer | Kind::Embeddings | Kind::Event, "usage")
+            | (Kind::Gemini, "usageMetadata") => {
                 usage.absorb(raw);
                 (!rw.strip_usage).then(|| nested(raw, |_| Kind::Resource, rw, usage))
             }
@@ -618,6 +660,54 @@ mod tests {
         assert_eq!(run(&block, Some("m"), false).0, block);
         let item = json!({"type": "response.output_item.added", "output_index": 0, "item": {"id": "fc_01", "type": "function_call", "call_id": "call_1"}});
         assert_eq!(run(&item, Some("m"), false).0, item);
+    }
+
+    #[test]
+    fn gemini_answers_get_our_id_the_asked_model_and_count_tokens() {
+        let body = json!({
+            "candidates": [{"content": {"parts": [{"text": "Hi"}], "role": "model"}, "finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 5, "thoughtsTokenCount": 3, "totalTokenCount": 12},
+            "modelVersion": "gemini-1.5-pro-002",
+            "responseId": "mAitaLmkHPPlz7IPvtfUqQQ"
+        });
+        let (v, usage) = run(&body, Some("gemini-1.5-pro"), false);
+        assert_eq!(v["responseId"], "kr0123456789");
+        assert_eq!(v["modelVersion"], "gemini-1.5-pro");
+        assert_eq!(v["candidates"], body["candidates"]);
+        assert_eq!(v["usageMetadata"], body["usageMetadata"]);
+        assert_eq!(
+            usage,
+            Usage {
+                prompt: 4,
+                completion: 8
+            }
+        );
+        let (v, usage) = run(&body, None, true);
+        assert!(v.get("modelVersion").is_none(), "{v}");
+        assert!(v.get("usageMetadata").is_none(), "{v}");
+        assert_eq!(usage.prompt, 4);
+        // A prompt blocked before any candidate.
+        let blocked = json!({"promptFeedback": {"blockReason": "SAFETY"}, "modelVersion": "gemini-1.5-pro-002"});
+        let (v, _) = run(&blocked, Some("gemini-1.5-pro"), false);
+        assert_eq!(v["modelVersion"], "gemini-1.5-pro");
+        // Chunks of a non-SSE stream: one array, every element rewritten,
+        // the largest counts kept.
+        let chunks = json!([
+            {"candidates": [], "usageMetadata": {"promptTokenCount": 4}, "modelVersion": "gemini-1.5-pro-002", "responseId": "r1"},
+            {"candidates": [], "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 2}, "modelVersion": "gemini-1.5-pro-002", "responseId": "r1"}
+        ]);
+        let (v, usage) = run(&chunks, Some("gemini-1.5-pro"), false);
+        for chunk in v.as_array().unwrap() {
+            assert_eq!(chunk["responseId"], "kr0123456789");
+            assert_eq!(chunk["modelVersion"], "gemini-1.5-pro");
+        }
+        assert_eq!(
+            usage,
+            Usage {
+                prompt: 4,
+                completion: 2
+            }
+        );
     }
 
     #[test]

@@ -177,8 +177,9 @@ pub const PROVIDER_ID: &str = "chatcmpl-PROVIDERID0123456789";
 /// Anthropic's message id and model snapshot in the mock's answers.
 pub const ANTHROPIC_ID: &str = "msg_01PROVIDERID0123456789";
 pub const ANTHROPIC_MODEL: &str = "claude-3-5-sonnet-20241022";
-/// The Gemini model version in the mock's answers.
+/// The Gemini model version and response id in the mock's answers.
 pub const GEMINI_MODEL_VERSION: &str = "gemini-1.5-pro-002";
+pub const GEMINI_RESPONSE_ID: &str = "mAitaLmkHPPlzPROVIDERID";
 /// The mock's 400 message quotes this key-like string.
 pub const LEAKED_KEY: &str = "sk-proj-LEAKEDKEY0123456789abcdef";
 
@@ -572,7 +573,13 @@ fn answer_for(
     match (path, stream) {
         (p, true) if p.ends_with("/chat/completions") => sse(openai_chunks(), pacing, streams),
         (p, true) if p.ends_with("/messages") => sse(anthropic_events(), pacing, streams),
-        (p, _) if p.ends_with(":streamGenerateContent") => sse(gemini_events(), pacing, streams),
+        (p, _) if p.ends_with(":streamGenerateContent") => {
+            if parts.uri.query().is_some_and(|q| q.contains("alt=sse")) {
+                sse(gemini_events(), pacing, streams)
+            } else {
+                json(serde_json::Value::from(gemini_chunks()).to_string().into())
+            }
+        }
         (p, false) if p.ends_with("/chat/completions") => json(COMPLETION.clone()),
         (p, false) if p.ends_with("/messages") => json(MESSAGE.clone()),
         (p, false) if p.ends_with(":generateContent") => json(gemini_response().to_string().into()),
@@ -774,12 +781,36 @@ pub fn anthropic_message() -> serde_json::Value {
     })
 }
 
+/// A `generateContent` answer: 4 prompt tokens, 5 answer and 3 thinking
+/// tokens.
 pub fn gemini_response() -> serde_json::Value {
     serde_json::json!({
         "candidates": [{"content": {"parts": [{"text": "Hello from the mock."}], "role": "model"}, "finishReason": "STOP", "index": 0}],
-        "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 5, "totalTokenCount": 9},
-        "modelVersion": GEMINI_MODEL_VERSION
+        "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 5, "thoughtsTokenCount": 3, "totalTokenCount": 12},
+        "modelVersion": GEMINI_MODEL_VERSION,
+        "responseId": GEMINI_RESPONSE_ID
     })
+}
+
+/// The chunks of a `streamGenerateContent` answer: usage grows to 4 prompt
+/// and 2 answer tokens.
+pub fn gemini_chunks() -> Vec<serde_json::Value> {
+    ["Hel", "lo"]
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let mut chunk = serde_json::json!({
+                "candidates": [{"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}],
+                "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": i + 1, "totalTokenCount": 5 + i},
+                "modelVersion": GEMINI_MODEL_VERSION,
+                "responseId": GEMINI_RESPONSE_ID
+            });
+            if i == 1 {
+                chunk["candidates"][0]["finishReason"] = "STOP".into();
+            }
+            chunk
+        })
+        .collect()
 }
 
 pub fn openai_chunks() -> Vec<String> {
@@ -810,15 +841,12 @@ pub fn anthropic_events() -> Vec<String> {
     ]
 }
 
+/// `streamGenerateContent?alt=sse`: the chunks as events with CRLF line ends.
 pub fn gemini_events() -> Vec<String> {
-    vec![
-        format!(
-            "data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"Hel\"}}],\"role\":\"model\"}},\"index\":0}}],\"modelVersion\":\"{GEMINI_MODEL_VERSION}\"}}\r\n\r\n"
-        ),
-        format!(
-            "data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"lo\"}}],\"role\":\"model\"}},\"finishReason\":\"STOP\",\"index\":0}}],\"modelVersion\":\"{GEMINI_MODEL_VERSION}\"}}\r\n\r\n"
-        ),
-    ]
+    gemini_chunks()
+        .iter()
+        .map(|chunk| format!("data: {chunk}\r\n\r\n"))
+        .collect()
 }
 
 /// The provider's error body for `status`, in OpenAI's or Anthropic's shape.
