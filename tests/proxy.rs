@@ -1404,6 +1404,67 @@ async fn answers_the_provider_breaks_off_count_as_upstream_errors() {
 }
 
 #[tokio::test]
+async fn a_stream_event_larger_than_the_body_limit_ends_the_stream() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "[server]\nmax_body_bytes = 65536").await;
+    let mut resp = gw
+        .client()
+        .post(gw.proxy_url("/openai/v1/chat/completions"))
+        .header("x-mock-unterminated", "262144")
+        .json(&chat_stream("gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // The provider never ends its second event and then goes silent: the
+    // client sees the stream break off instead of waiting while keyrouter
+    // buffers.
+    let read = async {
+        let mut text = String::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => text.push_str(std::str::from_utf8(&chunk).unwrap()),
+                Ok(None) => break (text, Ok(())),
+                Err(e) => break (text, Err(e)),
+            }
+        }
+    };
+    let (text, outcome) = tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("the stream neither ended nor broke off");
+    assert!(outcome.is_err(), "the client saw a complete stream: {text}");
+    assert_no_provider_traces(&text);
+    let events = parse_sse(&text);
+    assert_eq!(events.len(), 1, "{text}");
+    assert_eq!(events[0].json()["model"], "gpt-4o");
+    assert!(
+        !text.contains("aaaa"),
+        "part of the oversized event went out"
+    );
+
+    eventually_metric(
+        &gw,
+        "keyrouter_requests_total",
+        &[("provider", "openai"), ("code", "502")],
+        1.0,
+    )
+    .await;
+    eventually_metric(
+        &gw,
+        "keyrouter_inflight_requests",
+        &[("provider", "openai")],
+        0.0,
+    )
+    .await;
+    // The provider's stream is closed, not left hanging.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mock.open_streams() > 0 {
+        assert!(Instant::now() < deadline, "the provider stream stayed open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
 async fn a_provider_400_keeps_its_message_without_key_material() {
     let mock = MockUpstream::start().await;
     let gw = gateway(&mock, "").await;

@@ -218,7 +218,10 @@ impl ProxyApi {
                             model: peek.model,
                             strip_usage: self.app.config.sanitize.strip_usage,
                         };
-                        return respond::respond(resp, &key, spec, completion).await;
+                        // No single streamed event may be larger than the
+                        // largest body accepted from a client.
+                        let max_record = self.app.config.server.max_body_bytes;
+                        return respond::respond(resp, &key, spec, max_record, completion).await;
                     }
                     Answer::Refused(e) => return Err(e),
                     Answer::KeyFault(verdict) => {

@@ -21,6 +21,9 @@ pub enum End {
     ErrorEvent,
     /// The provider broke the stream off.
     Broken,
+    /// A streamed event outgrew the size limit; keyrouter broke the stream
+    /// off.
+    Oversized,
     /// The client went away first.
     ClientGone,
 }
@@ -31,6 +34,7 @@ impl End {
             End::Complete => "complete",
             End::ErrorEvent => "error_event",
             End::Broken => "broken",
+            End::Oversized => "oversized_event",
             End::ClientGone => "client_gone",
         }
     }
@@ -108,7 +112,7 @@ impl Drop for Completion {
         // error, whatever status line went out; an abandoned one is 499.
         let code = match self.end {
             End::Complete => self.status.as_str(),
-            End::ErrorEvent | End::Broken => "502",
+            End::ErrorEvent | End::Broken | End::Oversized => "502",
             End::ClientGone => "499",
         };
         self.requests

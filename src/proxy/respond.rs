@@ -11,7 +11,7 @@ use crate::http::{Body, full};
 use crate::keys::pool::PoolKey;
 use crate::sanitize::json::{Usage, rewrite};
 use crate::sanitize::scrub;
-use crate::sanitize::sse::SseRewriter;
+use crate::sanitize::stream::{Framing, StreamRewriter};
 use http::Response;
 use http::header::{self, HeaderMap, HeaderValue};
 use http_body_util::BodyExt;
@@ -111,11 +111,13 @@ pub async fn classify(resp: Response<Incoming>, key: &PoolKey) -> Answer {
     }
 }
 
-/// The client's response for the provider's answer `resp`.
+/// The client's response for the provider's answer `resp`. A streamed
+/// event longer than `max_record` bytes ends the stream.
 pub async fn respond(
     resp: Response<Incoming>,
     key: &Arc<PoolKey>,
     spec: RewriteSpec,
+    max_record: usize,
     completion: &mut Option<Completion>,
 ) -> Result<Response<Body>, ProxyError> {
     let status = resp.status();
@@ -154,16 +156,16 @@ pub async fn respond(
             };
             let mut usage = Usage::default();
             let mut rewritten = Vec::with_capacity(bytes.len() + 16);
-            let body = if rewrite(&bytes, &spec.as_rewrite(), &mut rewritten, &mut usage) {
-                full(rewritten)
-            } else {
-                full(bytes)
+            let body = match rewrite(&bytes, &spec.as_rewrite(), &mut rewritten, &mut usage) {
+                Some(_) => full(rewritten),
+                None => full(bytes),
             };
             acct.finish(End::Complete, usage);
             body
         }
         BodyKind::EventStream => {
-            let mode = Mode::Events(Box::new(SseRewriter::new()), spec);
+            let stream = StreamRewriter::new(Framing::Events, max_record);
+            let mode = Mode::Records(Box::new(stream), spec);
             BodyExt::boxed(StreamBody::new(resp.into_body(), mode, acct))
         }
         BodyKind::Other => BodyExt::boxed(StreamBody::new(resp.into_body(), Mode::Raw, acct)),

@@ -245,19 +245,48 @@ fn first_item_is(data: Option<&RawValue>, kind: &str) -> bool {
     Probe::deserialize(&mut de).is_ok_and(|p| p.object.as_deref() == Some(kind))
 }
 
-/// Rewrites `input` into `out`. Returns `false` (and writes nothing) when
+/// What a rewritten document was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rewritten {
+    /// Anything but an error.
+    Document,
+    /// A provider error: OpenAI's and Gemini's `{"error": …}`, Anthropic's
+    /// `{"type": "error"}`, the Responses API's `{"type": "error"}` and
+    /// `{"type": "response.failed"}`.
+    Error,
+}
+
+impl Rewritten {
+    fn of(members: &Members) -> Rewritten {
+        let error_member = members.get("error").is_some_and(|e| e.get() != "null");
+        let error_type = matches!(
+            members.text("type").as_deref(),
+            Some("error" | "response.failed")
+        );
+        if error_member || error_type {
+            Rewritten::Error
+        } else {
+            Rewritten::Document
+        }
+    }
+}
+
+/// Rewrites `input` into `out`. Returns `None` (and writes nothing) when
 /// `input` is not a JSON object or array; the caller then passes it on
 /// unchanged. A top-level array (Gemini's non-SSE `streamGenerateContent`)
 /// has each of its object elements rewritten.
-pub fn rewrite(input: &[u8], rw: &Rewrite, out: &mut Vec<u8>, usage: &mut Usage) -> bool {
+pub fn rewrite(
+    input: &[u8],
+    rw: &Rewrite,
+    out: &mut Vec<u8>,
+    usage: &mut Usage,
+) -> Option<Rewritten> {
     out.reserve(input.len() + 16);
     if let Ok(members) = serde_json::from_slice::<Members>(input) {
         write_object(&members, Kind::of(&members), rw, out, usage);
-        return true;
+        return Some(Rewritten::of(&members));
     }
-    let Ok(items) = serde_json::from_slice::<Vec<&RawValue>>(input) else {
-        return false;
-    };
+    let items = serde_json::from_slice::<Vec<&RawValue>>(input).ok()?;
     out.push(b'[');
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
@@ -266,7 +295,7 @@ pub fn rewrite(input: &[u8], rw: &Rewrite, out: &mut Vec<u8>, usage: &mut Usage)
         out.extend_from_slice(&nested(item, Kind::of, rw, usage));
     }
     out.push(b']');
-    true
+    Some(Rewritten::Document)
 }
 
 fn write_object(members: &Members, kind: Kind, rw: &Rewrite, out: &mut Vec<u8>, usage: &mut Usage) {
@@ -387,12 +416,7 @@ mod tests {
         };
         let mut out = Vec::new();
         let mut usage = Usage::default();
-        assert!(rewrite(
-            input.to_string().as_bytes(),
-            &rw,
-            &mut out,
-            &mut usage
-        ));
+        assert!(rewrite(input.to_string().as_bytes(), &rw, &mut out, &mut usage).is_some());
         (serde_json::from_slice(&out).unwrap(), usage)
     }
 
@@ -524,12 +548,15 @@ mod tests {
             strip_usage: false,
         };
         let mut out = Vec::new();
-        assert!(rewrite(
-            body.to_string().as_bytes(),
-            &rw,
-            &mut out,
-            &mut Usage::default()
-        ));
+        assert!(
+            rewrite(
+                body.to_string().as_bytes(),
+                &rw,
+                &mut out,
+                &mut Usage::default()
+            )
+            .is_some()
+        );
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(
             v,
@@ -546,8 +573,8 @@ mod tests {
         };
         let mut out = Vec::new();
         let mut usage = Usage::default();
-        assert!(!rewrite(b"{not json", &rw, &mut out, &mut usage));
-        assert!(!rewrite(b"\"text\"", &rw, &mut out, &mut usage));
+        assert_eq!(rewrite(b"{not json", &rw, &mut out, &mut usage), None);
+        assert_eq!(rewrite(b"\"text\"", &rw, &mut out, &mut usage), None);
         assert!(out.is_empty());
     }
 
@@ -708,6 +735,40 @@ mod tests {
                 completion: 2
             }
         );
+    }
+
+    #[test]
+    fn provider_errors_are_told_apart() {
+        let found = |body: Value| {
+            let mut out = Vec::new();
+            let rw = Rewrite {
+                id_suffix: "x",
+                model: None,
+                strip_usage: false,
+            };
+            rewrite(
+                body.to_string().as_bytes(),
+                &rw,
+                &mut out,
+                &mut Usage::default(),
+            )
+        };
+        for error in [
+            json!({"error": {"message": "overloaded"}}),
+            json!({"error": {"code": 500, "status": "INTERNAL"}}),
+            json!({"type": "error", "error": {"type": "overloaded_error"}}),
+            json!({"type": "error", "code": "server_error", "message": "x"}),
+            json!({"type": "response.failed", "response": {"object": "response"}}),
+        ] {
+            assert_eq!(found(error.clone()), Some(Rewritten::Error), "{error}");
+        }
+        for fine in [
+            json!({"id": "chatcmpl-1", "object": "chat.completion", "error": null}),
+            json!({"type": "response.completed", "response": {"error": null}}),
+            json!([{"error": "inside an array is content"}]),
+        ] {
+            assert_eq!(found(fine.clone()), Some(Rewritten::Document), "{fine}");
+        }
     }
 
     #[test]

@@ -16,7 +16,10 @@
 //!   `Content-Encoding: gzip`, whatever the request's `Accept-Encoding`;
 //! - `x-mock-truncate: 1` announces the whole body's `Content-Length` but
 //!   breaks the connection off after half of it (a provider failing
-//!   mid-response).
+//!   mid-response);
+//! - `x-mock-unterminated: N` answers a stream with one chat chunk, then an
+//!   event that never ends (N bytes of one `data:` line in 16 KiB frames),
+//!   then silence.
 //!
 //! Tests can also script the mock per KEY: the behaviour is chosen by the
 //! credential the mock receives (`Authorization: Bearer <key>`,
@@ -484,6 +487,8 @@ struct Pacing {
     hold: Option<watch::Receiver<bool>>,
     /// Frame size in bytes; `None` sends one frame per event.
     fragment: Option<usize>,
+    /// After the last frame, send nothing more and never end.
+    hang: bool,
 }
 
 /// The answer for a request, honouring the `x-mock-*` behaviours.
@@ -510,8 +515,18 @@ async fn scripted(parts: &http::request::Parts, body: &Bytes, shared: &Shared) -
         fragment: flag("x-mock-fragment")
             .and_then(|s| s.parse().ok())
             .filter(|n| *n > 0),
+        hang: false,
     };
-    let resp = answer_for(parts, body, pacing, Some(shared.streams.clone()));
+    let streams = Some(shared.streams.clone());
+    if let Some(size) = flag("x-mock-unterminated").and_then(|s| s.parse().ok()) {
+        let pacing = Pacing {
+            fragment: Some(16 * 1024),
+            hang: true,
+            ..pacing
+        };
+        return sse(unterminated_events(size), pacing, streams);
+    }
+    let resp = answer_for(parts, body, pacing, streams);
     let (gzipped, truncated) = (
         flag("x-mock-gzip").is_some(),
         flag("x-mock-truncate").is_some(),
@@ -691,11 +706,16 @@ fn event_stream(
             });
         }
     }
-    let hold = pacing.hold;
+    let (hold, hang) = (pacing.hold, pacing.hang);
     futures_util::stream::unfold(
         (steps.into_iter(), hold, guard),
-        |(mut it, mut hold, guard)| async move {
-            let step = it.next()?;
+        move |(mut it, mut hold, guard)| async move {
+            let Some(step) = it.next() else {
+                if hang {
+                    std::future::pending::<()>().await;
+                }
+                return None;
+            };
             if step.held
                 && let Some(rx) = hold.as_mut()
             {
@@ -839,6 +859,16 @@ pub fn anthropic_events() -> Vec<String> {
         "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":15}}\n\n".into(),
         "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".into(),
     ]
+}
+
+/// A chat chunk, then an event whose `data:` line runs on for `size` bytes
+/// without ever ending.
+pub fn unterminated_events(size: usize) -> Vec<String> {
+    let mut long = format!(
+        "data: {{\"id\":\"{PROVIDER_ID}\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\""
+    );
+    long.push_str(&"a".repeat(size));
+    vec![openai_chunks().swap_remove(0), long]
 }
 
 /// `streamGenerateContent?alt=sse`: the chunks as events with CRLF line ends.
