@@ -12,7 +12,8 @@ use common::answer::{Answer, assert_error_shape};
 use common::mock_upstream::{
     ANTHROPIC_ID, ANTHROPIC_MODEL, FILE_ID, FINE_TUNED_MODEL, FINE_TUNING_JOB_ID,
     GEMINI_MODEL_VERSION, GEMINI_RESPONSE_ID, LEAKED_KEY, MODEL_OWNER_USER, MockUpstream,
-    ORGANIZATION, PROVIDER_HEADERS, PROVIDER_ID, PROVIDER_MODEL, Received, file_object,
+    ORGANIZATION, PROVIDER_HEADERS, PROVIDER_ID, PROVIDER_MODEL, Received, STREAM_DECORATION,
+    file_object,
 };
 use common::tls::TestCa;
 use serde_json::{Value, json};
@@ -126,11 +127,12 @@ impl Event {
     }
 }
 
+/// The events a client dispatches: blocks without data (comments, a lone
+/// `retry:`) dispatch nothing.
 fn parse_sse(text: &str) -> Vec<Event> {
     text.replace("\r\n", "\n")
         .split("\n\n")
-        .filter(|block| !block.trim().is_empty())
-        .map(|block| {
+        .filter_map(|block| {
             let mut name = None;
             let mut data = Vec::new();
             for line in block.lines() {
@@ -140,10 +142,10 @@ fn parse_sse(text: &str) -> Vec<Event> {
                     data.push(v.strip_prefix(' ').unwrap_or(v));
                 }
             }
-            Event {
+            (!data.is_empty()).then(|| Event {
                 name,
                 data: data.join("\n"),
-            }
+            })
         })
         .collect()
 }
@@ -1073,7 +1075,38 @@ async fn streams_split_into_tiny_fragments_are_still_rewritten() {
     .await;
 }
 
-/// Reads the body until the first complete SSE event; returns it and what
+#[tokio::test]
+async fn stream_comments_lose_their_text_and_event_ids_go() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "").await;
+    for fragment in ["0", "3"] {
+        let a = post_with(
+            &gw,
+            "/openai/v1/chat/completions",
+            &chat_stream("gpt-4o-mini"),
+            &[("x-mock-decorate", "1"), ("x-mock-fragment", fragment)],
+        )
+        .await;
+        assert_eq!(a.status, 200);
+        assert_openai_stream(&a.text, "gpt-4o-mini");
+        for trace in STREAM_DECORATION {
+            assert!(
+                !a.text.contains(trace),
+                "{trace} reached the client: {}",
+                a.text
+            );
+        }
+        let lines: Vec<&str> = a.text.lines().collect();
+        assert!(!lines.iter().any(|l| l.starts_with("id")), "{}", a.text);
+        // Comments stay as bare keep-alives; the retry hint stays.
+        let comments = lines.iter().filter(|l| l.starts_with(':')).count();
+        assert_eq!(comments, 7, "{}", a.text);
+        assert!(lines.iter().all(|l| !l.starts_with(':') || *l == ":"));
+        assert_eq!(lines.iter().filter(|l| **l == "retry: 3000").count(), 1);
+    }
+}
+
+/// Reads the body until the first complete SSE event; returns it and what/// Reads the body until the first complete SSE event; returns it and what
 /// else arrived with it.
 async fn first_event(resp: &mut reqwest::Response) -> String {
     let mut text = String::new();

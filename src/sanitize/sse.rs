@@ -44,23 +44,33 @@ pub(super) fn event_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
 
 /// Writes one event (without its blank line) rewritten, followed by a blank
 /// line. Returns whether it was an error event.
+///
+/// Of the event's fields, `event` and `retry` are kept as they are, the
+/// `data` lines rewritten. A comment can carry provider text: it stays as a
+/// bare `:` (a keep-alive still). `id` carries the provider's event id and
+/// goes, as do fields the SSE standard does not define (clients ignore
+/// them; they could only carry provider detail). An event left with
+/// nothing is not written at all.
 pub(super) fn rewrite_event(
     event: &[u8],
     rw: &Rewrite,
     usage: &mut Usage,
     out: &mut Vec<u8>,
 ) -> bool {
+    let start = out.len();
     let mut errored = false;
     let mut data: Vec<&[u8]> = Vec::new();
     for line in split_lines(event) {
-        if let Some(rest) = line.strip_prefix(b"data:") {
-            data.push(rest.strip_prefix(b" ").unwrap_or(rest));
-        } else {
-            if line == b"event: error" || line == b"event:error" {
-                errored = true;
+        let (name, value) = field(line);
+        match name {
+            b"data" => data.push(value),
+            b"event" | b"retry" => {
+                errored |= name == b"event" && value == b"error";
+                out.extend_from_slice(line);
+                out.push(b'\n');
             }
-            out.extend_from_slice(line);
-            out.push(b'\n');
+            b"" => out.extend_from_slice(b":\n"),
+            _ => {}
         }
     }
     if !data.is_empty() {
@@ -79,8 +89,23 @@ pub(super) fn rewrite_event(
             out.push(b'\n');
         }
     }
-    out.push(b'\n');
+    if out.len() > start {
+        out.push(b'\n');
+    }
     errored
+}
+
+/// A line's field name and value: the name up to the first colon (empty
+/// for a comment), the value after it without one leading space. A line
+/// without a colon is a name with an empty value.
+fn field(line: &[u8]) -> (&[u8], &[u8]) {
+    match line.iter().position(|&b| b == b':') {
+        Some(colon) => {
+            let value = &line[colon + 1..];
+            (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+        }
+        None => (line, &[]),
+    }
 }
 
 fn split_lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -117,6 +142,22 @@ mod tests {
         s
     }
 
+    /// The same stream with what providers add around the data: comments
+    /// naming their routing, event ids, a retry hint, an unknown field.
+    fn decorated_stream() -> Vec<u8> {
+        let mut s = b": OPENROUTER PROCESSING upstream=azure-eastus\n\nretry: 3000\n\n".to_vec();
+        let plain = openai_stream();
+        let text = std::str::from_utf8(&plain).unwrap();
+        for (i, event) in text.split_inclusive("\n\n").enumerate() {
+            s.extend_from_slice(
+                format!("id: evt_provider_{i}\n: served-by node-7\nx-trace: abc\n").as_bytes(),
+            );
+            s.extend_from_slice(event.as_bytes());
+        }
+        s.extend_from_slice(b"id: evt_provider_last\n\n");
+        s
+    }
+
     fn run_in_pieces(input: &[u8], cuts: &[usize]) -> (Vec<u8>, Usage, bool) {
         let mut r = StreamRewriter::new(Framing::Events, 1 << 20);
         let mut usage = Usage::default();
@@ -145,7 +186,8 @@ mod tests {
         );
         assert!(text.contains("\"content\":\"Hel\""));
         assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
-        assert!(text.contains(": keep-alive comment\n\n"));
+        assert!(text.contains("\n:\n\ndata: [DONE]"), "{text}");
+        assert!(!text.contains("keep-alive comment"), "{text}");
         assert_eq!(
             usage,
             Usage {
@@ -154,6 +196,44 @@ mod tests {
             }
         );
         assert!(!errored);
+    }
+
+    #[test]
+    fn comments_lose_their_text_and_ids_go() {
+        let (out, usage, _) = run_in_pieces(&decorated_stream(), &[]);
+        let text = String::from_utf8(out).unwrap();
+        for gone in [
+            "OPENROUTER",
+            "azure",
+            "node-7",
+            "evt_provider",
+            "id:",
+            "x-trace",
+        ] {
+            assert!(!text.contains(gone), "{gone} in {text}");
+        }
+        assert!(text.starts_with(":\n\nretry: 3000\n\n:\ndata: {"), "{text}");
+        assert!(text.ends_with(":\ndata: [DONE]\n\n"), "{text}");
+        assert!(
+            !text.contains("\n\n\n"),
+            "an emptied event left a blank: {text}"
+        );
+        let (plain, plain_usage, _) = run_in_pieces(&openai_stream(), &[]);
+        let data = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| l.starts_with("data:"))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(data(&text), data(&String::from_utf8(plain).unwrap()));
+        assert_eq!(usage, plain_usage);
+    }
+
+    #[test]
+    fn fields_without_a_colon_or_space() {
+        let (out, _, errored) = run_in_pieces(b"event:error\ndata\n\ndata:[DONE]\n\n", &[]);
+        assert_eq!(out, b"event:error\ndata: \n\ndata: [DONE]\n\n");
+        assert!(errored);
     }
 
     #[test]
@@ -228,8 +308,11 @@ mod tests {
         /// However the stream is cut into reads, the output is the same as
         /// when it arrives whole.
         #[test]
-        fn any_split_gives_the_same_output(cuts in proptest::collection::btree_set(0usize..1000, 0..12)) {
-            let input = openai_stream();
+        fn any_split_gives_the_same_output(
+            cuts in proptest::collection::btree_set(0usize..1400, 0..12),
+            decorated in any::<bool>(),
+        ) {
+            let input = if decorated { decorated_stream() } else { openai_stream() };
             let cuts: Vec<usize> = cuts.into_iter().filter(|&c| c <= input.len()).collect();
             let whole = run_in_pieces(&input, &[]);
             prop_assert_eq!(run_in_pieces(&input, &cuts), whole);
@@ -238,10 +321,11 @@ mod tests {
 
     #[test]
     fn every_single_byte_offset() {
-        let input = openai_stream();
-        let whole = run_in_pieces(&input, &[]);
-        for cut in 0..=input.len() {
-            assert_eq!(run_in_pieces(&input, &[cut]), whole, "cut at {cut}");
+        for input in [openai_stream(), decorated_stream()] {
+            let whole = run_in_pieces(&input, &[]);
+            for cut in 0..=input.len() {
+                assert_eq!(run_in_pieces(&input, &[cut]), whole, "cut at {cut}");
+            }
         }
     }
 }

@@ -17,6 +17,9 @@
 //! - `x-mock-truncate: 1` announces the whole body's `Content-Length` but
 //!   breaks the connection off after half of it (a provider failing
 //!   mid-response);
+//! - `x-mock-decorate: 1` answers a chat stream whose events come with what
+//!   providers add around the data: comments naming their routing, `id:`
+//!   lines, a `retry:` hint;
 //! - `x-mock-unterminated: N` answers a stream with one chat chunk, then an
 //!   event that never ends (N bytes of one `data:` line in 16 KiB frames),
 //!   then silence.
@@ -526,6 +529,9 @@ async fn scripted(parts: &http::request::Parts, body: &Bytes, shared: &Shared) -
         };
         return sse(unterminated_events(size), pacing, streams);
     }
+    if flag("x-mock-decorate").is_some() {
+        return sse(decorated(openai_chunks()), pacing, streams);
+    }
     let resp = answer_for(parts, body, pacing, streams);
     let (gzipped, truncated) = (
         flag("x-mock-gzip").is_some(),
@@ -859,6 +865,22 @@ pub fn anthropic_events() -> Vec<String> {
         "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":15}}\n\n".into(),
         "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".into(),
     ]
+}
+
+/// Text of the mock's SSE comments and event ids; never shown to a client.
+pub const STREAM_DECORATION: [&str; 3] = ["OPENROUTER PROCESSING", "mock-node-7", "evt_PROVIDER"];
+
+/// `events` with a leading comment, an `id:` line and a comment in each
+/// event, and a `retry:` hint in the first.
+pub fn decorated(events: Vec<String>) -> Vec<String> {
+    let mut out = vec![": OPENROUTER PROCESSING upstream=mock-eastus\n\n".to_owned()];
+    for (i, event) in events.into_iter().enumerate() {
+        let retry = if i == 0 { "retry: 3000\n" } else { "" };
+        out.push(format!(
+            "id: evt_PROVIDER_{i}\n{retry}: served by mock-node-7\n{event}"
+        ));
+    }
+    out
 }
 
 /// A chat chunk, then an event whose `data:` line runs on for `size` bytes
