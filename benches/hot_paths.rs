@@ -11,7 +11,7 @@ use keyrouter::config::{Policy, ProviderConfig, ProviderKind};
 use keyrouter::keys::pool::KeyPool;
 use keyrouter::keys::{KeyId, KeyRecord, KeyStatus, Limits, Vault, select};
 use keyrouter::sanitize::json::{Rewrite, Usage, rewrite};
-use keyrouter::sanitize::sse::SseRewriter;
+use keyrouter::sanitize::stream::{Framing, StreamRewriter};
 use keyrouter::secret::Secret;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -110,10 +110,10 @@ fn sanitize(c: &mut Criterion) {
         b.iter(|| {
             out.clear();
             let mut usage = Usage::default();
-            let mut r = SseRewriter::new();
+            let mut r = StreamRewriter::new(Framing::Events, 1 << 20);
             // Provider streams arrive in pieces: one read per event here.
             for chunk in black_box(&sse).chunk_by(|a, b| !(*a == b'\n' && *b == b'd')) {
-                r.push(chunk, &REWRITE, &mut usage, &mut out);
+                let _ = r.push(chunk, &REWRITE, &mut usage, &mut out);
             }
             r.finish(&REWRITE, &mut usage, &mut out);
             black_box(&out);

@@ -10,8 +10,10 @@ use bytes::Bytes;
 use common::TestGateway;
 use common::answer::{Answer, assert_error_shape};
 use common::mock_upstream::{
-    ANTHROPIC_ID, ANTHROPIC_MODEL, GEMINI_MODEL_VERSION, LEAKED_KEY, MockUpstream,
-    PROVIDER_HEADERS, PROVIDER_ID, PROVIDER_MODEL, Received,
+    ANTHROPIC_ID, ANTHROPIC_MODEL, FILE_ID, FINE_TUNED_MODEL, FINE_TUNING_JOB_ID,
+    GEMINI_MODEL_VERSION, GEMINI_RESPONSE_ID, LEAKED_KEY, MODEL_OWNER_USER, MockUpstream,
+    ORGANIZATION, PROVIDER_HEADERS, PROVIDER_ID, PROVIDER_MODEL, Received, STREAM_DECORATION,
+    file_object,
 };
 use common::tls::TestCa;
 use serde_json::{Value, json};
@@ -125,11 +127,12 @@ impl Event {
     }
 }
 
+/// The events a client dispatches: blocks without data (comments, a lone
+/// `retry:`) dispatch nothing.
 fn parse_sse(text: &str) -> Vec<Event> {
     text.replace("\r\n", "\n")
         .split("\n\n")
-        .filter(|block| !block.trim().is_empty())
-        .map(|block| {
+        .filter_map(|block| {
             let mut name = None;
             let mut data = Vec::new();
             for line in block.lines() {
@@ -139,16 +142,17 @@ fn parse_sse(text: &str) -> Vec<Event> {
                     data.push(v.strip_prefix(' ').unwrap_or(v));
                 }
             }
-            Event {
+            (!data.is_empty()).then(|| Event {
                 name,
                 data: data.join("\n"),
-            }
+            })
         })
         .collect()
 }
 
-/// Strings that identify the provider's answer; none may reach a client.
-const PROVIDER_TRACES: [&str; 9] = [
+/// Strings that identify the provider's answer; none may reach a client
+/// ("PROVIDERID" is part of every provider id the mock sends).
+const PROVIDER_TRACES: [&str; 8] = [
     "PROVIDERID",
     PROVIDER_MODEL,
     ANTHROPIC_MODEL,
@@ -157,7 +161,6 @@ const PROVIDER_TRACES: [&str; 9] = [
     "system_fingerprint",
     "service_tier",
     "x_provider_trace",
-    "modelVersion",
 ];
 
 fn assert_no_provider_traces(text: &str) {
@@ -324,9 +327,9 @@ async fn credentials_are_swapped(mock: &MockUpstream, gw: &TestGateway) {
     assert_eq!(r.header("x-goog-api-key"), Some(GEMINI_KEY));
     assert!(r.headers.get("authorization").is_none());
     assert_no_client_credentials(&r);
-    // Gemini's model version is provider detail too.
+    // Gemini's model version is the model named in the path.
     let v = a.json();
-    assert!(v.get("modelVersion").is_none(), "{v}");
+    assert_eq!(v["modelVersion"], "gemini-1.5-pro");
     assert_eq!(
         v["candidates"][0]["content"]["parts"][0]["text"],
         "Hello from the mock."
@@ -733,6 +736,135 @@ async fn json_bodies_are_rewritten_and_usage_is_counted() {
 }
 
 #[tokio::test]
+async fn resources_keep_their_ids_and_lose_account_details() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "").await;
+
+    let a = get(&gw, "/v1/models").await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(
+        a.json(),
+        json!({
+            "object": "list",
+            "data": [
+                {"id": "gpt-4o", "object": "model", "created": 1715367049, "owned_by": "system"},
+                {"id": FINE_TUNED_MODEL, "object": "model", "created": 1721000000, "owned_by": "organization-owner"}
+            ]
+        })
+    );
+    assert!(!a.text.contains(MODEL_OWNER_USER), "{}", a.text);
+
+    for id in ["gpt-4o", FINE_TUNED_MODEL] {
+        let a = get(&gw, &format!("/openai/v1/models/{id}")).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        let v = a.json();
+        assert_eq!(v["id"], id);
+        assert_eq!(v["object"], "model");
+        assert_ne!(v["owned_by"], ORGANIZATION);
+        assert!(!a.text.contains(ORGANIZATION), "{}", a.text);
+    }
+
+    // A fine-tuning job: its id, its base model and the file it names are
+    // what the client reuses; the organisation is not the client's business.
+    let a = get(&gw, &format!("/v1/fine_tuning/jobs/{FINE_TUNING_JOB_ID}")).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let v = a.json();
+    assert_eq!(v["id"], FINE_TUNING_JOB_ID);
+    assert_eq!(v["model"], "gpt-4o-mini-2024-07-18");
+    assert_eq!(v["training_file"], FILE_ID);
+    assert!(v.get("organization_id").is_none(), "{v}");
+    assert!(!a.text.contains(ORGANIZATION), "{}", a.text);
+
+    let a = get(&gw, &format!("/v1/files/{FILE_ID}")).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.json(), file_object());
+
+    // Resources report no usage of this request.
+    eventually_metric(
+        &gw,
+        "keyrouter_requests_total",
+        &[("provider", "openai"), ("code", "200")],
+        5.0,
+    )
+    .await;
+    assert_eq!(
+        metric(&gw, "keyrouter_tokens_total", &[("provider", "openai")]).await,
+        0.0
+    );
+}
+
+/// The `responseId` of every Gemini answer or chunk in `chunks`: one
+/// keyrouter id for the whole answer, never the provider's. Checks each
+/// names the model of the path.
+fn gemini_response_id(chunks: &[Value]) -> String {
+    let id = chunks[0]["responseId"].as_str().unwrap().to_owned();
+    assert!(!id.is_empty() && id != GEMINI_RESPONSE_ID, "{id}");
+    for chunk in chunks {
+        assert_eq!(chunk["responseId"], id.as_str(), "one id per answer");
+        assert_eq!(chunk["modelVersion"], "gemini-1.5-pro");
+    }
+    id
+}
+
+#[tokio::test]
+async fn gemini_answers_get_our_id_the_path_model_and_count_tokens() {
+    let mock = MockUpstream::start().await;
+    let gw = TestGateway::builder()
+        .providers(&provider("gemini", "gemini", &mock.url, ""))
+        .start()
+        .await;
+    let key = gw
+        .post(
+            "/keys",
+            json!({"key_material": GEMINI_KEY, "provider_id": "gemini", "limits": {"tpm": 100000}}),
+        )
+        .send()
+        .await;
+    assert_eq!(key.status, 201, "{}", key.text);
+    let key_id = key.json()["id"].as_str().unwrap().to_owned();
+    let body = json!({"contents": [{"parts": [{"text": "hi"}]}]});
+    let base = "/gemini/v1beta/models/gemini-1.5-pro";
+
+    // generateContent: 4 prompt, 5 answer + 3 thinking tokens.
+    let a = post(&gw, &format!("{base}:generateContent"), &body).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_no_provider_traces(&a.text);
+    let v = a.json();
+    let first = gemini_response_id(std::slice::from_ref(&v));
+    assert_eq!(
+        v["candidates"][0]["content"]["parts"][0]["text"],
+        "Hello from the mock."
+    );
+    assert_eq!(v["usageMetadata"]["totalTokenCount"], 12);
+    // The tpm window holds what the provider reported, not the
+    // reservation made before (input estimate + 512 output tokens).
+    let used =
+        gw.get(&format!("/keys/{key_id}")).send().await.json()["usage"]["tokens_last_minute"]
+            .as_u64()
+            .unwrap();
+    assert!((1..=12).contains(&used), "tokens_last_minute {used}");
+
+    // streamGenerateContent as SSE and as one JSON array: 4 + 2 each.
+    let a = post(&gw, &format!("{base}:streamGenerateContent?alt=sse"), &body).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_no_provider_traces(&a.text);
+    let events: Vec<Value> = parse_sse(&a.text).iter().map(Event::json).collect();
+    assert_eq!(events.len(), 2, "{}", a.text);
+    let streamed = gemini_response_id(&events);
+    let a = post(&gw, &format!("{base}:streamGenerateContent"), &body).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_no_provider_traces(&a.text);
+    let chunks = a.json().as_array().unwrap().clone();
+    assert_eq!(chunks.len(), 2, "{}", a.text);
+    let arrayed = gemini_response_id(&chunks);
+    assert!(first != streamed && streamed != arrayed && first != arrayed);
+
+    let gemini = |kind| [("provider", "gemini"), ("kind", kind)];
+    eventually_metric(&gw, "keyrouter_tokens_total", &gemini("prompt"), 12.0).await;
+    eventually_metric(&gw, "keyrouter_tokens_total", &gemini("completion"), 12.0).await;
+}
+
+#[tokio::test]
 async fn strip_usage_removes_usage_but_still_counts_tokens() {
     let mock = MockUpstream::start().await;
     let gw = gateway(&mock, "[sanitize]\nstrip_usage = true").await;
@@ -845,7 +977,7 @@ async fn streams_are_rewritten_event_by_event_and_counted() {
     assert_eq!(a.status, 200);
     assert_anthropic_stream(&a.text, "claude-3-5-haiku-latest");
 
-    // Gemini streams use CRLF line ends; modelVersion goes.
+    // Gemini streams use CRLF line ends.
     let a = post(
         &gw,
         "/gemini/v1beta/models/gemini-1.5-pro:streamGenerateContent?alt=sse&key=CLIENTKEY",
@@ -943,7 +1075,38 @@ async fn streams_split_into_tiny_fragments_are_still_rewritten() {
     .await;
 }
 
-/// Reads the body until the first complete SSE event; returns it and what
+#[tokio::test]
+async fn stream_comments_lose_their_text_and_event_ids_go() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "").await;
+    for fragment in ["0", "3"] {
+        let a = post_with(
+            &gw,
+            "/openai/v1/chat/completions",
+            &chat_stream("gpt-4o-mini"),
+            &[("x-mock-decorate", "1"), ("x-mock-fragment", fragment)],
+        )
+        .await;
+        assert_eq!(a.status, 200);
+        assert_openai_stream(&a.text, "gpt-4o-mini");
+        for trace in STREAM_DECORATION {
+            assert!(
+                !a.text.contains(trace),
+                "{trace} reached the client: {}",
+                a.text
+            );
+        }
+        let lines: Vec<&str> = a.text.lines().collect();
+        assert!(!lines.iter().any(|l| l.starts_with("id")), "{}", a.text);
+        // Comments stay as bare keep-alives; the retry hint stays.
+        let comments = lines.iter().filter(|l| l.starts_with(':')).count();
+        assert_eq!(comments, 7, "{}", a.text);
+        assert!(lines.iter().all(|l| !l.starts_with(':') || *l == ":"));
+        assert_eq!(lines.iter().filter(|l| **l == "retry: 3000").count(), 1);
+    }
+}
+
+/// Reads the body until the first complete SSE event; returns it and what/// Reads the body until the first complete SSE event; returns it and what
 /// else arrived with it.
 async fn first_event(resp: &mut reqwest::Response) -> String {
     let mut text = String::new();
@@ -1271,6 +1434,67 @@ async fn answers_the_provider_breaks_off_count_as_upstream_errors() {
         0.0,
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_stream_event_larger_than_the_body_limit_ends_the_stream() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "[server]\nmax_body_bytes = 65536").await;
+    let mut resp = gw
+        .client()
+        .post(gw.proxy_url("/openai/v1/chat/completions"))
+        .header("x-mock-unterminated", "262144")
+        .json(&chat_stream("gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // The provider never ends its second event and then goes silent: the
+    // client sees the stream break off instead of waiting while keyrouter
+    // buffers.
+    let read = async {
+        let mut text = String::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => text.push_str(std::str::from_utf8(&chunk).unwrap()),
+                Ok(None) => break (text, Ok(())),
+                Err(e) => break (text, Err(e)),
+            }
+        }
+    };
+    let (text, outcome) = tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("the stream neither ended nor broke off");
+    assert!(outcome.is_err(), "the client saw a complete stream: {text}");
+    assert_no_provider_traces(&text);
+    let events = parse_sse(&text);
+    assert_eq!(events.len(), 1, "{text}");
+    assert_eq!(events[0].json()["model"], "gpt-4o");
+    assert!(
+        !text.contains("aaaa"),
+        "part of the oversized event went out"
+    );
+
+    eventually_metric(
+        &gw,
+        "keyrouter_requests_total",
+        &[("provider", "openai"), ("code", "502")],
+        1.0,
+    )
+    .await;
+    eventually_metric(
+        &gw,
+        "keyrouter_inflight_requests",
+        &[("provider", "openai")],
+        0.0,
+    )
+    .await;
+    // The provider's stream is closed, not left hanging.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mock.open_streams() > 0 {
+        assert!(Instant::now() < deadline, "the provider stream stayed open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! The streamed response body: provider frames go to the client as they
 //! arrive, SSE events rewritten on the way, and the request is accounted
 //! (metrics, access log, key lease) exactly once, when the stream ends, breaks
-//! or is abandoned by the client.
+//! (or outgrows the event size limit) or is abandoned by the client.
 //!
 //! Back-pressure is hyper's: the next provider frame is polled only when the
 //! client connection took the previous one. When the client goes away, hyper
@@ -11,7 +11,7 @@
 use super::outcome::{Completion, End};
 use crate::http::BoxError;
 use crate::sanitize::json::{Rewrite, Usage};
-use crate::sanitize::sse::SseRewriter;
+use crate::sanitize::stream::StreamRewriter;
 use bytes::Bytes;
 use http_body::{Body, Frame};
 use std::pin::Pin;
@@ -36,8 +36,8 @@ impl RewriteSpec {
 
 /// How the body is treated.
 pub enum Mode {
-    /// SSE: every event rewritten.
-    Events(Box<SseRewriter>, RewriteSpec),
+    /// A stream of records (SSE events): every record rewritten.
+    Records(Box<StreamRewriter>, RewriteSpec),
     /// Anything else that is streamed: bytes pass unchanged.
     Raw,
 }
@@ -92,9 +92,14 @@ where
                     };
                     match &mut this.mode {
                         Mode::Raw => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                        Mode::Events(sse, spec) => {
+                        Mode::Records(stream, spec) => {
                             let mut out = Vec::with_capacity(data.len() + 32);
-                            sse.push(&data, &spec.as_rewrite(), &mut this.usage, &mut out);
+                            let rw = spec.as_rewrite();
+                            if let Err(e) = stream.push(&data, &rw, &mut this.usage, &mut out) {
+                                // The client sees the stream break off.
+                                this.end(End::Oversized);
+                                return Poll::Ready(Some(Err(e.into())));
+                            }
                             if !out.is_empty() {
                                 return Poll::Ready(Some(Ok(Frame::data(out.into()))));
                             }
@@ -108,9 +113,9 @@ where
                 None => {
                     let mut tail = Vec::new();
                     let mut end = End::Complete;
-                    if let Mode::Events(sse, spec) = &mut this.mode {
-                        sse.finish(&spec.as_rewrite(), &mut this.usage, &mut tail);
-                        if sse.errored() {
+                    if let Mode::Records(stream, spec) = &mut this.mode {
+                        stream.finish(&spec.as_rewrite(), &mut this.usage, &mut tail);
+                        if stream.errored() {
                             end = End::ErrorEvent;
                         }
                     }

@@ -6,6 +6,7 @@
 //!        route        target → provider + upstream URI               route.rs
 //!        client auth  JWT, provider allow-list, client rpm           client_auth.rs
 //!        read body    capped at max_body_bytes, kept for replay
+//!        peek         requested model (body or Gemini path), output cap  peek.rs
 //!        attempts     up to 1 + retry_budget:
 //!          pick key   policy over active keys, limits, permit        pick.rs
 //!          send       credentials swapped, identity encoding         upstream.rs
@@ -25,6 +26,7 @@ mod client_auth;
 mod cors;
 pub mod error;
 mod outcome;
+mod peek;
 mod pick;
 mod respond;
 pub mod route;
@@ -125,7 +127,7 @@ impl ProxyApi {
             ReadBodyError::TooLarge => ProxyError::BodyTooLarge,
             ReadBodyError::Broken => ProxyError::BrokenRequestBody,
         })?;
-        let peek = respond::peek_request(&parts.headers, &body);
+        let peek = peek::peek_request(&parts.headers, parts.uri.path(), &body);
 
         let mut tried: Vec<Arc<PoolKey>> = Vec::new();
         let mut last: Option<(ProxyError, bool)> = None;
@@ -210,7 +212,10 @@ impl ProxyApi {
                             model: peek.model,
                             strip_usage: self.app.config.sanitize.strip_usage,
                         };
-                        return respond::respond(resp, &key, spec, completion).await;
+                        // No single streamed event may be larger than the
+                        // largest body accepted from a client.
+                        let max_record = self.app.config.server.max_body_bytes;
+                        return respond::respond(resp, &key, spec, max_record, completion).await;
                     }
                     Answer::Refused(e) => return Err(e),
                     Answer::KeyFault(verdict) => {

@@ -21,6 +21,9 @@ pub enum End {
     ErrorEvent,
     /// The provider broke the stream off.
     Broken,
+    /// A streamed event outgrew the size limit; keyrouter broke the stream
+    /// off.
+    Oversized,
     /// The client went away first.
     ClientGone,
 }
@@ -31,6 +34,7 @@ impl End {
             End::Complete => "complete",
             End::ErrorEvent => "error_event",
             End::Broken => "broken",
+            End::Oversized => "oversized_event",
             End::ClientGone => "client_gone",
         }
     }
@@ -101,7 +105,7 @@ impl Drop for Completion {
         // error, whatever status line went out; an abandoned one is 499.
         let code = match self.end {
             End::Complete => self.status,
-            End::ErrorEvent | End::Broken => StatusCode::BAD_GATEWAY,
+            End::ErrorEvent | End::Broken | End::Oversized => StatusCode::BAD_GATEWAY,
             End::ClientGone => StatusCode::from_u16(CLIENT_CLOSED).expect("a valid code"),
         };
         m.requests.inc(code);

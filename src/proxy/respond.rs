@@ -11,7 +11,7 @@ use crate::http::{Body, full};
 use crate::keys::pool::PoolKey;
 use crate::sanitize::json::{Usage, rewrite};
 use crate::sanitize::scrub;
-use crate::sanitize::sse::SseRewriter;
+use crate::sanitize::stream::{Framing, StreamRewriter};
 use http::Response;
 use http::header::{self, HeaderMap, HeaderValue};
 use http_body_util::BodyExt;
@@ -28,55 +28,6 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 const MAX_MESSAGE_CHARS: usize = 1000;
 /// Time allowed for reading a provider's error body.
 const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What keyrouter reads from a JSON request body: the model the client
-/// asked for (written back into responses) and its output token cap (for
-/// the `tpm` reservation). One pass over the body.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct RequestPeek {
-    pub model: Option<String>,
-    max_output_tokens: Option<u64>,
-}
-
-/// Output tokens reserved for a request that names no cap: the estimate is
-/// corrected when the provider reports usage.
-const DEFAULT_OUTPUT_TOKENS: u64 = 512;
-
-impl RequestPeek {
-    /// Tokens to reserve before the provider reports usage: the input at
-    /// about four bytes per token plus the output cap.
-    pub fn estimated_tokens(&self, body_len: usize) -> u64 {
-        (body_len as u64).div_ceil(4) + self.max_output_tokens.unwrap_or(DEFAULT_OUTPUT_TOKENS)
-    }
-}
-
-pub fn peek_request(headers: &HeaderMap, body: &[u8]) -> RequestPeek {
-    #[derive(serde::Deserialize)]
-    struct Peek<'a> {
-        #[serde(borrow)]
-        model: Option<std::borrow::Cow<'a, str>>,
-        max_tokens: Option<u64>,
-        max_completion_tokens: Option<u64>,
-        max_output_tokens: Option<u64>,
-    }
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.contains("json"));
-    if !json || body.is_empty() {
-        return RequestPeek::default();
-    }
-    match serde_json::from_slice::<Peek>(body) {
-        Ok(p) => RequestPeek {
-            model: p.model.map(|m| m.into_owned()),
-            max_output_tokens: p
-                .max_completion_tokens
-                .or(p.max_tokens)
-                .or(p.max_output_tokens),
-        },
-        Err(_) => RequestPeek::default(),
-    }
-}
 
 /// What a provider's answer means for the attempt.
 pub enum Answer {
@@ -160,11 +111,13 @@ pub async fn classify(resp: Response<Incoming>, key: &PoolKey) -> Answer {
     }
 }
 
-/// The client's response for the provider's answer `resp`.
+/// The client's response for the provider's answer `resp`. A streamed
+/// event longer than `max_record` bytes ends the stream.
 pub async fn respond(
     resp: Response<Incoming>,
     key: &Arc<PoolKey>,
     spec: RewriteSpec,
+    max_record: usize,
     completion: &mut Option<Completion>,
 ) -> Result<Response<Body>, ProxyError> {
     let status = resp.status();
@@ -203,16 +156,16 @@ pub async fn respond(
             };
             let mut usage = Usage::default();
             let mut rewritten = Vec::with_capacity(bytes.len() + 16);
-            let body = if rewrite(&bytes, &spec.as_rewrite(), &mut rewritten, &mut usage) {
-                full(rewritten)
-            } else {
-                full(bytes)
+            let body = match rewrite(&bytes, &spec.as_rewrite(), &mut rewritten, &mut usage) {
+                Some(_) => full(rewritten),
+                None => full(bytes),
             };
             acct.finish(End::Complete, usage);
             body
         }
         BodyKind::EventStream => {
-            let mode = Mode::Events(Box::new(SseRewriter::new()), spec);
+            let stream = StreamRewriter::new(Framing::Events, max_record);
+            let mode = Mode::Records(Box::new(stream), spec);
             BodyExt::boxed(StreamBody::new(resp.into_body(), mode, acct))
         }
         BodyKind::Other => BodyExt::boxed(StreamBody::new(resp.into_body(), Mode::Raw, acct)),
@@ -337,28 +290,5 @@ mod tests {
             BodyKind::Json
         ));
         assert!(matches!(BodyKind::of("audio/mpeg"), BodyKind::Other));
-    }
-
-    #[test]
-    fn request_peek_reads_json_bodies_only() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        let body =
-            br#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4o","max_tokens":100}"#;
-        let peek = peek_request(&h, body);
-        assert_eq!(peek.model.as_deref(), Some("gpt-4o"));
-        assert_eq!(peek.estimated_tokens(400), 200);
-        assert_eq!(
-            peek_request(&HeaderMap::new(), body),
-            RequestPeek::default()
-        );
-        let uncapped = peek_request(&h, b"{}");
-        assert_eq!(uncapped.model, None);
-        assert_eq!(uncapped.estimated_tokens(0), DEFAULT_OUTPUT_TOKENS);
-        let responses_api = peek_request(&h, br#"{"model":"o3","max_output_tokens":7}"#);
-        assert_eq!(responses_api.estimated_tokens(4), 8);
     }
 }

@@ -1,14 +1,31 @@
-//! Rewriting one JSON document from a provider: the provider's `id` becomes a
-//! keyrouter id, `model` becomes the model the client asked for, fields that
-//! identify the provider's account or deployment are dropped, and `usage`
-//! token counts are read on the way through.
+//! Rewriting one JSON document from a provider. What changes depends on
+//! what the document is, read from its `object` / `type` member:
 //!
-//! Only what must change is touched: the document is split into its
-//! top-level members as raw slices (`serde_json::value::RawValue`), the few
-//! members that matter are rewritten (recursing into `message`, `response` and
-//! `usage`, where Anthropic and the Responses API nest the same fields), and
-//! everything else is copied byte for byte. Parsing the whole body into a
-//! `Value` and serializing it again costs several times more per request.
+//! - a generated answer (chat completion and chunk, text completion,
+//!   Responses API `response`, Anthropic `message`, moderation) gets a
+//!   keyrouter `id` and the `model` the client asked for, and its `usage` is
+//!   counted; stream events that carry one (Anthropic `message_start`,
+//!   Responses `response.*`) have the nested answer rewritten the same way;
+//! - a Gemini `generateContent` answer gets a keyrouter `responseId`, the
+//!   requested model as `modelVersion`, and its `usageMetadata` counted;
+//! - an embeddings list gets the requested `model` (its items carry no id);
+//! - anything else is a resource whose `id` and `model` the client reuses
+//!   in later calls (`gpt-4o`, `file-abc`, `ftjob-abc`, an assistant, a
+//!   batch): both are kept.
+//!
+//! Every object walked, whatever its kind, loses the fields that describe the
+//! provider's deployment (`system_fingerprint`, `service_tier`, `x_*`) or
+//! account (`organization`, `organization_id`, `project_id`, an `owned_by`
+//! naming a user or organisation). The objects walked are the document, the
+//! items of a resource list, a nested answer and `usage`; generated content
+//! (messages, tool arguments, resource `metadata`) is never walked, so a
+//! tool argument named `project_id` reaches the client intact.
+//!
+//! Only what must change is touched: an object is split into its members as
+//! raw slices (`serde_json::value::RawValue`), the few members that matter
+//! are rewritten, and everything else is copied byte for byte. Parsing the
+//! whole body into a `Value` and serializing it again costs several times
+//! more per request.
 
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
@@ -37,33 +54,74 @@ pub struct Usage {
 
 impl Usage {
     fn absorb(&mut self, raw: &RawValue) {
+        /// OpenAI, Anthropic and Gemini spellings of the same counts.
         #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
         struct Counts {
-            prompt_tokens: Option<u64>,
-            completion_tokens: Option<u64>,
-            input_tokens: Option<u64>,
-            output_tokens: Option<u64>,
+            #[serde(rename = "prompt_tokens")]
+            openai_prompt: Option<u64>,
+            #[serde(rename = "completion_tokens")]
+            openai_completion: Option<u64>,
+            #[serde(rename = "input_tokens")]
+            anthropic_input: Option<u64>,
+            #[serde(rename = "output_tokens")]
+            anthropic_output: Option<u64>,
+            prompt_token_count: Option<u64>,
+            candidates_token_count: Option<u64>,
+            /// Gemini's thinking tokens are output tokens apart from the
+            /// answer's (billed as output; OpenAI's `completion_tokens`
+            /// include its reasoning tokens the same way).
+            thoughts_token_count: Option<u64>,
         }
         if let Ok(c) = serde_json::from_str::<Counts>(raw.get()) {
-            let prompt = c.prompt_tokens.or(c.input_tokens).unwrap_or(0);
-            let completion = c.completion_tokens.or(c.output_tokens).unwrap_or(0);
+            let gemini_output = match (c.candidates_token_count, c.thoughts_token_count) {
+                (None, None) => None,
+                (answer, thoughts) => Some(answer.unwrap_or(0) + thoughts.unwrap_or(0)),
+            };
+            let prompt = c
+                .openai_prompt
+                .or(c.anthropic_input)
+                .or(c.prompt_token_count)
+                .unwrap_or(0);
+            let completion = c
+                .openai_completion
+                .or(c.anthropic_output)
+                .or(gemini_output)
+                .unwrap_or(0);
             self.prompt = self.prompt.max(prompt);
             self.completion = self.completion.max(completion);
         }
     }
 }
 
-/// Members that name the provider's infrastructure, account tier or build
-/// and are dropped wherever they appear in the rewritten objects.
+/// Members that name the provider's infrastructure, account tier, build or
+/// account, dropped from every object walked.
 fn is_provider_detail(key: &str) -> bool {
     matches!(
         key,
-        "system_fingerprint" | "service_tier" | "obfuscation" | "modelVersion"
+        "system_fingerprint"
+            | "service_tier"
+            | "obfuscation"
+            | "organization"
+            | "organization_id"
+            | "project_id"
     ) || key.starts_with("x_")
         || key.starts_with("x-")
 }
 
-/// The top-level members of an object, in order, values as raw slices.
+/// What an `owned_by` naming a user or organisation becomes: OpenAI's own
+/// word for models that belong to the caller's organisation.
+const ACCOUNT_OWNER: &str = "organization-owner";
+
+/// Whether an `owned_by` value names an account (`user-…`, `org-…`) rather
+/// than a vendor (`openai`, `system`).
+fn names_account(owner: &str) -> bool {
+    ["user-", "user_", "org-", "org_"]
+        .iter()
+        .any(|p| owner.starts_with(p))
+}
+
+/// The members of an object, in order, values as raw slices.
 struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
 
 impl<'de> Deserialize<'de> for Members<'de> {
@@ -86,50 +144,161 @@ impl<'de> Deserialize<'de> for Members<'de> {
     }
 }
 
-/// Where in the document an object sits; decides which rules apply.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Level {
-    /// The document itself, or `message` / `response` inside it.
-    Object,
-    /// A `usage` object: only provider details are dropped.
-    Usage,
+impl Members<'_> {
+    fn get(&self, name: &str) -> Option<&RawValue> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
+    }
+
+    /// A member's value when it is a string.
+    fn text(&self, name: &str) -> Option<Cow<'_, str>> {
+        self.get(name).and_then(as_text)
+    }
 }
 
-/// Rewrites `input` into `out`. Returns `false` (and writes nothing) when
-/// `input` is not a JSON object; the caller then passes it on unchanged.
-/// A top-level array (Gemini's non-SSE `streamGenerateContent`) has each of
-/// its object elements rewritten.
-pub fn rewrite(input: &[u8], rw: &Rewrite, out: &mut Vec<u8>, usage: &mut Usage) -> bool {
-    out.reserve(input.len() + 16);
-    if let Ok(members) = serde_json::from_slice::<Members>(input) {
-        write_object(&members, Level::Object, 0, rw, out, usage);
-        return true;
+fn as_text(raw: &RawValue) -> Option<Cow<'_, str>> {
+    serde_json::from_str(raw.get()).ok()
+}
+
+/// What an object is; decides which of its members change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// A generated answer: new `id`, requested `model`, `usage` counted.
+    Answer,
+    /// A Gemini answer: new `responseId`, requested model as
+    /// `modelVersion`, `usageMetadata` counted.
+    Gemini,
+    /// An embeddings list: requested `model`, `usage` counted; no id.
+    Embeddings,
+    /// A stream event around an answer: its `message` / `response` is an
+    /// answer, its own `usage` (Anthropic `message_delta`) is counted.
+    Event,
+    /// A list of resources (`object: "list"`): each item of `data` is walked.
+    List,
+    /// A resource handle, an error or anything unknown: `id` and `model`
+    /// are kept.
+    Resource,
+}
+
+impl Kind {
+    /// The kind of a document (or of an element of a top-level array).
+    fn of(members: &Members) -> Kind {
+        if let Some(object) = members.text("object") {
+            return match object.as_ref() {
+                "chat.completion" | "chat.completion.chunk" | "text_completion" | "response" => {
+                    Kind::Answer
+                }
+                "list" if first_item_is(members.get("data"), "embedding") => Kind::Embeddings,
+                "list" => Kind::List,
+                _ => Kind::Resource,
+            };
+        }
+        if let Some(kind) = members.text("type") {
+            return match kind.as_ref() {
+                "message" => Kind::Answer,
+                "message_start" | "message_delta" => Kind::Event,
+                k if k.starts_with("response.") => Kind::Event,
+                _ => Kind::Resource,
+            };
+        }
+        // Moderation results carry no `object`; their `modr-` id marks them.
+        if members.text("id").is_some_and(|id| id.starts_with("modr-")) {
+            return Kind::Answer;
+        }
+        // Nor do Gemini answers; these members are theirs alone.
+        let gemini = [
+            "candidates",
+            "promptFeedback",
+            "usageMetadata",
+            "modelVersion",
+            "responseId",
+        ];
+        if members.0.iter().any(|(k, _)| gemini.contains(&k.as_ref())) {
+            return Kind::Gemini;
+        }
+        Kind::Resource
     }
-    let Ok(items) = serde_json::from_slice::<Vec<&RawValue>>(input) else {
+
+    /// The kind of the `message` / `response` inside a stream event: an
+    /// answer when it says so, else a plain resource (never another event,
+    /// so nesting stays one level deep).
+    fn of_nested(members: &Members) -> Kind {
+        match Kind::of(members) {
+            Kind::Answer => Kind::Answer,
+            _ => Kind::Resource,
+        }
+    }
+}
+
+/// Whether the first element of the array `data` is an object whose
+/// `object` is `kind`. Reads only that element, not the whole array (an
+/// embeddings list can be megabytes of numbers).
+fn first_item_is(data: Option<&RawValue>, kind: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Probe<'a> {
+        #[serde(borrow)]
+        object: Option<Cow<'a, str>>,
+    }
+    let Some(rest) = data.and_then(|d| d.get().strip_prefix('[')) else {
         return false;
     };
+    let mut de = serde_json::Deserializer::from_str(rest);
+    Probe::deserialize(&mut de).is_ok_and(|p| p.object.as_deref() == Some(kind))
+}
+
+/// What a rewritten document was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rewritten {
+    /// Anything but an error.
+    Document,
+    /// A provider error: OpenAI's and Gemini's `{"error": …}`, Anthropic's
+    /// `{"type": "error"}`, the Responses API's `{"type": "error"}` and
+    /// `{"type": "response.failed"}`.
+    Error,
+}
+
+impl Rewritten {
+    fn of(members: &Members) -> Rewritten {
+        let error_member = members.get("error").is_some_and(|e| e.get() != "null");
+        let error_type = matches!(
+            members.text("type").as_deref(),
+            Some("error" | "response.failed")
+        );
+        if error_member || error_type {
+            Rewritten::Error
+        } else {
+            Rewritten::Document
+        }
+    }
+}
+
+/// Rewrites `input` into `out`. Returns `None` (and writes nothing) when
+/// `input` is not a JSON object or array; the caller then passes it on
+/// unchanged. A top-level array (Gemini's non-SSE `streamGenerateContent`)
+/// has each of its object elements rewritten.
+pub fn rewrite(
+    input: &[u8],
+    rw: &Rewrite,
+    out: &mut Vec<u8>,
+    usage: &mut Usage,
+) -> Option<Rewritten> {
+    out.reserve(input.len() + 16);
+    if let Ok(members) = serde_json::from_slice::<Members>(input) {
+        write_object(&members, Kind::of(&members), rw, out, usage);
+        return Some(Rewritten::of(&members));
+    }
+    let items = serde_json::from_slice::<Vec<&RawValue>>(input).ok()?;
     out.push(b'[');
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(&nested(item, Level::Object, 0, rw, usage));
+        out.extend_from_slice(&nested(item, Kind::of, rw, usage));
     }
     out.push(b']');
-    true
+    Some(Rewritten::Document)
 }
 
-/// Nesting depth up to which `message`/`response` objects are rewritten.
-const MAX_DEPTH: usize = 2;
-
-fn write_object(
-    members: &Members,
-    level: Level,
-    depth: usize,
-    rw: &Rewrite,
-    out: &mut Vec<u8>,
-    usage: &mut Usage,
-) {
+fn write_object(members: &Members, kind: Kind, rw: &Rewrite, out: &mut Vec<u8>, usage: &mut Usage) {
     out.push(b'{');
     let mut first = true;
     for (key, raw) in &members.0 {
@@ -137,20 +306,21 @@ fn write_object(
         if is_provider_detail(key) {
             continue;
         }
-        let value: Option<Cow<[u8]>> = match (level, key) {
-            (Level::Object, "id") => Some(Cow::Owned(new_id(raw, rw.id_suffix))),
-            (Level::Object, "model") => rw.model.map(|m| Cow::Owned(json_string(m))),
-            (Level::Object, "usage") => {
+        let value: Option<Cow<[u8]>> = match (kind, key) {
+            (_, "owned_by") => Some(owner(raw)),
+            (Kind::Answer, "id") => Some(Cow::Owned(new_id(raw, rw.id_suffix))),
+            // Gemini ids have no type prefix to keep.
+            (Kind::Gemini, "responseId") => Some(Cow::Owned(json_string(rw.id_suffix))),
+            (Kind::Answer | Kind::Embeddings, "model") | (Kind::Gemini, "modelVersion") => {
+                rw.model.map(|m| Cow::Owned(json_string(m)))
+            }
+            (Kind::Answer | Kind::Embeddings | Kind::Event, "usage")
+            | (Kind::Gemini, "usageMetadata") => {
                 usage.absorb(raw);
-                if rw.strip_usage {
-                    None
-                } else {
-                    Some(nested(raw, Level::Usage, depth, rw, usage))
-                }
+                (!rw.strip_usage).then(|| nested(raw, |_| Kind::Resource, rw, usage))
             }
-            (Level::Object, "message" | "response") if depth < MAX_DEPTH => {
-                Some(nested(raw, Level::Object, depth, rw, usage))
-            }
+            (Kind::Event, "message" | "response") => Some(nested(raw, Kind::of_nested, rw, usage)),
+            (Kind::List, "data") => Some(list_items(raw, rw, usage)),
             _ => Some(Cow::Borrowed(raw.get().as_bytes())),
         };
         let Some(value) = value else { continue };
@@ -165,21 +335,46 @@ fn write_object(
     out.push(b'}');
 }
 
-/// Rewrites a nested value when it is an object, else keeps it as it is.
+/// Rewrites a nested value as the kind `kind_of` gives it when it is an
+/// object, else keeps it as it is.
 fn nested<'r>(
     raw: &'r RawValue,
-    level: Level,
-    depth: usize,
+    kind_of: fn(&Members) -> Kind,
     rw: &Rewrite,
     usage: &mut Usage,
 ) -> Cow<'r, [u8]> {
     match serde_json::from_str::<Members>(raw.get()) {
         Ok(members) => {
             let mut buf = Vec::with_capacity(raw.get().len());
-            write_object(&members, level, depth + 1, rw, &mut buf, usage);
+            write_object(&members, kind_of(&members), rw, &mut buf, usage);
             Cow::Owned(buf)
         }
         Err(_) => Cow::Borrowed(raw.get().as_bytes()),
+    }
+}
+
+/// The items of a resource list, each walked as a resource.
+fn list_items<'r>(raw: &'r RawValue, rw: &Rewrite, usage: &mut Usage) -> Cow<'r, [u8]> {
+    let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(raw.get()) else {
+        return Cow::Borrowed(raw.get().as_bytes());
+    };
+    let mut buf = Vec::with_capacity(raw.get().len());
+    buf.push(b'[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        buf.extend_from_slice(&nested(item, |_| Kind::Resource, rw, usage));
+    }
+    buf.push(b']');
+    Cow::Owned(buf)
+}
+
+/// An `owned_by` value, with an account name replaced by [`ACCOUNT_OWNER`].
+fn owner(raw: &RawValue) -> Cow<'_, [u8]> {
+    match as_text(raw) {
+        Some(owner) if names_account(&owner) => Cow::Owned(json_string(ACCOUNT_OWNER)),
+        _ => Cow::Borrowed(raw.get().as_bytes()),
     }
 }
 
@@ -187,8 +382,9 @@ fn nested<'r>(
 /// to the first `-` or `_`, e.g. `chatcmpl-`, `msg_`, `resp_`) and our own
 /// random part. Anything else about the provider's id is dropped.
 fn new_id(raw: &RawValue, suffix: &str) -> Vec<u8> {
-    let original: Option<&str> = serde_json::from_str(raw.get()).ok();
+    let original = as_text(raw);
     let prefix = original
+        .as_deref()
         .and_then(|id| {
             let end = id.find(['-', '_'])?;
             let p = &id[..=end];
@@ -209,6 +405,7 @@ fn json_string(s: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::{Value, json};
 
     fn run(input: &Value, model: Option<&str>, strip_usage: bool) -> (Value, Usage) {
@@ -219,12 +416,7 @@ mod tests {
         };
         let mut out = Vec::new();
         let mut usage = Usage::default();
-        assert!(rewrite(
-            input.to_string().as_bytes(),
-            &rw,
-            &mut out,
-            &mut usage
-        ));
+        assert!(rewrite(input.to_string().as_bytes(), &rw, &mut out, &mut usage).is_some());
         (serde_json::from_slice(&out).unwrap(), usage)
     }
 
@@ -316,7 +508,7 @@ mod tests {
 
     #[test]
     fn strip_usage_and_missing_model() {
-        let body = json!({"id": "cmpl-1", "model": "m-snap", "usage": {"prompt_tokens": 3, "completion_tokens": 4}});
+        let body = json!({"id": "cmpl-1", "object": "text_completion", "model": "m-snap", "usage": {"prompt_tokens": 3, "completion_tokens": 4}});
         let (v, usage) = run(&body, None, true);
         assert!(v.get("usage").is_none());
         assert!(v.get("model").is_none());
@@ -331,11 +523,12 @@ mod tests {
 
     #[test]
     fn odd_ids_lose_everything_but_a_plain_prefix() {
-        let (v, _) = run(&json!({"id": "org-secret/abc"}), None, false);
+        let answer = |id: Value| json!({"id": id, "object": "chat.completion"});
+        let (v, _) = run(&answer(json!("org-secret/abc")), None, false);
         assert_eq!(v["id"], "org-kr0123456789");
-        let (v, _) = run(&json!({"id": "123-456"}), None, false);
+        let (v, _) = run(&answer(json!("123-456")), None, false);
         assert_eq!(v["id"], "kr0123456789");
-        let (v, _) = run(&json!({"id": 42}), None, false);
+        let (v, _) = run(&answer(json!(42)), None, false);
         assert_eq!(v["id"], "kr0123456789");
     }
 
@@ -348,21 +541,27 @@ mod tests {
 
     #[test]
     fn arrays_have_each_object_rewritten() {
-        let body = json!([{"id": "a-1", "model": "snap", "system_fingerprint": "fp"}, 7]);
+        let body = json!([{"id": "a-1", "object": "chat.completion.chunk", "model": "snap", "system_fingerprint": "fp"}, 7]);
         let rw = Rewrite {
             id_suffix: "kr1",
             model: Some("m"),
             strip_usage: false,
         };
         let mut out = Vec::new();
-        assert!(rewrite(
-            body.to_string().as_bytes(),
-            &rw,
-            &mut out,
-            &mut Usage::default()
-        ));
+        assert!(
+            rewrite(
+                body.to_string().as_bytes(),
+                &rw,
+                &mut out,
+                &mut Usage::default()
+            )
+            .is_some()
+        );
         let v: Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v, json!([{"id": "a-kr1", "model": "m"}, 7]));
+        assert_eq!(
+            v,
+            json!([{"id": "a-kr1", "object": "chat.completion.chunk", "model": "m"}, 7])
+        );
     }
 
     #[test]
@@ -374,8 +573,257 @@ mod tests {
         };
         let mut out = Vec::new();
         let mut usage = Usage::default();
-        assert!(!rewrite(b"{not json", &rw, &mut out, &mut usage));
-        assert!(!rewrite(b"\"text\"", &rw, &mut out, &mut usage));
+        assert_eq!(rewrite(b"{not json", &rw, &mut out, &mut usage), None);
+        assert_eq!(rewrite(b"\"text\"", &rw, &mut out, &mut usage), None);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn models_keep_their_ids_and_lose_account_owners() {
+        let list = json!({
+            "object": "list",
+            "data": [
+                {"id": "gpt-4o", "object": "model", "created": 1715367049, "owned_by": "system"},
+                {"id": "ft:gpt-4o-mini-2024-07-18:acme::9A8b7C6d", "object": "model", "created": 1, "owned_by": "user-abc123"},
+                {"id": "ft:gpt-4o-mini:acme::x1", "object": "model", "created": 2, "owned_by": "org-mockorganization", "organization_id": "org-mock"}
+            ]
+        });
+        let (v, usage) = run(&list, Some("unused"), false);
+        assert_eq!(
+            v,
+            json!({
+                "object": "list",
+                "data": [
+                    {"id": "gpt-4o", "object": "model", "created": 1715367049, "owned_by": "system"},
+                    {"id": "ft:gpt-4o-mini-2024-07-18:acme::9A8b7C6d", "object": "model", "created": 1, "owned_by": "organization-owner"},
+                    {"id": "ft:gpt-4o-mini:acme::x1", "object": "model", "created": 2, "owned_by": "organization-owner"}
+                ]
+            })
+        );
+        assert_eq!(usage, Usage::default());
+        let one = json!({"id": "gpt-4o", "object": "model", "created": 1, "owned_by": "openai"});
+        assert_eq!(run(&one, Some("unused"), false).0, one);
+    }
+
+    #[test]
+    fn resources_keep_id_and_model_but_lose_account_fields() {
+        let job = json!({
+            "object": "fine_tuning.job", "id": "ftjob-abc123", "model": "gpt-4o-mini-2024-07-18",
+            "fine_tuned_model": null, "organization_id": "org-123", "project_id": "proj_abc",
+            "status": "queued", "metadata": {"project_id": "the client's own"}
+        });
+        let (v, _) = run(&job, Some("gpt-4o"), false);
+        assert_eq!(
+            v,
+            json!({
+                "object": "fine_tuning.job", "id": "ftjob-abc123", "model": "gpt-4o-mini-2024-07-18",
+                "fine_tuned_model": null, "status": "queued", "metadata": {"project_id": "the client's own"}
+            })
+        );
+        let file = json!({"id": "file-abc123", "object": "file", "bytes": 120000, "filename": "batch.jsonl", "purpose": "batch", "organization": "org-x"});
+        let (v, _) = run(&file, Some("gpt-4o"), false);
+        assert_eq!(v["id"], "file-abc123");
+        assert!(v.get("organization").is_none(), "{v}");
+        // A batch reports the tokens of its whole run: not this request's.
+        let batch = json!({"id": "batch_abc", "object": "batch", "usage": {"input_tokens": 900, "output_tokens": 100}});
+        let (v, usage) = run(&batch, None, true);
+        assert_eq!(v, batch);
+        assert_eq!(usage, Usage::default());
+        let anthropic_model = json!({"type": "model", "id": "claude-3-5-sonnet-20241022", "display_name": "Claude 3.5 Sonnet"});
+        assert_eq!(run(&anthropic_model, Some("x"), false).0, anthropic_model);
+    }
+
+    #[test]
+    fn embeddings_get_the_requested_model_and_no_id() {
+        let body = json!({
+            "object": "list", "model": "text-embedding-3-small-snapshot",
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.1, -0.2]}],
+            "usage": {"prompt_tokens": 5, "total_tokens": 5}
+        });
+        let (v, usage) = run(&body, Some("text-embedding-3-small"), false);
+        assert_eq!(v["model"], "text-embedding-3-small");
+        assert_eq!(v["data"], body["data"]);
+        assert!(v.get("id").is_none());
+        assert_eq!(
+            usage,
+            Usage {
+                prompt: 5,
+                completion: 0
+            }
+        );
+    }
+
+    #[test]
+    fn account_fields_leave_answers_too() {
+        let body = json!({"id": "chatcmpl-1", "object": "chat.completion", "organization": "org-x", "project_id": "proj_y", "choices": []});
+        let (v, _) = run(&body, Some("gpt-4o"), false);
+        assert_eq!(
+            v,
+            json!({"id": "chatcmpl-kr0123456789", "object": "chat.completion", "choices": []})
+        );
+    }
+
+    #[test]
+    fn generated_content_is_never_walked() {
+        let tool_input =
+            json!({"project_id": "p-1", "organization": "acme", "x_coord": 3, "id": "row-9"});
+        let message = json!({
+            "id": "msg_01", "type": "message", "model": "claude-3-5-sonnet-20241022", "role": "assistant",
+            "content": [{"type": "tool_use", "id": "toolu_01A", "name": "lookup", "input": tool_input}]
+        });
+        let (v, _) = run(&message, Some("claude-3-5-sonnet-latest"), false);
+        assert_eq!(v["id"], "msg_kr0123456789");
+        assert_eq!(v["content"], message["content"]);
+
+        let completion = json!({
+            "id": "chatcmpl-1", "object": "chat.completion",
+            "choices": [{"message": {"role": "assistant", "tool_calls": [{"id": "call_abc", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}]
+        });
+        let (v, _) = run(&completion, Some("gpt-4o"), false);
+        assert_eq!(v["choices"], completion["choices"]);
+
+        // Stream events that are not answers keep the ids the client reuses.
+        let block = json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_01A", "name": "lookup", "input": {}}});
+        assert_eq!(run(&block, Some("m"), false).0, block);
+        let item = json!({"type": "response.output_item.added", "output_index": 0, "item": {"id": "fc_01", "type": "function_call", "call_id": "call_1"}});
+        assert_eq!(run(&item, Some("m"), false).0, item);
+    }
+
+    #[test]
+    fn gemini_answers_get_our_id_the_asked_model_and_count_tokens() {
+        let body = json!({
+            "candidates": [{"content": {"parts": [{"text": "Hi"}], "role": "model"}, "finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 5, "thoughtsTokenCount": 3, "totalTokenCount": 12},
+            "modelVersion": "gemini-1.5-pro-002",
+            "responseId": "mAitaLmkHPPlz7IPvtfUqQQ"
+        });
+        let (v, usage) = run(&body, Some("gemini-1.5-pro"), false);
+        assert_eq!(v["responseId"], "kr0123456789");
+        assert_eq!(v["modelVersion"], "gemini-1.5-pro");
+        assert_eq!(v["candidates"], body["candidates"]);
+        assert_eq!(v["usageMetadata"], body["usageMetadata"]);
+        assert_eq!(
+            usage,
+            Usage {
+                prompt: 4,
+                completion: 8
+            }
+        );
+        let (v, usage) = run(&body, None, true);
+        assert!(v.get("modelVersion").is_none(), "{v}");
+        assert!(v.get("usageMetadata").is_none(), "{v}");
+        assert_eq!(usage.prompt, 4);
+        // A prompt blocked before any candidate.
+        let blocked = json!({"promptFeedback": {"blockReason": "SAFETY"}, "modelVersion": "gemini-1.5-pro-002"});
+        let (v, _) = run(&blocked, Some("gemini-1.5-pro"), false);
+        assert_eq!(v["modelVersion"], "gemini-1.5-pro");
+        // Chunks of a non-SSE stream: one array, every element rewritten,
+        // the largest counts kept.
+        let chunks = json!([
+            {"candidates": [], "usageMetadata": {"promptTokenCount": 4}, "modelVersion": "gemini-1.5-pro-002", "responseId": "r1"},
+            {"candidates": [], "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 2}, "modelVersion": "gemini-1.5-pro-002", "responseId": "r1"}
+        ]);
+        let (v, usage) = run(&chunks, Some("gemini-1.5-pro"), false);
+        for chunk in v.as_array().unwrap() {
+            assert_eq!(chunk["responseId"], "kr0123456789");
+            assert_eq!(chunk["modelVersion"], "gemini-1.5-pro");
+        }
+        assert_eq!(
+            usage,
+            Usage {
+                prompt: 4,
+                completion: 2
+            }
+        );
+    }
+
+    #[test]
+    fn provider_errors_are_told_apart() {
+        let found = |body: Value| {
+            let mut out = Vec::new();
+            let rw = Rewrite {
+                id_suffix: "x",
+                model: None,
+                strip_usage: false,
+            };
+            rewrite(
+                body.to_string().as_bytes(),
+                &rw,
+                &mut out,
+                &mut Usage::default(),
+            )
+        };
+        for error in [
+            json!({"error": {"message": "overloaded"}}),
+            json!({"error": {"code": 500, "status": "INTERNAL"}}),
+            json!({"type": "error", "error": {"type": "overloaded_error"}}),
+            json!({"type": "error", "code": "server_error", "message": "x"}),
+            json!({"type": "response.failed", "response": {"object": "response"}}),
+        ] {
+            assert_eq!(found(error.clone()), Some(Rewritten::Error), "{error}");
+        }
+        for fine in [
+            json!({"id": "chatcmpl-1", "object": "chat.completion", "error": null}),
+            json!({"type": "response.completed", "response": {"error": null}}),
+            json!([{"error": "inside an array is content"}]),
+        ] {
+            assert_eq!(found(fine.clone()), Some(Rewritten::Document), "{fine}");
+        }
+    }
+
+    #[test]
+    fn moderations_are_answers() {
+        let body = json!({"id": "modr-970d409ef3bef3b70c73d8232df86e7d", "model": "omni-moderation-2024-09-26", "results": [{"flagged": false}]});
+        let (v, _) = run(&body, Some("omni-moderation-latest"), false);
+        assert_eq!(v["id"], "modr-kr0123456789");
+        assert_eq!(v["model"], "omni-moderation-latest");
+        assert_eq!(v["results"], body["results"]);
+    }
+
+    /// Any JSON value.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            ".{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                proptest::collection::btree_map(".{0,8}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Members that are not rewritten come out equal to what went in,
+        /// whatever they hold.
+        #[test]
+        fn untouched_members_survive(content in any_json(), extra in any_json()) {
+            let answer = json!({"id": "chatcmpl-1", "object": "chat.completion", "choices": content, "extra": extra});
+            let (v, _) = run(&answer, Some("m"), false);
+            // Compared after one trip through the same parser on both sides
+            // (serde_json's default float parsing is not exact).
+            let answer: Value = serde_json::from_str(&answer.to_string()).unwrap();
+            prop_assert_eq!(&v["choices"], &answer["choices"]);
+            prop_assert_eq!(&v["extra"], &answer["extra"]);
+        }
+
+        /// A resource keeps whatever id it has; an answer never shows
+        /// more of the provider's id than its type prefix.
+        #[test]
+        fn resource_ids_stay_and_answer_ids_go(id in "[A-Za-z0-9:_.-]{1,40}") {
+            let resource = json!({"id": id, "object": "file", "model": id});
+            prop_assert_eq!(run(&resource, Some("m"), false).0, resource);
+            let (v, _) = run(&json!({"id": id, "object": "chat.completion"}), Some("m"), false);
+            let new = v["id"].as_str().unwrap();
+            let prefix = new.strip_suffix("kr0123456789").unwrap();
+            prop_assert!(prefix.len() <= 17 && id.starts_with(prefix), "{new} from {id}");
+        }
     }
 }

@@ -1,7 +1,9 @@
 //! What the client gets back from a provider, stripped of every trace of the
-//! provider: response headers by allow-list, JSON bodies and SSE events
-//! rewritten, key-like text scrubbed from the messages that are kept.
+//! provider: JSON bodies rewritten whole (`json`), streams rewritten record
+//! by record as they flow (`stream`, with the SSE framing in `sse`),
+//! key-like text scrubbed from the messages that are kept (`scrub`).
 
 pub mod json;
 pub mod scrub;
-pub mod sse;
+mod sse;
+pub mod stream;

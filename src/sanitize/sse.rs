@@ -1,64 +1,18 @@
-//! Incremental rewriting of a Server-Sent Events stream: `(chunk) → chunk`.
-//!
-//! Provider streams arrive in arbitrary TCP-sized pieces; an event may be
-//! split anywhere, even inside `\r\n`. The rewriter keeps the unfinished tail
-//! of the stream, emits every complete event as soon as its blank line
-//! arrives (so the first event reaches the client without waiting for the
-//! next one), and rewrites each `data:` payload with the JSON rules.
+//! Server-Sent Events: where an event ends, and one event rewritten. The
+//! stream around them (split reads, the unfinished tail) is
+//! [`super::stream`]'s.
 
-use super::json::{Rewrite, Usage, rewrite};
-use super::scrub;
+use super::json::{Rewrite, Usage};
+use super::stream::rewrite_payload;
 
-/// State of one stream.
-#[derive(Default)]
-pub struct SseRewriter {
-    /// Bytes after the last complete event.
-    pending: Vec<u8>,
-    /// How far `pending` has been searched for an event end.
-    scanned: usize,
-    /// The provider sent an error event (the stream counts as failed).
-    errored: bool,
-}
-
-impl SseRewriter {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Whether an error event passed through.
-    pub fn errored(&self) -> bool {
-        self.errored
-    }
-
-    /// Feeds a chunk; appends every event it completes, rewritten, to `out`.
-    pub fn push(&mut self, chunk: &[u8], rw: &Rewrite, usage: &mut Usage, out: &mut Vec<u8>) {
-        self.pending.extend_from_slice(chunk);
-        let mut start = 0;
-        while let Some((end, next)) = event_end(&self.pending, self.scanned.max(start)) {
-            let event = &self.pending[start..end];
-            self.errored |= rewrite_event(event, rw, usage, out);
-            start = next;
-        }
-        self.pending.drain(..start);
-        // Resume the search a few bytes back: a boundary may straddle chunks.
-        self.scanned = self.pending.len().saturating_sub(3);
-    }
-
-    /// The stream ended: emits a last event that had no blank line after it.
-    pub fn finish(&mut self, rw: &Rewrite, usage: &mut Usage, out: &mut Vec<u8>) {
-        let rest = std::mem::take(&mut self.pending);
-        let trimmed = trim_line_ends(&rest);
-        if !trimmed.is_empty() {
-            self.errored |= rewrite_event(trimmed, rw, usage, out);
-        }
-        self.scanned = 0;
-    }
-}
+/// An event end is at most four bytes (`\r\n\r\n`); the search resumes
+/// this far back after a read, in case one straddles two reads.
+pub(super) const BOUNDARY_LOOKBACK: usize = 3;
 
 /// Finds the first event end at or after `from`: the position where the
 /// blank line begins and the position after it. Line ends may be `\n`,
 /// `\r\n` or `\r` (the SSE spec allows all three).
-fn event_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
+pub(super) fn event_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
     let mut i = from;
     while i < buf.len() {
         let (first_len, second_at) = match buf[i] {
@@ -88,28 +42,35 @@ fn event_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
     None
 }
 
-fn trim_line_ends(b: &[u8]) -> &[u8] {
-    let end = b
-        .iter()
-        .rposition(|&c| c != b'\n' && c != b'\r')
-        .map_or(0, |p| p + 1);
-    &b[..end]
-}
-
 /// Writes one event (without its blank line) rewritten, followed by a blank
 /// line. Returns whether it was an error event.
-fn rewrite_event(event: &[u8], rw: &Rewrite, usage: &mut Usage, out: &mut Vec<u8>) -> bool {
+///
+/// Of the event's fields, `event` and `retry` are kept as they are, the
+/// `data` lines rewritten. A comment can carry provider text: it stays as a
+/// bare `:` (a keep-alive still). `id` carries the provider's event id and
+/// goes, as do fields the SSE standard does not define (clients ignore
+/// them; they could only carry provider detail). An event left with
+/// nothing is not written at all.
+pub(super) fn rewrite_event(
+    event: &[u8],
+    rw: &Rewrite,
+    usage: &mut Usage,
+    out: &mut Vec<u8>,
+) -> bool {
+    let start = out.len();
     let mut errored = false;
     let mut data: Vec<&[u8]> = Vec::new();
     for line in split_lines(event) {
-        if let Some(rest) = line.strip_prefix(b"data:") {
-            data.push(rest.strip_prefix(b" ").unwrap_or(rest));
-        } else {
-            if line == b"event: error" || line == b"event:error" {
-                errored = true;
+        let (name, value) = field(line);
+        match name {
+            b"data" => data.push(value),
+            b"event" | b"retry" => {
+                errored |= name == b"event" && value == b"error";
+                out.extend_from_slice(line);
+                out.push(b'\n');
             }
-            out.extend_from_slice(line);
-            out.push(b'\n');
+            b"" => out.extend_from_slice(b":\n"),
+            _ => {}
         }
     }
     if !data.is_empty() {
@@ -120,37 +81,31 @@ fn rewrite_event(event: &[u8], rw: &Rewrite, usage: &mut Usage, out: &mut Vec<u8
             joined = data.join(&b'\n');
             &joined
         };
-        errored |= is_error_payload(payload);
-        let mut rewritten = Vec::with_capacity(payload.len() + 16);
-        let body: &[u8] = if rewrite(payload, rw, &mut rewritten, usage) {
-            // JSON whitespace may hold line breaks copied from the provider;
-            // inside an event they would end the `data:` field.
-            for b in rewritten
-                .iter_mut()
-                .filter(|b| matches!(**b, b'\n' | b'\r'))
-            {
-                *b = b' ';
-            }
-            &rewritten
-        } else {
-            // `[DONE]` and other non-JSON payloads pass unchanged.
-            payload
-        };
-        // An error event is rewritten like any other, then scrubbed: its
-        // provider message may quote key material.
-        let body = if errored {
-            scrub::scrub(body, None)
-        } else {
-            body.into()
-        };
+        let (body, error) = rewrite_payload(payload, errored, rw, usage);
+        errored = error;
         for line in body.split(|&b| b == b'\n') {
             out.extend_from_slice(b"data: ");
             out.extend_from_slice(line);
             out.push(b'\n');
         }
     }
-    out.push(b'\n');
+    if out.len() > start {
+        out.push(b'\n');
+    }
     errored
+}
+
+/// A line's field name and value: the name up to the first colon (empty
+/// for a comment), the value after it without one leading space. A line
+/// without a colon is a name with an empty value.
+fn field(line: &[u8]) -> (&[u8], &[u8]) {
+    match line.iter().position(|&b| b == b':') {
+        Some(colon) => {
+            let value = &line[colon + 1..];
+            (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+        }
+        None => (line, &[]),
+    }
 }
 
 fn split_lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -160,24 +115,10 @@ fn split_lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|l| !l.is_empty())
 }
 
-/// OpenAI sends `{"error": ...}`, Anthropic `{"type": "error", ...}`, the
-/// Responses API `{"type": "response.failed", ...}` or `{"type": "error"}`.
-fn is_error_payload(payload: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Probe<'a> {
-        #[serde(borrow, rename = "type")]
-        kind: Option<&'a str>,
-        error: Option<serde::de::IgnoredAny>,
-    }
-    match serde_json::from_slice::<Probe>(payload) {
-        Ok(p) => p.error.is_some() || matches!(p.kind, Some("error" | "response.failed")),
-        Err(_) => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sanitize::stream::{Framing, StreamRewriter};
     use proptest::prelude::*;
 
     const RW: Rewrite<'static> = Rewrite {
@@ -196,21 +137,37 @@ mod tests {
                 .as_bytes(),
             );
         }
-        s.extend_from_slice(b"data: {\"id\":\"chatcmpl-AbC\",\"model\":\"gpt-4o-2024-08-06\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":4}}\r\n\r\n");
+        s.extend_from_slice(b"data: {\"id\":\"chatcmpl-AbC\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-2024-08-06\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":4}}\r\n\r\n");
         s.extend_from_slice(b": keep-alive comment\n\ndata: [DONE]\n\n");
         s
     }
 
+    /// The same stream with what providers add around the data: comments
+    /// naming their routing, event ids, a retry hint, an unknown field.
+    fn decorated_stream() -> Vec<u8> {
+        let mut s = b": OPENROUTER PROCESSING upstream=azure-eastus\n\nretry: 3000\n\n".to_vec();
+        let plain = openai_stream();
+        let text = std::str::from_utf8(&plain).unwrap();
+        for (i, event) in text.split_inclusive("\n\n").enumerate() {
+            s.extend_from_slice(
+                format!("id: evt_provider_{i}\n: served-by node-7\nx-trace: abc\n").as_bytes(),
+            );
+            s.extend_from_slice(event.as_bytes());
+        }
+        s.extend_from_slice(b"id: evt_provider_last\n\n");
+        s
+    }
+
     fn run_in_pieces(input: &[u8], cuts: &[usize]) -> (Vec<u8>, Usage, bool) {
-        let mut r = SseRewriter::new();
+        let mut r = StreamRewriter::new(Framing::Events, 1 << 20);
         let mut usage = Usage::default();
         let mut out = Vec::new();
         let mut last = 0;
         for &c in cuts {
-            r.push(&input[last..c], &RW, &mut usage, &mut out);
+            r.push(&input[last..c], &RW, &mut usage, &mut out).unwrap();
             last = c;
         }
-        r.push(&input[last..], &RW, &mut usage, &mut out);
+        r.push(&input[last..], &RW, &mut usage, &mut out).unwrap();
         r.finish(&RW, &mut usage, &mut out);
         (out, usage, r.errored())
     }
@@ -229,7 +186,8 @@ mod tests {
         );
         assert!(text.contains("\"content\":\"Hel\""));
         assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
-        assert!(text.contains(": keep-alive comment\n\n"));
+        assert!(text.contains("\n:\n\ndata: [DONE]"), "{text}");
+        assert!(!text.contains("keep-alive comment"), "{text}");
         assert_eq!(
             usage,
             Usage {
@@ -241,9 +199,47 @@ mod tests {
     }
 
     #[test]
+    fn comments_lose_their_text_and_ids_go() {
+        let (out, usage, _) = run_in_pieces(&decorated_stream(), &[]);
+        let text = String::from_utf8(out).unwrap();
+        for gone in [
+            "OPENROUTER",
+            "azure",
+            "node-7",
+            "evt_provider",
+            "id:",
+            "x-trace",
+        ] {
+            assert!(!text.contains(gone), "{gone} in {text}");
+        }
+        assert!(text.starts_with(":\n\nretry: 3000\n\n:\ndata: {"), "{text}");
+        assert!(text.ends_with(":\ndata: [DONE]\n\n"), "{text}");
+        assert!(
+            !text.contains("\n\n\n"),
+            "an emptied event left a blank: {text}"
+        );
+        let (plain, plain_usage, _) = run_in_pieces(&openai_stream(), &[]);
+        let data = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| l.starts_with("data:"))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(data(&text), data(&String::from_utf8(plain).unwrap()));
+        assert_eq!(usage, plain_usage);
+    }
+
+    #[test]
+    fn fields_without_a_colon_or_space() {
+        let (out, _, errored) = run_in_pieces(b"event:error\ndata\n\ndata:[DONE]\n\n", &[]);
+        assert_eq!(out, b"event:error\ndata: \n\ndata: [DONE]\n\n");
+        assert!(errored);
+    }
+
+    #[test]
     fn multi_line_data_keeps_its_framing() {
         let (out, _, _) = run_in_pieces(
-            b"data: line one\ndata: line two\n\ndata: {\ndata: \"id\": \"x-1\"\ndata: }\n\n",
+            b"data: line one\ndata: line two\n\ndata: {\ndata: \"id\": \"x-1\",\ndata: \"object\": \"text_completion\"\ndata: }\n\n",
             &[],
         );
         let text = String::from_utf8(out).unwrap();
@@ -251,12 +247,15 @@ mod tests {
             text.starts_with("data: line one\ndata: line two\n\n"),
             "{text}"
         );
-        assert!(text.ends_with("data: {\"id\":\"x-krTEST\"}\n\n"), "{text}");
+        assert!(
+            text.ends_with("data: {\"id\":\"x-krTEST\",\"object\":\"text_completion\"}\n\n"),
+            "{text}"
+        );
     }
 
     #[test]
     fn error_events_are_rewritten_and_scrubbed() {
-        let input = b"data: {\"type\":\"response.failed\",\"response\":{\"id\":\"resp_1\",\"model\":\"gpt-4o-2024-08-06\",\"service_tier\":\"default\",\"error\":{\"message\":\"bad sk-abcdef0123456789\"}}}\n\n";
+        let input = b"data: {\"type\":\"response.failed\",\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"model\":\"gpt-4o-2024-08-06\",\"service_tier\":\"default\",\"error\":{\"message\":\"bad sk-abcdef0123456789\"}}}\n\n";
         let (out, _, errored) = run_in_pieces(input, &[]);
         let text = String::from_utf8(out).unwrap();
         assert!(errored);
@@ -270,21 +269,25 @@ mod tests {
 
     #[test]
     fn complete_events_leave_at_once() {
-        let mut r = SseRewriter::new();
+        let mut r = StreamRewriter::new(Framing::Events, 1 << 20);
         let mut usage = Usage::default();
         let mut out = Vec::new();
         r.push(
-            b"data: {\"id\":\"x-1\"}\n\ndata: {\"id\"",
+            b"data: {\"id\":\"x-1\",\"object\":\"chat.completion.chunk\"}\n\ndata: {\"id\"",
             &RW,
             &mut usage,
             &mut out,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            b"data: {\"id\":\"x-krTEST\",\"object\":\"chat.completion.chunk\"}\n\n"
         );
-        assert_eq!(out, b"data: {\"id\":\"x-krTEST\"}\n\n");
     }
 
     #[test]
     fn anthropic_events_and_error_event() {
-        let input = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_01X\",\"model\":\"claude-3-5-sonnet-20241022\",\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\nevent: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded for sk-ant-api03-abcdefghijklmnop\"}}\n\n";
+        let input = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_01X\",\"type\":\"message\",\"model\":\"claude-3-5-sonnet-20241022\",\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\nevent: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded for sk-ant-api03-abcdefghijklmnop\"}}\n\n";
         let (out, usage, errored) = run_in_pieces(input, &[]);
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("\"id\":\"msg_krTEST\""), "{text}");
@@ -305,8 +308,11 @@ mod tests {
         /// However the stream is cut into reads, the output is the same as
         /// when it arrives whole.
         #[test]
-        fn any_split_gives_the_same_output(cuts in proptest::collection::btree_set(0usize..1000, 0..12)) {
-            let input = openai_stream();
+        fn any_split_gives_the_same_output(
+            cuts in proptest::collection::btree_set(0usize..1400, 0..12),
+            decorated in any::<bool>(),
+        ) {
+            let input = if decorated { decorated_stream() } else { openai_stream() };
             let cuts: Vec<usize> = cuts.into_iter().filter(|&c| c <= input.len()).collect();
             let whole = run_in_pieces(&input, &[]);
             prop_assert_eq!(run_in_pieces(&input, &cuts), whole);
@@ -315,10 +321,11 @@ mod tests {
 
     #[test]
     fn every_single_byte_offset() {
-        let input = openai_stream();
-        let whole = run_in_pieces(&input, &[]);
-        for cut in 0..=input.len() {
-            assert_eq!(run_in_pieces(&input, &[cut]), whole, "cut at {cut}");
+        for input in [openai_stream(), decorated_stream()] {
+            let whole = run_in_pieces(&input, &[]);
+            for cut in 0..=input.len() {
+                assert_eq!(run_in_pieces(&input, &[cut]), whole, "cut at {cut}");
+            }
         }
     }
 }

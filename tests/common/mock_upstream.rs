@@ -16,7 +16,13 @@
 //!   `Content-Encoding: gzip`, whatever the request's `Accept-Encoding`;
 //! - `x-mock-truncate: 1` announces the whole body's `Content-Length` but
 //!   breaks the connection off after half of it (a provider failing
-//!   mid-response).
+//!   mid-response);
+//! - `x-mock-decorate: 1` answers a chat stream whose events come with what
+//!   providers add around the data: comments naming their routing, `id:`
+//!   lines, a `retry:` hint;
+//! - `x-mock-unterminated: N` answers a stream with one chat chunk, then an
+//!   event that never ends (N bytes of one `data:` line in 16 KiB frames),
+//!   then silence.
 //!
 //! Tests can also script the mock per KEY: the behaviour is chosen by the
 //! credential the mock receives (`Authorization: Bearer <key>`,
@@ -177,8 +183,9 @@ pub const PROVIDER_ID: &str = "chatcmpl-PROVIDERID0123456789";
 /// Anthropic's message id and model snapshot in the mock's answers.
 pub const ANTHROPIC_ID: &str = "msg_01PROVIDERID0123456789";
 pub const ANTHROPIC_MODEL: &str = "claude-3-5-sonnet-20241022";
-/// The Gemini model version in the mock's answers.
+/// The Gemini model version and response id in the mock's answers.
 pub const GEMINI_MODEL_VERSION: &str = "gemini-1.5-pro-002";
+pub const GEMINI_RESPONSE_ID: &str = "mAitaLmkHPPlzPROVIDERID";
 /// The mock's 400 message quotes this key-like string.
 pub const LEAKED_KEY: &str = "sk-proj-LEAKEDKEY0123456789abcdef";
 
@@ -483,6 +490,8 @@ struct Pacing {
     hold: Option<watch::Receiver<bool>>,
     /// Frame size in bytes; `None` sends one frame per event.
     fragment: Option<usize>,
+    /// After the last frame, send nothing more and never end.
+    hang: bool,
 }
 
 /// The answer for a request, honouring the `x-mock-*` behaviours.
@@ -509,8 +518,21 @@ async fn scripted(parts: &http::request::Parts, body: &Bytes, shared: &Shared) -
         fragment: flag("x-mock-fragment")
             .and_then(|s| s.parse().ok())
             .filter(|n| *n > 0),
+        hang: false,
     };
-    let resp = answer_for(parts, body, pacing, Some(shared.streams.clone()));
+    let streams = Some(shared.streams.clone());
+    if let Some(size) = flag("x-mock-unterminated").and_then(|s| s.parse().ok()) {
+        let pacing = Pacing {
+            fragment: Some(16 * 1024),
+            hang: true,
+            ..pacing
+        };
+        return sse(unterminated_events(size), pacing, streams);
+    }
+    if flag("x-mock-decorate").is_some() {
+        return sse(decorated(openai_chunks()), pacing, streams);
+    }
+    let resp = answer_for(parts, body, pacing, streams);
     let (gzipped, truncated) = (
         flag("x-mock-gzip").is_some(),
         flag("x-mock-truncate").is_some(),
@@ -573,21 +595,34 @@ fn answer_for(
         (p, true) if p.ends_with("/chat/completions") => sse(openai_chunks(), pacing, streams),
         (p, true) if p.ends_with("/messages") => sse(anthropic_events(), pacing, streams),
         (p, _) if p.ends_with(":streamGenerateContent") => {
-            sse(gemini_events(), pacing, streams)
+            if parts.uri.query().is_some_and(|q| q.contains("alt=sse")) {
+                sse(gemini_events(), pacing, streams)
+            } else {
+                json(serde_json::Value::from(gemini_chunks()).to_string().into())
+            }
         }
         (p, false) if p.ends_with("/chat/completions") => json(COMPLETION.clone()),
         (p, false) if p.ends_with("/messages") => json(MESSAGE.clone()),
-        (p, false) if p.ends_with(":generateContent") => {
-            json(gemini_response().to_string().into())
+        (p, false) if p.ends_with(":generateContent") => json(gemini_response().to_string().into()),
+        (p, false) if p.ends_with("/embeddings") => json(
+            serde_json::json!({
+                "object": "list", "model": PROVIDER_MODEL,
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, -0.2, 0.3]}],
+                "usage": {"prompt_tokens": 5, "total_tokens": 5}
+            })
+            .to_string()
+            .into(),
+        ),
+        (p, false) if p.ends_with("/models") => json(models_list().to_string().into()),
+        (p, false) if p.contains("/models/") => json(
+            model_object(p.rsplit('/').next().unwrap_or_default())
+                .to_string()
+                .into(),
+        ),
+        (p, false) if p.contains("/fine_tuning/jobs/") => {
+            json(fine_tuning_job().to_string().into())
         }
-        (p, false) if p.ends_with("/embeddings") => json(serde_json::json!({
-            "object": "list", "model": PROVIDER_MODEL,
-            "data": [{"object": "embedding", "index": 0, "embedding": [0.1, -0.2, 0.3]}],
-            "usage": {"prompt_tokens": 5, "total_tokens": 5}
-        }).to_string().into()),
-        (p, false) if p.ends_with("/models") => json(serde_json::json!({
-            "object": "list", "data": [{"id": "gpt-4o", "object": "model", "owned_by": "system"}]
-        }).to_string().into()),
+        (p, false) if p.contains("/files/") => json(file_object().to_string().into()),
         _ => error_response(StatusCode::NOT_FOUND, anthropic),
     }
 }
@@ -677,11 +712,16 @@ fn event_stream(
             });
         }
     }
-    let hold = pacing.hold;
+    let (hold, hang) = (pacing.hold, pacing.hang);
     futures_util::stream::unfold(
         (steps.into_iter(), hold, guard),
-        |(mut it, mut hold, guard)| async move {
-            let step = it.next()?;
+        move |(mut it, mut hold, guard)| async move {
+            let Some(step) = it.next() else {
+                if hang {
+                    std::future::pending::<()>().await;
+                }
+                return None;
+            };
             if step.held
                 && let Some(rx) = hold.as_mut()
             {
@@ -709,6 +749,51 @@ pub fn openai_completion() -> serde_json::Value {
     })
 }
 
+/// The organisation the mock's resources belong to; never shown to a client.
+pub const ORGANIZATION: &str = "org-mockorganization";
+/// A fine-tuned model of the mock's organisation, and the user owning it.
+pub const FINE_TUNED_MODEL: &str = "ft:gpt-4o-mini-2024-07-18:acme::9A8b7C6d";
+pub const MODEL_OWNER_USER: &str = "user-mockowner0123";
+
+/// `GET /v1/models`: a vendor model and a fine-tuned one owned by a user.
+pub fn models_list() -> serde_json::Value {
+    serde_json::json!({
+        "object": "list",
+        "data": [
+            {"id": "gpt-4o", "object": "model", "created": 1715367049, "owned_by": "system"},
+            {"id": FINE_TUNED_MODEL, "object": "model", "created": 1721000000, "owned_by": MODEL_OWNER_USER}
+        ]
+    })
+}
+
+/// `GET /v1/models/{id}`: fine-tuned models belong to the organisation.
+pub fn model_object(id: &str) -> serde_json::Value {
+    let owner = if id.starts_with("ft:") {
+        ORGANIZATION
+    } else {
+        "system"
+    };
+    serde_json::json!({"id": id, "object": "model", "created": 1715367049, "owned_by": owner})
+}
+
+pub const FINE_TUNING_JOB_ID: &str = "ftjob-abc123mock";
+pub const FILE_ID: &str = "file-abc123mock";
+
+pub fn fine_tuning_job() -> serde_json::Value {
+    serde_json::json!({
+        "object": "fine_tuning.job", "id": FINE_TUNING_JOB_ID, "model": "gpt-4o-mini-2024-07-18",
+        "created_at": 1721000000, "fine_tuned_model": null, "organization_id": ORGANIZATION,
+        "result_files": [], "status": "queued", "training_file": FILE_ID, "metadata": null
+    })
+}
+
+pub fn file_object() -> serde_json::Value {
+    serde_json::json!({
+        "id": FILE_ID, "object": "file", "bytes": 120000, "created_at": 1721000000,
+        "filename": "train.jsonl", "purpose": "fine-tune"
+    })
+}
+
 pub fn anthropic_message() -> serde_json::Value {
     serde_json::json!({
         "id": ANTHROPIC_ID,
@@ -722,12 +807,36 @@ pub fn anthropic_message() -> serde_json::Value {
     })
 }
 
+/// A `generateContent` answer: 4 prompt tokens, 5 answer and 3 thinking
+/// tokens.
 pub fn gemini_response() -> serde_json::Value {
     serde_json::json!({
         "candidates": [{"content": {"parts": [{"text": "Hello from the mock."}], "role": "model"}, "finishReason": "STOP", "index": 0}],
-        "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 5, "totalTokenCount": 9},
-        "modelVersion": GEMINI_MODEL_VERSION
+        "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 5, "thoughtsTokenCount": 3, "totalTokenCount": 12},
+        "modelVersion": GEMINI_MODEL_VERSION,
+        "responseId": GEMINI_RESPONSE_ID
     })
+}
+
+/// The chunks of a `streamGenerateContent` answer: usage grows to 4 prompt
+/// and 2 answer tokens.
+pub fn gemini_chunks() -> Vec<serde_json::Value> {
+    ["Hel", "lo"]
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let mut chunk = serde_json::json!({
+                "candidates": [{"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}],
+                "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": i + 1, "totalTokenCount": 5 + i},
+                "modelVersion": GEMINI_MODEL_VERSION,
+                "responseId": GEMINI_RESPONSE_ID
+            });
+            if i == 1 {
+                chunk["candidates"][0]["finishReason"] = "STOP".into();
+            }
+            chunk
+        })
+        .collect()
 }
 
 pub fn openai_chunks() -> Vec<String> {
@@ -758,15 +867,38 @@ pub fn anthropic_events() -> Vec<String> {
     ]
 }
 
+/// Text of the mock's SSE comments and event ids; never shown to a client.
+pub const STREAM_DECORATION: [&str; 3] = ["OPENROUTER PROCESSING", "mock-node-7", "evt_PROVIDER"];
+
+/// `events` with a leading comment, an `id:` line and a comment in each
+/// event, and a `retry:` hint in the first.
+pub fn decorated(events: Vec<String>) -> Vec<String> {
+    let mut out = vec![": OPENROUTER PROCESSING upstream=mock-eastus\n\n".to_owned()];
+    for (i, event) in events.into_iter().enumerate() {
+        let retry = if i == 0 { "retry: 3000\n" } else { "" };
+        out.push(format!(
+            "id: evt_PROVIDER_{i}\n{retry}: served by mock-node-7\n{event}"
+        ));
+    }
+    out
+}
+
+/// A chat chunk, then an event whose `data:` line runs on for `size` bytes
+/// without ever ending.
+pub fn unterminated_events(size: usize) -> Vec<String> {
+    let mut long = format!(
+        "data: {{\"id\":\"{PROVIDER_ID}\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\""
+    );
+    long.push_str(&"a".repeat(size));
+    vec![openai_chunks().swap_remove(0), long]
+}
+
+/// `streamGenerateContent?alt=sse`: the chunks as events with CRLF line ends.
 pub fn gemini_events() -> Vec<String> {
-    vec![
-        format!(
-            "data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"Hel\"}}],\"role\":\"model\"}},\"index\":0}}],\"modelVersion\":\"{GEMINI_MODEL_VERSION}\"}}\r\n\r\n"
-        ),
-        format!(
-            "data: {{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"lo\"}}],\"role\":\"model\"}},\"finishReason\":\"STOP\",\"index\":0}}],\"modelVersion\":\"{GEMINI_MODEL_VERSION}\"}}\r\n\r\n"
-        ),
-    ]
+    gemini_chunks()
+        .iter()
+        .map(|chunk| format!("data: {chunk}\r\n\r\n"))
+        .collect()
 }
 
 /// The provider's error body for `status`, in OpenAI's or Anthropic's shape.

@@ -1,0 +1,164 @@
+//! What keyrouter reads from a request before forwarding it: the model the
+//! client asked for (written back into responses) and its output token cap
+//! (for the `tpm` reservation).
+
+use http::HeaderMap;
+use http::header;
+use std::borrow::Cow;
+
+/// The request's model and output cap, read in one pass over the body.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RequestPeek {
+    pub model: Option<String>,
+    max_output_tokens: Option<u64>,
+}
+
+/// Output tokens reserved for a request that names no cap: the estimate is
+/// corrected when the provider reports usage.
+const DEFAULT_OUTPUT_TOKENS: u64 = 512;
+
+impl RequestPeek {
+    /// Tokens to reserve before the provider reports usage: the input at
+    /// about four bytes per token plus the output cap.
+    pub fn estimated_tokens(&self, body_len: usize) -> u64 {
+        (body_len as u64).div_ceil(4) + self.max_output_tokens.unwrap_or(DEFAULT_OUTPUT_TOKENS)
+    }
+}
+
+/// The model comes from a JSON body's `model`; a request whose body names
+/// none (Gemini's `…/models/{model}:generateContent`) names it in its path.
+pub fn peek_request(headers: &HeaderMap, path: &str, body: &[u8]) -> RequestPeek {
+    let mut peek = peek_body(headers, body);
+    if peek.model.is_none() {
+        peek.model = model_in_path(path).map(str::to_owned);
+    }
+    peek
+}
+
+fn peek_body(headers: &HeaderMap, body: &[u8]) -> RequestPeek {
+    #[derive(serde::Deserialize)]
+    struct Peek<'a> {
+        #[serde(borrow)]
+        model: Option<Cow<'a, str>>,
+        max_tokens: Option<u64>,
+        max_completion_tokens: Option<u64>,
+        max_output_tokens: Option<u64>,
+    }
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.contains("json"));
+    if !json || body.is_empty() {
+        return RequestPeek::default();
+    }
+    match serde_json::from_slice::<Peek>(body) {
+        Ok(p) => RequestPeek {
+            model: p.model.map(Cow::into_owned),
+            max_output_tokens: p
+                .max_completion_tokens
+                .or(p.max_tokens)
+                .or(p.max_output_tokens),
+        },
+        Err(_) => RequestPeek::default(),
+    }
+}
+
+/// The model of a Google-style method path, `…/models/{model}:{method}` or
+/// `…/tunedModels/{model}:{method}`. Only plain model names are taken: the
+/// value is written into responses.
+fn model_in_path(path: &str) -> Option<&str> {
+    let (rest, last) = path.rsplit_once('/')?;
+    let (model, _method) = last.split_once(':')?;
+    let collection = rest.rsplit('/').next()?;
+    let plain = !model.is_empty()
+        && model
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    (matches!(collection, "models" | "tunedModels") && plain).then_some(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn json_headers() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h
+    }
+
+    #[test]
+    fn reads_json_bodies_only() {
+        let h = json_headers();
+        let body =
+            br#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4o","max_tokens":100}"#;
+        let peek = peek_request(&h, "/v1/chat/completions", body);
+        assert_eq!(peek.model.as_deref(), Some("gpt-4o"));
+        assert_eq!(peek.estimated_tokens(400), 200);
+        assert_eq!(
+            peek_request(&HeaderMap::new(), "/v1/chat/completions", body),
+            RequestPeek::default()
+        );
+        let uncapped = peek_request(&h, "/v1/chat/completions", b"{}");
+        assert_eq!(uncapped.model, None);
+        assert_eq!(uncapped.estimated_tokens(0), DEFAULT_OUTPUT_TOKENS);
+        let responses_api = peek_request(
+            &h,
+            "/v1/responses",
+            br#"{"model":"o3","max_output_tokens":7}"#,
+        );
+        assert_eq!(responses_api.estimated_tokens(4), 8);
+    }
+
+    #[test]
+    fn gemini_names_the_model_in_the_path() {
+        let h = json_headers();
+        let body = br#"{"contents":[{"parts":[{"text":"hi"}]}]}"#;
+        for (path, model) in [
+            (
+                "/gemini/v1beta/models/gemini-1.5-pro:generateContent",
+                Some("gemini-1.5-pro"),
+            ),
+            (
+                "/v1beta/models/gemini-2.0-flash:streamGenerateContent",
+                Some("gemini-2.0-flash"),
+            ),
+            (
+                "/v1/projects/p/locations/us/publishers/google/models/gemini-1.5-flash-002:generateContent",
+                Some("gemini-1.5-flash-002"),
+            ),
+            (
+                "/v1beta/tunedModels/my-tuned_1:generateContent",
+                Some("my-tuned_1"),
+            ),
+            ("/v1beta/models/gemini-1.5-pro", None),
+            ("/v1beta/models/:generateContent", None),
+            ("/v1beta/models/a%22b:generateContent", None),
+            ("/v1beta/files/abc:download", None),
+        ] {
+            assert_eq!(
+                peek_request(&h, path, body).model.as_deref(),
+                model,
+                "{path}"
+            );
+        }
+        // A model in the body wins.
+        let named = peek_request(
+            &h,
+            "/v1beta/models/gemini-1.5-pro:generateContent",
+            br#"{"model":"from-body"}"#,
+        );
+        assert_eq!(named.model.as_deref(), Some("from-body"));
+        // A body-less request still has its path read.
+        let get = peek_request(
+            &HeaderMap::new(),
+            "/v1beta/models/gemini-1.5-pro:countTokens",
+            b"",
+        );
+        assert_eq!(get.model.as_deref(), Some("gemini-1.5-pro"));
+    }
+}
