@@ -53,44 +53,26 @@ pub struct Usage {
 }
 
 impl Usage {
-    fn absorb(&mut self, raw: &RawValue) {
-        /// OpenAI, Anthropic and Gemini spellings of the same counts.
-        #[derive(serde::Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Counts {
-            #[serde(rename = "prompt_tokens")]
-            openai_prompt: Option<u64>,
-            #[serde(rename = "completion_tokens")]
-            openai_completion: Option<u64>,
-            #[serde(rename = "input_tokens")]
-            anthropic_input: Option<u64>,
-            #[serde(rename = "output_tokens")]
-            anthropic_output: Option<u64>,
-            prompt_token_count: Option<u64>,
-            candidates_token_count: Option<u64>,
-            /// Gemini's thinking tokens are output tokens apart from the
-            /// answer's (billed as output; OpenAI's `completion_tokens`
-            /// include its reasoning tokens the same way).
-            thoughts_token_count: Option<u64>,
-        }
-        if let Ok(c) = serde_json::from_str::<Counts>(raw.get()) {
-            let gemini_output = match (c.candidates_token_count, c.thoughts_token_count) {
-                (None, None) => None,
-                (answer, thoughts) => Some(answer.unwrap_or(0) + thoughts.unwrap_or(0)),
-            };
-            let prompt = c
-                .openai_prompt
-                .or(c.anthropic_input)
-                .or(c.prompt_token_count)
-                .unwrap_or(0);
-            let completion = c
-                .openai_completion
-                .or(c.anthropic_output)
-                .or(gemini_output)
-                .unwrap_or(0);
-            self.prompt = self.prompt.max(prompt);
-            self.completion = self.completion.max(completion);
-        }
+    /// Reads the counts of a `usage` / `usageMetadata` object, whose members
+    /// are already split (the object is walked for output anyway).
+    fn absorb(&mut self, members: &Members) {
+        let count = |name: &str| members.get(name).and_then(|v| v.get().parse::<u64>().ok());
+        // OpenAI, Anthropic and Gemini spellings of the same counts.
+        let prompt = count("prompt_tokens")
+            .or_else(|| count("input_tokens"))
+            .or_else(|| count("promptTokenCount"));
+        // Gemini's thinking tokens are output tokens apart from the answer's
+        // (billed as output; OpenAI's `completion_tokens` include its
+        // reasoning tokens the same way).
+        let gemini_output = match (count("candidatesTokenCount"), count("thoughtsTokenCount")) {
+            (None, None) => None,
+            (answer, thoughts) => Some(answer.unwrap_or(0) + thoughts.unwrap_or(0)),
+        };
+        let completion = count("completion_tokens")
+            .or_else(|| count("output_tokens"))
+            .or(gemini_output);
+        self.prompt = self.prompt.max(prompt.unwrap_or(0));
+        self.completion = self.completion.max(completion.unwrap_or(0));
     }
 }
 
@@ -155,8 +137,13 @@ impl Members<'_> {
     }
 }
 
+/// A string value, borrowed from the document unless it has escapes.
 fn as_text(raw: &RawValue) -> Option<Cow<'_, str>> {
-    serde_json::from_str(raw.get()).ok()
+    let text = raw.get();
+    match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        Some(plain) if !plain.contains('\\') => Some(Cow::Borrowed(plain)),
+        _ => serde_json::from_str::<String>(text).ok().map(Cow::Owned),
+    }
 }
 
 /// What an object is; decides which of its members change.
@@ -287,101 +274,146 @@ pub fn rewrite(
         return Some(Rewritten::of(&members));
     }
     let items = serde_json::from_slice::<Vec<&RawValue>>(input).ok()?;
+    write_items(&items, Kind::of, rw, out, usage);
+    Some(Rewritten::Document)
+}
+
+/// What becomes of one member.
+enum Member<'r> {
+    /// Left out, name and all.
+    Dropped,
+    /// Copied byte for byte.
+    Kept(&'r RawValue),
+    /// Replaced by this string.
+    Text(&'r str),
+    /// A keyrouter id, with the provider id's type prefix when it has one.
+    NewId(&'r RawValue),
+    /// An object walked as `kind_of` says (anything else copied).
+    Walked(&'r RawValue, fn(&Members) -> Kind),
+    /// A `usage` object: counted, then walked.
+    Usage(&'r RawValue),
+    /// A resource list's items, each walked as a resource.
+    Items(&'r RawValue),
+}
+
+fn resource(_: &Members) -> Kind {
+    Kind::Resource
+}
+
+fn member<'r>(
+    kind: Kind,
+    key: &str,
+    raw: &'r RawValue,
+    rw: &Rewrite<'r>,
+    usage: &mut Usage,
+) -> Member<'r> {
+    if is_provider_detail(key) {
+        return Member::Dropped;
+    }
+    match (kind, key) {
+        (_, "owned_by") => match as_text(raw) {
+            Some(owner) if names_account(&owner) => Member::Text(ACCOUNT_OWNER),
+            _ => Member::Kept(raw),
+        },
+        (Kind::Answer, "id") => Member::NewId(raw),
+        // Gemini ids have no type prefix to keep.
+        (Kind::Gemini, "responseId") => Member::Text(rw.id_suffix),
+        (Kind::Answer | Kind::Embeddings, "model") | (Kind::Gemini, "modelVersion") => {
+            rw.model.map_or(Member::Dropped, Member::Text)
+        }
+        (Kind::Answer | Kind::Embeddings | Kind::Event, "usage")
+        | (Kind::Gemini, "usageMetadata") => {
+            if rw.strip_usage {
+                // Counted all the same: limits and metrics need the tokens.
+                if let Ok(members) = serde_json::from_str::<Members>(raw.get()) {
+                    usage.absorb(&members);
+                }
+                Member::Dropped
+            } else {
+                Member::Usage(raw)
+            }
+        }
+        (Kind::Event, "message" | "response") => Member::Walked(raw, Kind::of_nested),
+        (Kind::List, "data") => Member::Items(raw),
+        _ => Member::Kept(raw),
+    }
+}
+
+/// Writes an object's members, each as [`member`] decides, straight into
+/// `out` (no buffer per member).
+fn write_object(members: &Members, kind: Kind, rw: &Rewrite, out: &mut Vec<u8>, usage: &mut Usage) {
+    out.push(b'{');
+    let mut first = true;
+    for (key, raw) in &members.0 {
+        let action = member(kind, key, raw, rw, usage);
+        if matches!(action, Member::Dropped) {
+            continue;
+        }
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        write_str(out, key);
+        out.push(b':');
+        match action {
+            Member::Dropped => {}
+            Member::Kept(raw) => out.extend_from_slice(raw.get().as_bytes()),
+            Member::Text(text) => write_str(out, text),
+            Member::NewId(raw) => write_new_id(out, raw, rw.id_suffix),
+            Member::Walked(raw, kind_of) => write_walked(raw, kind_of, rw, out, usage),
+            Member::Usage(raw) => match serde_json::from_str::<Members>(raw.get()) {
+                Ok(counts) => {
+                    usage.absorb(&counts);
+                    write_object(&counts, Kind::Resource, rw, out, usage);
+                }
+                Err(_) => out.extend_from_slice(raw.get().as_bytes()),
+            },
+            Member::Items(raw) => match serde_json::from_str::<Vec<&RawValue>>(raw.get()) {
+                Ok(items) => write_items(&items, resource, rw, out, usage),
+                Err(_) => out.extend_from_slice(raw.get().as_bytes()),
+            },
+        }
+    }
+    out.push(b'}');
+}
+
+/// Writes a nested value walked as the kind `kind_of` gives it when it is
+/// an object, else as it is.
+fn write_walked(
+    raw: &RawValue,
+    kind_of: fn(&Members) -> Kind,
+    rw: &Rewrite,
+    out: &mut Vec<u8>,
+    usage: &mut Usage,
+) {
+    match serde_json::from_str::<Members>(raw.get()) {
+        Ok(members) => write_object(&members, kind_of(&members), rw, out, usage),
+        Err(_) => out.extend_from_slice(raw.get().as_bytes()),
+    }
+}
+
+/// Writes an array, each element walked.
+fn write_items(
+    items: &[&RawValue],
+    kind_of: fn(&Members) -> Kind,
+    rw: &Rewrite,
+    out: &mut Vec<u8>,
+    usage: &mut Usage,
+) {
     out.push(b'[');
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(&nested(item, Kind::of, rw, usage));
+        write_walked(item, kind_of, rw, out, usage);
     }
     out.push(b']');
-    Some(Rewritten::Document)
-}
-
-fn write_object(members: &Members, kind: Kind, rw: &Rewrite, out: &mut Vec<u8>, usage: &mut Usage) {
-    out.push(b'{');
-    let mut first = true;
-    for (key, raw) in &members.0 {
-        let key = key.as_ref();
-        if is_provider_detail(key) {
-            continue;
-        }
-        let value: Option<Cow<[u8]>> = match (kind, key) {
-            (_, "owned_by") => Some(owner(raw)),
-            (Kind::Answer, "id") => Some(Cow::Owned(new_id(raw, rw.id_suffix))),
-            // Gemini ids have no type prefix to keep.
-            (Kind::Gemini, "responseId") => Some(Cow::Owned(json_string(rw.id_suffix))),
-            (Kind::Answer | Kind::Embeddings, "model") | (Kind::Gemini, "modelVersion") => {
-                rw.model.map(|m| Cow::Owned(json_string(m)))
-            }
-            (Kind::Answer | Kind::Embeddings | Kind::Event, "usage")
-            | (Kind::Gemini, "usageMetadata") => {
-                usage.absorb(raw);
-                (!rw.strip_usage).then(|| nested(raw, |_| Kind::Resource, rw, usage))
-            }
-            (Kind::Event, "message" | "response") => Some(nested(raw, Kind::of_nested, rw, usage)),
-            (Kind::List, "data") => Some(list_items(raw, rw, usage)),
-            _ => Some(Cow::Borrowed(raw.get().as_bytes())),
-        };
-        let Some(value) = value else { continue };
-        if !first {
-            out.push(b',');
-        }
-        first = false;
-        out.extend_from_slice(&json_string(key));
-        out.push(b':');
-        out.extend_from_slice(&value);
-    }
-    out.push(b'}');
-}
-
-/// Rewrites a nested value as the kind `kind_of` gives it when it is an
-/// object, else keeps it as it is.
-fn nested<'r>(
-    raw: &'r RawValue,
-    kind_of: fn(&Members) -> Kind,
-    rw: &Rewrite,
-    usage: &mut Usage,
-) -> Cow<'r, [u8]> {
-    match serde_json::from_str::<Members>(raw.get()) {
-        Ok(members) => {
-            let mut buf = Vec::with_capacity(raw.get().len());
-            write_object(&members, kind_of(&members), rw, &mut buf, usage);
-            Cow::Owned(buf)
-        }
-        Err(_) => Cow::Borrowed(raw.get().as_bytes()),
-    }
-}
-
-/// The items of a resource list, each walked as a resource.
-fn list_items<'r>(raw: &'r RawValue, rw: &Rewrite, usage: &mut Usage) -> Cow<'r, [u8]> {
-    let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(raw.get()) else {
-        return Cow::Borrowed(raw.get().as_bytes());
-    };
-    let mut buf = Vec::with_capacity(raw.get().len());
-    buf.push(b'[');
-    for (i, item) in items.iter().enumerate() {
-        if i > 0 {
-            buf.push(b',');
-        }
-        buf.extend_from_slice(&nested(item, |_| Kind::Resource, rw, usage));
-    }
-    buf.push(b']');
-    Cow::Owned(buf)
-}
-
-/// An `owned_by` value, with an account name replaced by [`ACCOUNT_OWNER`].
-fn owner(raw: &RawValue) -> Cow<'_, [u8]> {
-    match as_text(raw) {
-        Some(owner) if names_account(&owner) => Cow::Owned(json_string(ACCOUNT_OWNER)),
-        _ => Cow::Borrowed(raw.get().as_bytes()),
-    }
 }
 
 /// The keyrouter id for a provider id: the provider's type prefix (letters up
 /// to the first `-` or `_`, e.g. `chatcmpl-`, `msg_`, `resp_`) and our own
 /// random part. Anything else about the provider's id is dropped.
-fn new_id(raw: &RawValue, suffix: &str) -> Vec<u8> {
+fn write_new_id(out: &mut Vec<u8>, raw: &RawValue, suffix: &str) {
     let original = as_text(raw);
     let prefix = original
         .as_deref()
@@ -391,15 +423,22 @@ fn new_id(raw: &RawValue, suffix: &str) -> Vec<u8> {
             (p.len() <= 17 && id[..end].bytes().all(|b| b.is_ascii_alphabetic())).then_some(p)
         })
         .unwrap_or("");
-    let mut id = String::with_capacity(prefix.len() + suffix.len());
-    id.push_str(prefix);
-    id.push_str(suffix);
-    json_string(&id)
+    out.push(b'"');
+    out.extend_from_slice(prefix.as_bytes());
+    out.extend_from_slice(suffix.as_bytes());
+    out.push(b'"');
 }
 
-fn json_string(s: &str) -> Vec<u8> {
-    // Serializing a str cannot fail.
-    serde_json::to_vec(s).unwrap_or_default()
+/// Writes `s` as a JSON string. Names and ids almost never need escapes,
+/// so they are copied as they are when they need none.
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        serde_json::to_writer(out, s).expect("a str always serializes into a Vec");
+    }
 }
 
 #[cfg(test)]
@@ -519,6 +558,13 @@ mod tests {
                 completion: 4
             }
         );
+    }
+
+    #[test]
+    fn requested_model_names_are_escaped() {
+        let body = json!({"id": "chatcmpl-1", "object": "chat.completion", "model": "snap"});
+        let (v, _) = run(&body, Some("my \"model\"\\\n"), false);
+        assert_eq!(v["model"], "my \"model\"\\\n");
     }
 
     #[test]
