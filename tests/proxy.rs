@@ -1380,6 +1380,141 @@ async fn answers_the_provider_breaks_off_count_as_upstream_errors() {
     .await;
 }
 
+/// A gateway whose only provider is OpenAI at `mock`, with one key that
+/// serves one request at a time, cutting provider bodies off after 1 s of
+/// silence.
+async fn one_slot_gateway(mock: &MockUpstream) -> TestGateway {
+    let gw = TestGateway::builder()
+        .providers(&provider("openai", "openai", &mock.url, ""))
+        .toml("[server]\nupstream_read_timeout = \"1s\"")
+        .start()
+        .await;
+    let reply = gw
+        .post(
+            "/keys",
+            json!({"key_material": OPENAI_KEY, "provider_id": "openai", "limits": {"max_concurrent": 1}}),
+        )
+        .send()
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    gw
+}
+
+#[tokio::test]
+async fn a_stream_the_provider_stalls_is_cut_off_and_frees_its_key() {
+    let mock = MockUpstream::start().await;
+    let gw = one_slot_gateway(&mock).await;
+    let mut resp = gw
+        .client()
+        .post(gw.proxy_url("/openai/v1/chat/completions"))
+        .header("x-mock-hold", "1")
+        .json(&chat_stream("gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut text = first_event(&mut resp).await;
+    let silent_since = Instant::now();
+    // While the stream is open it holds the key's only slot.
+    post(&gw, "/openai/v1/chat/completions", &chat("gpt-4o"))
+        .await
+        .error(429, "rate_limit_exceeded");
+
+    let outcome = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => text.push_str(std::str::from_utf8(&chunk).unwrap()),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the stalled stream was never cut off");
+    assert!(outcome.is_err(), "the client saw a complete stream: {text}");
+    let silent = silent_since.elapsed();
+    assert!(silent >= Duration::from_millis(900), "cut after {silent:?}");
+    assert!(silent < Duration::from_secs(4), "cut after {silent:?}");
+    assert_eq!(parse_sse(&text).len(), 1, "{text}");
+    assert_no_provider_traces(&text);
+
+    // The slot, the request and the provider connection are released.
+    assert_eq!(
+        post(&gw, "/openai/v1/chat/completions", &chat("gpt-4o"))
+            .await
+            .status,
+        200
+    );
+    let stalled = [("provider", "openai"), ("code", "504")];
+    eventually_metric(&gw, "keyrouter_requests_total", &stalled, 1.0).await;
+    eventually_metric(
+        &gw,
+        "keyrouter_inflight_requests",
+        &[("provider", "openai")],
+        0.0,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mock.open_streams() > 0 {
+        assert!(Instant::now() < deadline, "the provider stream stayed open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_json_answer_the_provider_stalls_is_a_timeout() {
+    let mock = MockUpstream::start().await;
+    let gw = one_slot_gateway(&mock).await;
+    let started = Instant::now();
+    let a = tokio::time::timeout(
+        Duration::from_secs(5),
+        post_with(
+            &gw,
+            "/openai/v1/chat/completions",
+            &chat("gpt-4o"),
+            &[("x-mock-stall", "1")],
+        ),
+    )
+    .await
+    .expect("the stalled answer was never cut off");
+    a.error(504, "upstream_timeout");
+    assert_no_provider_traces(&a.text);
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(mock.received().len(), 1, "a stall is not retried");
+    // The key's only slot is free again.
+    assert_eq!(
+        post(&gw, "/openai/v1/chat/completions", &chat("gpt-4o"))
+            .await
+            .status,
+        200
+    );
+    let labels = [("provider", "openai"), ("code", "504")];
+    eventually_metric(&gw, "keyrouter_requests_total", &labels, 1.0).await;
+}
+
+#[tokio::test]
+async fn a_stream_longer_than_the_read_timeout_that_keeps_sending_is_not_cut() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "[server]\nupstream_read_timeout = \"200ms\"").await;
+    let started = Instant::now();
+    // Frames of 4 bytes about 1 ms apart: a second or more in all.
+    let a = post_with(
+        &gw,
+        "/openai/v1/chat/completions",
+        &chat_stream("gpt-4o"),
+        &[("x-mock-fragment", "4")],
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert!(started.elapsed() > Duration::from_millis(200));
+    assert_openai_stream(&a.text, "gpt-4o");
+}
+
 #[tokio::test]
 async fn a_provider_400_keeps_its_message_without_key_material() {
     let mock = MockUpstream::start().await;

@@ -39,6 +39,7 @@ pub struct RawServer {
     pub body_read_timeout: Option<String>,
     pub upstream_connect_timeout: Option<String>,
     pub upstream_first_byte_timeout: Option<String>,
+    pub upstream_read_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub shutdown_drain: Option<String>,
     pub cors_origins: Option<Vec<String>>,

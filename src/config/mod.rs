@@ -67,6 +67,11 @@ pub struct ServerConfig {
     pub body_read_timeout: Duration,
     pub upstream_connect_timeout: Duration,
     pub upstream_first_byte_timeout: Duration,
+    /// Longest wait for the next bytes of a provider's response body once
+    /// its headers arrived; a body silent for longer is cut off. Generous
+    /// by default: reasoning models can think for minutes between events
+    /// of a stream (most send keep-alive comments meanwhile, some do not).
+    pub upstream_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub shutdown_drain: Duration,
     pub cors_origins: Vec<String>,
@@ -401,6 +406,11 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             "server.upstream_first_byte_timeout",
             s.upstream_first_byte_timeout,
             120,
+        )?,
+        upstream_read_timeout: duration(
+            "server.upstream_read_timeout",
+            s.upstream_read_timeout,
+            300,
         )?,
         idle_timeout: duration("server.idle_timeout", s.idle_timeout, 90)?,
         shutdown_drain: duration("server.shutdown_drain", s.shutdown_drain, 30)?,

@@ -36,6 +36,7 @@ fn defaults_are_pinned() {
     assert_eq!(c.server.max_body_bytes, 10 * 1024 * 1024);
     assert_eq!(c.server.max_buffered_body_bytes, 256 * 1024 * 1024);
     assert_eq!(c.server.body_read_timeout, Duration::from_secs(60));
+    assert_eq!(c.server.upstream_read_timeout, Duration::from_secs(300));
     assert!(
         matches!(c.store, StoreConfig::Sqlite { ref path } if path == Path::new("data/keyrouter.db"))
     );

@@ -9,7 +9,8 @@
 //!                     kept for replay
 //!        attempts     up to 1 + retry_budget:
 //!          pick key   policy over active keys, limits, permit        pick.rs
-//!          send       credentials swapped, identity encoding         upstream.rs
+//!          send       credentials swapped, identity encoding,        upstream.rs,
+//!                     body cut off when it stalls                    read_timeout.rs
 //!          classify   429/402/401 (and 400/403 naming the key)       respond.rs, health
 //!                     → key state + next key,
 //!                     5xx/connect/timeout → next key
@@ -27,6 +28,7 @@ mod cors;
 pub mod error;
 mod outcome;
 mod pick;
+mod read_timeout;
 mod request_body;
 mod respond;
 pub mod route;

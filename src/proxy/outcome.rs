@@ -21,6 +21,8 @@ pub enum End {
     ErrorEvent,
     /// The provider broke the stream off.
     Broken,
+    /// The provider sent nothing for `server.upstream_read_timeout`.
+    Stalled,
     /// The client went away first.
     ClientGone,
 }
@@ -31,6 +33,7 @@ impl End {
             End::Complete => "complete",
             End::ErrorEvent => "error_event",
             End::Broken => "broken",
+            End::Stalled => "stalled",
             End::ClientGone => "client_gone",
         }
     }
@@ -105,10 +108,12 @@ impl Drop for Completion {
             m.completion_tokens.inc_by(self.usage.completion);
         }
         // A stream that fails after its headers were sent is an upstream
-        // error, whatever status line went out; an abandoned one is 499.
+        // error (a timeout when the provider stalled), whatever status line
+        // went out; an abandoned one is 499.
         let code = match self.end {
             End::Complete => self.status.as_str(),
             End::ErrorEvent | End::Broken => "502",
+            End::Stalled => "504",
             End::ClientGone => "499",
         };
         self.requests

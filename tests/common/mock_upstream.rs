@@ -16,7 +16,10 @@
 //!   `Content-Encoding: gzip`, whatever the request's `Accept-Encoding`;
 //! - `x-mock-truncate: 1` announces the whole body's `Content-Length` but
 //!   breaks the connection off after half of it (a provider failing
-//!   mid-response).
+//!   mid-response);
+//! - `x-mock-stall: 1` announces the whole body's `Content-Length`, sends
+//!   half of it and then nothing more, keeping the connection open (a
+//!   provider stalling mid-response).
 //!
 //! Tests can also script the mock per KEY: the behaviour is chosen by the
 //! credential the mock receives (`Authorization: Bearer <key>`,
@@ -511,11 +514,12 @@ async fn scripted(parts: &http::request::Parts, body: &Bytes, shared: &Shared) -
             .filter(|n| *n > 0),
     };
     let resp = answer_for(parts, body, pacing, Some(shared.streams.clone()));
-    let (gzipped, truncated) = (
+    let (gzipped, truncated, stalled) = (
         flag("x-mock-gzip").is_some(),
         flag("x-mock-truncate").is_some(),
+        flag("x-mock-stall").is_some(),
     );
-    if !gzipped && !truncated {
+    if !gzipped && !truncated && !stalled {
         return resp;
     }
     let (mut head, body) = resp.into_parts();
@@ -530,6 +534,16 @@ async fn scripted(parts: &http::request::Parts, body: &Bytes, shared: &Shared) -
         bytes = Bytes::from(gzip(&bytes));
     }
     head.headers.remove(header::CONTENT_LENGTH);
+    if stalled {
+        head.headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        let half = bytes.slice(..bytes.len() / 2);
+        let frames = futures_util::StreamExt::chain(
+            futures_util::stream::once(async { Ok(Frame::data(half)) }),
+            futures_util::stream::pending(),
+        );
+        return Response::from_parts(head, StreamBody::new(frames).boxed());
+    }
     if truncated {
         // The server sends the head with this length, then half the body,
         // then closes the connection: the body is shorter than announced.
