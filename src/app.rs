@@ -3,7 +3,7 @@
 
 use crate::admin::AdminApi;
 use crate::audit::AuditQueue;
-use crate::audit::queue::AuditWriter;
+use crate::audit::queue::{self, AuditWriter};
 use crate::config::{Config, ConfigError, ServerConfig, StoreConfig};
 use crate::health::{self, Health};
 use crate::keys::Vault;
@@ -169,7 +169,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
     let store = open_store(&config).await?;
     let vault = Vault::new(&config.fernet_keys).map_err(|e| ConfigError(e.to_string()))?;
     let metrics = Metrics::new();
-    let (audit, audit_writer) = AuditQueue::start(store.clone(), metrics.audit_pending.clone());
+    let (audit, audit_writer) = AuditQueue::start(store.clone(), &metrics, queue::CAPACITY);
     let certs = config
         .tls
         .clone()

@@ -115,6 +115,14 @@ impl GatewayError {
         e
     }
 
+    /// 503 with `Retry-After`: the gateway cannot take the request now,
+    /// and a retry shortly is expected to succeed.
+    pub fn unavailable_retry_after(mut self, retry_after_secs: u64) -> Self {
+        self.status = StatusCode::SERVICE_UNAVAILABLE;
+        self.retry_after = Some(retry_after_secs.max(1));
+        self
+    }
+
     /// The same kind with another status (405 is an `invalid_request`).
     pub fn with_status(mut self, status: StatusCode) -> Self {
         self.status = status;

@@ -102,23 +102,25 @@ pub fn finish(resp: &mut Response<Body>, request_id: &RequestId, over_tls: bool)
 }
 
 /// Why a body could not be read whole.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum ReadBodyError {
     TooLarge,
-    Broken,
+    /// The body failed with this error (kept so a caller can tell, say, a
+    /// stalled provider from a broken connection).
+    Broken(BoxError),
 }
 
-/// Reads a request body of at most `max` bytes, stopping as soon as the limit
-/// is passed (never buffering more than `max`).
+/// Reads a body of at most `max` bytes, stopping as soon as the limit is
+/// passed (never buffering more than `max`).
 pub async fn read_limited<B>(body: B, max: usize) -> Result<Bytes, ReadBodyError>
 where
     B: http_body::Body<Data = Bytes>,
-    B::Error: std::error::Error + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
 {
     match Limited::new(body, max).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ReadBodyError::TooLarge),
-        Err(_) => Err(ReadBodyError::Broken),
+        Err(e) => Err(ReadBodyError::Broken(e)),
     }
 }
 
@@ -148,6 +150,6 @@ mod tests {
         let ok = read_limited(Full::new(Bytes::from_static(b"12345")), 5).await;
         assert_eq!(ok.unwrap(), Bytes::from_static(b"12345"));
         let big = read_limited(Full::new(Bytes::from_static(b"123456")), 5).await;
-        assert_eq!(big, Err(ReadBodyError::TooLarge));
+        assert!(matches!(big, Err(ReadBodyError::TooLarge)), "{big:?}");
     }
 }

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     /// Audit events accepted but not yet in the store.
     pub audit_pending: IntGauge,
+    /// `auth_failed` events dropped because the audit queue was full.
+    pub audit_dropped: IntCounter,
     /// `keyrouter_requests_total{provider,code}`: proxied requests by the
     /// status the client got.
     pub requests: IntCounterVec,
@@ -97,6 +99,11 @@ impl Metrics {
             audit_pending: IntGauge::new(
                 "keyrouter_audit_pending",
                 "Audit events waiting to be written to the store",
+            )
+            .expect("valid metric"),
+            audit_dropped: IntCounter::new(
+                "keyrouter_audit_dropped_total",
+                "auth_failed audit events dropped because the audit queue was full",
             )
             .expect("valid metric"),
             requests: IntCounterVec::new(
@@ -185,6 +192,7 @@ impl Metrics {
             Box::new(m.admin_auth_failures.clone()),
             Box::new(m.store_errors.clone()),
             Box::new(m.audit_pending.clone()),
+            Box::new(m.audit_dropped.clone()),
             Box::new(m.requests.clone()),
             Box::new(m.request_duration.clone()),
             Box::new(m.upstream_duration.clone()),

@@ -8,6 +8,8 @@
 //! test writes under its own `rate_limit.redis_prefix`, so tests run in
 //! parallel and leave nothing another run could trip over.
 
+#[path = "common/logs.rs"]
+mod logs;
 #[path = "common/redis.rs"]
 mod test_redis;
 use keyrouter::config::{OnBackendError, RateLimitBackend, RateLimitConfig};
@@ -15,6 +17,7 @@ use keyrouter::keys::Limits;
 use keyrouter::limits::{KeyCounters, KeyRef, Limiter, Permit, Refusal};
 use keyrouter::metrics::Metrics;
 use keyrouter::secret::Secret;
+use logs::{Captured, capture};
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use std::process::{Child, Command, Stdio};
@@ -468,37 +471,6 @@ async fn starts_when_redis_is_unreachable() {
         deny.acquire(&l, 0).await,
         Err(Refusal::BackendUnavailable)
     ));
-}
-
-/// Log lines written while the guard lives (current-thread tests only).
-#[derive(Clone, Default)]
-struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-/// Sends this thread's log lines to `logs` while the guard lives.
-fn capture(logs: &Captured) -> tracing::subscriber::DefaultGuard {
-    let writer = logs.clone();
-    tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish(),
-    )
 }
 
 #[tokio::test]

@@ -382,7 +382,7 @@ impl RawReply {
     }
 }
 
-async fn read_response(conn: &mut tokio::net::TcpStream) -> RawReply {
+async fn read_response(conn: &mut (impl tokio::io::AsyncRead + Unpin)) -> RawReply {
     let mut buf = Vec::new();
     let head_end = loop {
         if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -1246,6 +1246,113 @@ async fn oversized_bodies_are_refused_with_and_without_content_length() {
     );
 }
 
+/// The head of a raw chat request announcing a body of `len` bytes.
+fn chat_head(addr: SocketAddr, len: usize) -> String {
+    format!(
+        "POST /openai/v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\n\
+         Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+    )
+}
+
+#[tokio::test]
+async fn a_client_trickling_its_body_gets_408_and_is_disconnected() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "[server]\nbody_read_timeout = \"300ms\"").await;
+    let addr = gw.running.proxy_addr;
+    let conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut read, mut write) = conn.into_split();
+    write
+        .write_all(format!("{}{{", chat_head(addr, 1000)).as_bytes())
+        .await
+        .unwrap();
+    // A byte every 20 ms: the body keeps moving, but would take 20 s.
+    let trickle = tokio::spawn(async move {
+        while write.write_all(b" ").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let started = Instant::now();
+    let reply = tokio::time::timeout(Duration::from_secs(5), read_response(&mut read))
+        .await
+        .expect("no answer while the body trickled");
+    reply.error(408, "invalid_request");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    // The connection is closed: the rest of the body is not waited for.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), read.read_to_end(&mut rest))
+        .await
+        .expect("the connection stayed open")
+        .unwrap();
+    assert!(rest.is_empty());
+    trickle.abort();
+
+    assert!(mock.received().is_empty(), "a partial body went upstream");
+    let labels = [("provider", "openai"), ("code", "408")];
+    eventually_metric(&gw, "keyrouter_requests_total", &labels, 1.0).await;
+    eventually_metric(
+        &gw,
+        "keyrouter_inflight_requests",
+        &[("provider", "openai")],
+        0.0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn bodies_beyond_the_shared_memory_budget_get_503_until_memory_frees() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(
+        &mock,
+        "[server]\nmax_body_bytes = 1024\nmax_buffered_body_bytes = 1024",
+    )
+    .await;
+    let addr = gw.running.proxy_addr;
+    let held = chat("gpt-4o").to_string() + &" ".repeat(900);
+    let (first, last) = held.as_bytes().split_at(900);
+    // This client sends 900 bytes of its body and waits.
+    let mut holder = tokio::net::TcpStream::connect(addr).await.unwrap();
+    holder
+        .write_all(chat_head(addr, held.len()).as_bytes())
+        .await
+        .unwrap();
+    holder.write_all(first).await.unwrap();
+
+    // Another client's 200 bytes fit once the first's 900 are in memory
+    // no more.
+    let small = json!({"model": "gpt-4o", "input": "x".repeat(150)});
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let refused = loop {
+        let a = post(&gw, "/openai/v1/embeddings", &small).await;
+        if a.status != 200 {
+            break a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the held body never counted against the budget"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    refused.error(503, "internal_error");
+    assert_eq!(refused.retry_after(), 1);
+
+    // The held request completes, and its memory is available again.
+    holder.write_all(last).await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), read_response(&mut holder))
+        .await
+        .expect("the held request got no answer");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(post(&gw, "/openai/v1/embeddings", &small).await.status, 200);
+    assert_eq!(
+        metric(
+            &gw,
+            "keyrouter_requests_total",
+            &[("provider", "openai"), ("code", "503")]
+        )
+        .await,
+        1.0
+    );
+}
+
 #[tokio::test]
 async fn traversal_foreign_targets_and_unknown_prefixes_are_refused() {
     let mock = MockUpstream::start().await;
@@ -1434,6 +1541,141 @@ async fn answers_the_provider_breaks_off_count_as_upstream_errors() {
         0.0,
     )
     .await;
+}
+
+/// A gateway whose only provider is OpenAI at `mock`, with one key that
+/// serves one request at a time, cutting provider bodies off after 1 s of
+/// silence.
+async fn one_slot_gateway(mock: &MockUpstream) -> TestGateway {
+    let gw = TestGateway::builder()
+        .providers(&provider("openai", "openai", &mock.url, ""))
+        .toml("[server]\nupstream_read_timeout = \"1s\"")
+        .start()
+        .await;
+    let reply = gw
+        .post(
+            "/keys",
+            json!({"key_material": OPENAI_KEY, "provider_id": "openai", "limits": {"max_concurrent": 1}}),
+        )
+        .send()
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.text);
+    gw
+}
+
+#[tokio::test]
+async fn a_stream_the_provider_stalls_is_cut_off_and_frees_its_key() {
+    let mock = MockUpstream::start().await;
+    let gw = one_slot_gateway(&mock).await;
+    let mut resp = gw
+        .client()
+        .post(gw.proxy_url("/openai/v1/chat/completions"))
+        .header("x-mock-hold", "1")
+        .json(&chat_stream("gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut text = first_event(&mut resp).await;
+    let silent_since = Instant::now();
+    // While the stream is open it holds the key's only slot.
+    post(&gw, "/openai/v1/chat/completions", &chat("gpt-4o"))
+        .await
+        .error(429, "rate_limit_exceeded");
+
+    let outcome = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => text.push_str(std::str::from_utf8(&chunk).unwrap()),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the stalled stream was never cut off");
+    assert!(outcome.is_err(), "the client saw a complete stream: {text}");
+    let silent = silent_since.elapsed();
+    assert!(silent >= Duration::from_millis(900), "cut after {silent:?}");
+    assert!(silent < Duration::from_secs(4), "cut after {silent:?}");
+    assert_eq!(parse_sse(&text).len(), 1, "{text}");
+    assert_no_provider_traces(&text);
+
+    // The slot, the request and the provider connection are released.
+    assert_eq!(
+        post(&gw, "/openai/v1/chat/completions", &chat("gpt-4o"))
+            .await
+            .status,
+        200
+    );
+    let stalled = [("provider", "openai"), ("code", "504")];
+    eventually_metric(&gw, "keyrouter_requests_total", &stalled, 1.0).await;
+    eventually_metric(
+        &gw,
+        "keyrouter_inflight_requests",
+        &[("provider", "openai")],
+        0.0,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mock.open_streams() > 0 {
+        assert!(Instant::now() < deadline, "the provider stream stayed open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_json_answer_the_provider_stalls_is_a_timeout() {
+    let mock = MockUpstream::start().await;
+    let gw = one_slot_gateway(&mock).await;
+    let started = Instant::now();
+    let a = tokio::time::timeout(
+        Duration::from_secs(5),
+        post_with(
+            &gw,
+            "/openai/v1/chat/completions",
+            &chat("gpt-4o"),
+            &[("x-mock-stall", "1")],
+        ),
+    )
+    .await
+    .expect("the stalled answer was never cut off");
+    a.error(504, "upstream_timeout");
+    assert_no_provider_traces(&a.text);
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(mock.received().len(), 1, "a stall is not retried");
+    // The key's only slot is free again.
+    assert_eq!(
+        post(&gw, "/openai/v1/chat/completions", &chat("gpt-4o"))
+            .await
+            .status,
+        200
+    );
+    let labels = [("provider", "openai"), ("code", "504")];
+    eventually_metric(&gw, "keyrouter_requests_total", &labels, 1.0).await;
+}
+
+#[tokio::test]
+async fn a_stream_longer_than_the_read_timeout_that_keeps_sending_is_not_cut() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "[server]\nupstream_read_timeout = \"200ms\"").await;
+    let started = Instant::now();
+    // Frames of 4 bytes about 1 ms apart: a second or more in all.
+    let a = post_with(
+        &gw,
+        "/openai/v1/chat/completions",
+        &chat_stream("gpt-4o"),
+        &[("x-mock-fragment", "4")],
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert!(started.elapsed() > Duration::from_millis(200));
+    assert_openai_stream(&a.text, "gpt-4o");
 }
 
 #[tokio::test]

@@ -146,7 +146,9 @@ where
         Err(ReadBodyError::TooLarge) => Err(GatewayError::invalid(
             "request body: must be at most 65536 bytes",
         )),
-        Err(ReadBodyError::Broken) => Err(GatewayError::invalid("request body: could not be read")),
+        Err(ReadBodyError::Broken(_)) => {
+            Err(GatewayError::invalid("request body: could not be read"))
+        }
     }
 }
 

@@ -53,12 +53,25 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     pub ops_listen: SocketAddr,
     pub max_body_bytes: usize,
+    /// Bytes of request bodies all requests together may hold in memory
+    /// for replay; a body arriving when they are spent is refused (503)
+    /// instead of waiting, so many large uploads at once cannot exhaust
+    /// memory. At least `max_body_bytes`.
+    pub max_buffered_body_bytes: usize,
     /// Open connections per listener; further connections wait in the
     /// kernel's backlog instead of exhausting memory or file descriptors.
     pub max_connections: usize,
     pub header_read_timeout: Duration,
+    /// Time a client has to send a request's whole body, counted from when
+    /// the gateway starts reading it (408 after it).
+    pub body_read_timeout: Duration,
     pub upstream_connect_timeout: Duration,
     pub upstream_first_byte_timeout: Duration,
+    /// Longest wait for the next bytes of a provider's response body once
+    /// its headers arrived; a body silent for longer is cut off. Generous
+    /// by default: reasoning models can think for minutes between events
+    /// of a stream (most send keep-alive comments meanwhile, some do not).
+    pub upstream_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub shutdown_drain: Duration,
     pub cors_origins: Vec<String>,
@@ -201,6 +214,9 @@ pub struct AdminAuth {
     pub api_key: Option<Secret>,
     pub jwt_secret: Option<Secret>,
 }
+
+/// Largest `server.max_buffered_body_bytes` accepted (64 GiB).
+const MAX_BUFFERED_BODY_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 
 /// Minimum length of the admin API key and the JWT secrets.
 pub const MIN_SECRET_LEN: usize = 32;
@@ -365,12 +381,22 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
                 ));
             }
         },
+        max_buffered_body_bytes: match s.max_buffered_body_bytes {
+            None => 256 * 1024 * 1024,
+            Some(n @ 1..=MAX_BUFFERED_BODY_BYTES) => n as usize,
+            Some(_) => {
+                return Err(bad(format!(
+                    "server.max_buffered_body_bytes must be between 1 and {MAX_BUFFERED_BODY_BYTES}"
+                )));
+            }
+        },
         max_connections: match s.max_connections {
             None => 10_000,
             Some(n @ 1..) => n as usize,
             Some(0) => return Err(bad("server.max_connections must be at least 1")),
         },
         header_read_timeout: duration("server.header_read_timeout", s.header_read_timeout, 10)?,
+        body_read_timeout: duration("server.body_read_timeout", s.body_read_timeout, 60)?,
         upstream_connect_timeout: duration(
             "server.upstream_connect_timeout",
             s.upstream_connect_timeout,
@@ -381,10 +407,20 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             s.upstream_first_byte_timeout,
             120,
         )?,
+        upstream_read_timeout: duration(
+            "server.upstream_read_timeout",
+            s.upstream_read_timeout,
+            300,
+        )?,
         idle_timeout: duration("server.idle_timeout", s.idle_timeout, 90)?,
         shutdown_drain: duration("server.shutdown_drain", s.shutdown_drain, 30)?,
         cors_origins: s.cors_origins.unwrap_or_default(),
     };
+    if server.max_buffered_body_bytes < server.max_body_bytes {
+        return Err(bad(
+            "server.max_buffered_body_bytes must not be below server.max_body_bytes",
+        ));
+    }
 
     let tls = raw.tls.map(tls_config).transpose()?;
     let providers = providers(raw.providers)?;

@@ -34,6 +34,9 @@ fn defaults_are_pinned() {
     assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:8081");
     assert_eq!(c.server.ops_listen.to_string(), "0.0.0.0:9090");
     assert_eq!(c.server.max_body_bytes, 10 * 1024 * 1024);
+    assert_eq!(c.server.max_buffered_body_bytes, 256 * 1024 * 1024);
+    assert_eq!(c.server.body_read_timeout, Duration::from_secs(60));
+    assert_eq!(c.server.upstream_read_timeout, Duration::from_secs(300));
     assert!(
         matches!(c.store, StoreConfig::Sqlite { ref path } if path == Path::new("data/keyrouter.db"))
     );
@@ -167,6 +170,31 @@ fn unknown_and_mistyped_settings_are_named() {
     assert!(
         err("[server]\nidle_timeout = \"soon\"", &e)
             .contains("server.idle_timeout must be a duration")
+    );
+}
+
+#[test]
+fn the_body_memory_budget_holds_at_least_one_whole_body() {
+    let e = env(&[("KEYROUTER_SERVER__BODY_READ_TIMEOUT", "2s")]);
+    let c = load(
+        "[server]\nmax_body_bytes = 1000\nmax_buffered_body_bytes = 1000",
+        &e,
+    )
+    .unwrap();
+    assert_eq!(c.server.max_buffered_body_bytes, 1000);
+    assert_eq!(c.server.body_read_timeout, Duration::from_secs(2));
+    let msg = err(
+        "[server]\nmax_body_bytes = 1001\nmax_buffered_body_bytes = 1000",
+        &e,
+    );
+    assert_eq!(
+        msg,
+        "server.max_buffered_body_bytes must not be below server.max_body_bytes"
+    );
+    let msg = err("[server]\nmax_buffered_body_bytes = 0", &e);
+    assert!(
+        msg.starts_with("server.max_buffered_body_bytes must be between 1 and"),
+        "{msg}"
     );
 }
 

@@ -6,9 +6,13 @@
 //! Back-pressure is hyper's: the next provider frame is polled only when the
 //! client connection took the previous one. When the client goes away, hyper
 //! drops this body, which drops the provider's body and closes that
-//! connection, so the provider stops generating.
+//! connection, so the provider stops generating. When the provider breaks
+//! off or stalls (`read_timeout.rs`), the stream ends with an error: the
+//! request is accounted at once (its key lease released), the client sees
+//! the stream break, and hyper drops this body and the provider connection.
 
 use super::outcome::{Completion, End};
+use super::read_timeout::BodyStalled;
 use crate::http::BoxError;
 use crate::sanitize::json::{Rewrite, Usage};
 use crate::sanitize::stream::StreamRewriter;
@@ -107,8 +111,13 @@ where
                     }
                 }
                 Some(Err(e)) => {
-                    this.end(End::Broken);
-                    return Poll::Ready(Some(Err(e.into())));
+                    let e: BoxError = e.into();
+                    this.end(if e.is::<BodyStalled>() {
+                        End::Stalled
+                    } else {
+                        End::Broken
+                    });
+                    return Poll::Ready(Some(Err(e)));
                 }
                 None => {
                     let mut tail = Vec::new();

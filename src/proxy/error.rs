@@ -17,6 +17,12 @@ pub enum ProxyError {
     BodyTooLarge,
     /// The client's body could not be read.
     BrokenRequestBody,
+    /// The client did not send its whole body within
+    /// `server.body_read_timeout`.
+    RequestBodyTimeout,
+    /// The request bodies held in memory already use all of
+    /// `server.max_buffered_body_bytes`.
+    BodyBudgetExhausted,
     /// `client_auth.mode = "jwt"` and no valid client token.
     ClientUnauthorized,
     /// The client token does not allow this provider.
@@ -51,6 +57,8 @@ impl ProxyError {
             ProxyError::BadTarget => "bad_target",
             ProxyError::BodyTooLarge => "body_too_large",
             ProxyError::BrokenRequestBody => "broken_request_body",
+            ProxyError::RequestBodyTimeout => "request_body_timeout",
+            ProxyError::BodyBudgetExhausted => "body_budget_exhausted",
             ProxyError::ClientUnauthorized => "client_unauthorized",
             ProxyError::ProviderNotAllowed => "provider_not_allowed",
             ProxyError::ClientRateLimited { .. } => "client_rate_limited",
@@ -90,6 +98,18 @@ impl From<ProxyError> for GatewayError {
             ProxyError::BrokenRequestBody => {
                 GatewayError::invalid("The request body could not be read.")
             }
+            ProxyError::RequestBodyTimeout => {
+                GatewayError::invalid("The request body did not arrive in time.")
+                    .with_status(StatusCode::REQUEST_TIMEOUT)
+            }
+            // The gateway's own capacity, not a limit of the client's or a
+            // key's: the client is within every limit it was given, so
+            // neither `rate_limit_exceeded` nor `no_available_key` fits.
+            ProxyError::BodyBudgetExhausted => GatewayError::new(
+                ErrorKind::InternalError,
+                "The gateway is receiving too many request bodies at once. Retry shortly.",
+            )
+            .unavailable_retry_after(1),
             ProxyError::ClientUnauthorized => GatewayError::unauthorized(),
             ProxyError::ProviderNotAllowed => {
                 GatewayError::forbidden("This client may not use this provider.")
@@ -98,15 +118,11 @@ impl From<ProxyError> for GatewayError {
                 "This client is over its request limit. Retry later.",
                 retry_after_secs,
             ),
-            ProxyError::LimiterUnavailable => {
-                let mut e = GatewayError::new(
-                    ErrorKind::InternalError,
-                    "Rate limiting is unavailable. Retry later.",
-                )
-                .with_status(StatusCode::SERVICE_UNAVAILABLE);
-                e.retry_after = Some(1);
-                e
-            }
+            ProxyError::LimiterUnavailable => GatewayError::new(
+                ErrorKind::InternalError,
+                "Rate limiting is unavailable. Retry later.",
+            )
+            .unavailable_retry_after(1),
             ProxyError::NoActiveKey => GatewayError::new(
                 ErrorKind::NoAvailableKey,
                 "No key is available for this provider.",
@@ -145,6 +161,8 @@ mod tests {
         let cases = [
             (ProxyError::UnknownRoute, 404, "not_found"),
             (ProxyError::BadTarget, 400, "invalid_request"),
+            (ProxyError::RequestBodyTimeout, 408, "invalid_request"),
+            (ProxyError::BodyBudgetExhausted, 503, "internal_error"),
             (ProxyError::BodyTooLarge, 413, "payload_too_large"),
             (ProxyError::NoActiveKey, 503, "no_available_key"),
             (ProxyError::ClientUnauthorized, 401, "unauthorized"),

@@ -5,11 +5,13 @@
 //!   └─ forward (inner path, `?` on ProxyError)
 //!        route        target → provider + upstream URI               route.rs
 //!        client auth  JWT, provider allow-list, client rpm           client_auth.rs
-//!        read body    capped at max_body_bytes, kept for replay
+//!        read body    bounded in size, time and shared memory,       request_body.rs
+//!                     kept for replay
 //!        peek         requested model (body or Gemini path), output cap  peek.rs
 //!        attempts     up to 1 + retry_budget:
 //!          pick key   policy over active keys, limits, permit        pick.rs
-//!          send       credentials swapped, identity encoding         upstream.rs
+//!          send       credentials swapped, identity encoding,        upstream.rs,
+//!                     body cut off when it stalls                    read_timeout.rs
 //!          classify   429/402/401 (and 400/403 naming the key)       respond.rs, health
 //!                     → key state + next key,
 //!                     5xx/connect/timeout → next key
@@ -28,6 +30,8 @@ pub mod error;
 mod outcome;
 mod peek;
 mod pick;
+mod read_timeout;
+mod request_body;
 mod respond;
 pub mod route;
 pub mod upstream;
@@ -36,18 +40,18 @@ use crate::app::App;
 use crate::config::ClientAuth as ClientAuthConfig;
 use crate::error::GatewayError;
 use crate::health::Health;
-use crate::http::{Body, ReadBodyError, RequestId, finish, read_limited};
+use crate::http::{Body, RequestId, finish};
 use crate::keys::pool::PoolKey;
 use crate::limits::Refusal;
 use crate::metrics::ProviderMetrics;
 use crate::server::{ConnInfo, Handler};
-use bytes::Bytes;
 use client_auth::ClientAuth;
 use cors::Cors;
 use error::ProxyError;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use outcome::Completion;
+use request_body::BodyReader;
 use respond::Answer;
 use route::RouteTable;
 use std::sync::Arc;
@@ -68,6 +72,8 @@ pub struct ProxyApi {
     routes: RouteTable,
     providers: Vec<ProviderRuntime>,
     cors: Cors,
+    /// Reads request bodies within their size, time and memory bounds.
+    bodies: BodyReader,
     /// Set when `client_auth.mode = "jwt"`.
     client_auth: Option<ClientAuth>,
 }
@@ -91,6 +97,7 @@ impl ProxyApi {
         Ok(ProxyApi {
             routes: RouteTable::new(&cfg.providers),
             cors: Cors::new(&cfg.server.cors_origins),
+            bodies: BodyReader::new(&cfg.server),
             client_auth: match &cfg.client_auth {
                 ClientAuthConfig::None => None,
                 ClientAuthConfig::Jwt { secret } => Some(ClientAuth::new(secret)),
@@ -114,19 +121,12 @@ impl ProxyApi {
         self.authorize_client(provider, req.headers()).await?;
 
         let (parts, body) = req.into_parts();
-        let max = self.app.config.server.max_body_bytes;
         let declared = parts
             .headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > max as u64) {
-            return Err(ProxyError::BodyTooLarge);
-        }
-        let body: Bytes = read_limited(body, max).await.map_err(|e| match e {
-            ReadBodyError::TooLarge => ProxyError::BodyTooLarge,
-            ReadBodyError::Broken => ProxyError::BrokenRequestBody,
-        })?;
+        let body = self.bodies.read(body, declared).await?;
         let peek = peek::peek_request(&parts.headers, parts.uri.path(), &body);
 
         let mut tried: Vec<Arc<PoolKey>> = Vec::new();

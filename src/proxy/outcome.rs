@@ -24,6 +24,8 @@ pub enum End {
     /// A streamed event outgrew the size limit; keyrouter broke the stream
     /// off.
     Oversized,
+    /// The provider sent nothing for `server.upstream_read_timeout`.
+    Stalled,
     /// The client went away first.
     ClientGone,
 }
@@ -35,6 +37,7 @@ impl End {
             End::ErrorEvent => "error_event",
             End::Broken => "broken",
             End::Oversized => "oversized_event",
+            End::Stalled => "stalled",
             End::ClientGone => "client_gone",
         }
     }
@@ -102,10 +105,12 @@ impl Drop for Completion {
             m.completion_tokens.inc_by(self.usage.completion);
         }
         // A stream that fails after its headers were sent is an upstream
-        // error, whatever status line went out; an abandoned one is 499.
+        // error (a timeout when the provider stalled), whatever status line
+        // went out; an abandoned one is 499.
         let code = match self.end {
             End::Complete => self.status,
             End::ErrorEvent | End::Broken | End::Oversized => StatusCode::BAD_GATEWAY,
+            End::Stalled => StatusCode::GATEWAY_TIMEOUT,
             End::ClientGone => StatusCode::from_u16(CLIENT_CLOSED).expect("a valid code"),
         };
         m.requests.inc(code);

@@ -6,8 +6,10 @@
 use super::body::{Mode, RewriteSpec, StreamBody};
 use super::error::ProxyError;
 use super::outcome::{Completion, End};
+use super::read_timeout::BodyStalled;
+use super::upstream::UpstreamBody;
 use crate::health::Verdict;
-use crate::http::{Body, full};
+use crate::http::{Body, ReadBodyError, full, read_limited};
 use crate::keys::pool::PoolKey;
 use crate::sanitize::json::{Usage, rewrite};
 use crate::sanitize::scrub;
@@ -15,7 +17,6 @@ use crate::sanitize::stream::{Framing, StreamRewriter};
 use http::Response;
 use http::header::{self, HeaderMap, HeaderValue};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a provider's answer means for the attempt.
 pub enum Answer {
     /// Goes to the client: a success, or a refusal of the request itself.
-    Deliver(Response<Incoming>),
+    Deliver(Response<UpstreamBody>),
     /// The provider refused the request itself (read and judged already):
     /// not retried, and the key keeps its state.
     Refused(ProxyError),
@@ -63,14 +64,14 @@ fn mentions(body: &[u8], markers: &[&[u8]]) -> bool {
         .any(|m| body.windows(m.len()).any(|w| w == *m))
 }
 
-async fn error_body(resp: Response<Incoming>) -> bytes::Bytes {
+async fn error_body(resp: Response<UpstreamBody>) -> bytes::Bytes {
     tokio::time::timeout(
         ERROR_BODY_TIMEOUT,
-        read_capped(resp.into_body(), MAX_ERROR_BODY),
+        read_limited(resp.into_body(), MAX_ERROR_BODY),
     )
     .await
     .ok()
-    .flatten()
+    .and_then(Result::ok)
     .unwrap_or_default()
 }
 
@@ -79,7 +80,7 @@ async fn error_body(resp: Response<Incoming>) -> bytes::Bytes {
 /// named must not let a client invalidate keys at will), a 400 can be
 /// Gemini's bad key or Anthropic's empty balance, a 429 OpenAI's exhausted
 /// quota.
-pub async fn classify(resp: Response<Incoming>, key: &PoolKey) -> Answer {
+pub async fn classify(resp: Response<UpstreamBody>, key: &PoolKey) -> Answer {
     let status = resp.status();
     match status.as_u16() {
         401 => Answer::KeyFault(Verdict::Rejected),
@@ -114,7 +115,7 @@ pub async fn classify(resp: Response<Incoming>, key: &PoolKey) -> Answer {
 /// The client's response for the provider's answer `resp`. A streamed
 /// event longer than `max_record` bytes ends the stream.
 pub async fn respond(
-    resp: Response<Incoming>,
+    resp: Response<UpstreamBody>,
     key: &Arc<PoolKey>,
     spec: RewriteSpec,
     max_record: usize,
@@ -148,11 +149,21 @@ pub async fn respond(
     acct.set_status(status);
     let body: Body = match kind {
         BodyKind::Json => {
-            let Some(bytes) = read_capped(resp.into_body(), MAX_JSON_BODY).await else {
-                // Broken off (or too large): handed back so that the caller
-                // accounts the request once, as the error the client gets.
-                *completion = Some(acct);
-                return Err(ProxyError::UpstreamUnreachable);
+            let bytes = match read_limited(resp.into_body(), MAX_JSON_BODY).await {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    // Handed back so that the caller accounts the request
+                    // once, as the error the client gets.
+                    *completion = Some(acct);
+                    return Err(match e {
+                        ReadBodyError::Broken(e) if e.is::<BodyStalled>() => {
+                            ProxyError::UpstreamTimeout
+                        }
+                        ReadBodyError::Broken(_) | ReadBodyError::TooLarge => {
+                            ProxyError::UpstreamUnreachable
+                        }
+                    });
+                }
             };
             let mut usage = Usage::default();
             let mut rewritten = Vec::with_capacity(bytes.len() + 16);
@@ -202,14 +213,10 @@ fn copy_allowed(from: &HeaderMap, to: &mut HeaderMap) {
     }
 }
 
-async fn read_capped(body: Incoming, max: usize) -> Option<bytes::Bytes> {
-    crate::http::read_limited(body, max).await.ok()
-}
-
 /// The error for a provider's refusal of the request itself (a 4xx that
 /// is not about the key). A message is kept only for the statuses that are
 /// about the request's content, scrubbed of anything key-like.
-async fn refusal(resp: Response<Incoming>, key: &PoolKey) -> ProxyError {
+async fn refusal(resp: Response<UpstreamBody>, key: &PoolKey) -> ProxyError {
     let status = resp.status();
     let message = if matches!(status.as_u16(), 404 | 413 | 422) {
         provider_message(&error_body(resp).await, key)

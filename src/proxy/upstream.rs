@@ -5,6 +5,7 @@
 //! encoding asked for so that no compressed body can bypass sanitization.
 
 use super::error::ProxyError;
+use super::read_timeout::ReadTimeout;
 use crate::config::{ProviderConfig, ProviderKind, ServerConfig};
 use crate::server::tls::crypto_provider;
 use bytes::Bytes;
@@ -20,11 +21,15 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use std::time::Duration;
 
+/// A provider's response body: cut off when it stalls.
+pub type UpstreamBody = ReadTimeout<Incoming>;
+
 /// A provider's HTTP client.
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     kind: ProviderKind,
     first_byte_timeout: Duration,
+    read_timeout: Duration,
 }
 
 /// Why a client could not be built (a CA file that went bad after
@@ -72,18 +77,23 @@ impl Upstream {
             client,
             kind: p.kind,
             first_byte_timeout: server.upstream_first_byte_timeout,
+            read_timeout: server.upstream_read_timeout,
         })
     }
 
-    /// Sends one attempt and waits for the response headers.
-    pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Incoming>, ProxyError> {
+    /// Sends one attempt and waits for the response headers; from then on
+    /// the body is bounded by the read timeout.
+    pub async fn send(
+        &self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         match tokio::time::timeout(self.first_byte_timeout, self.client.request(req)).await {
             Err(_) => Err(ProxyError::UpstreamTimeout),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "upstream request failed");
                 Err(ProxyError::UpstreamUnreachable)
             }
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => Ok(resp.map(|body| ReadTimeout::new(body, self.read_timeout))),
         }
     }
 

@@ -6,7 +6,8 @@
 //! last one ended. It is idle when no request is open and none ended within
 //! `idle_timeout`; a long generation that sends nothing for minutes is not
 //! idle. A client that opens a connection and trickles a request's headers
-//! is cut off by hyper's header read timeout instead.
+//! is cut off by hyper's header read timeout instead, and one that trickles
+//! a proxied request's body by `server.body_read_timeout`.
 
 use super::{ConnInfo, Handler};
 use crate::http::{Body, BoxError};

@@ -1,6 +1,7 @@
 //! TLS termination: rustls server configs built from PEM files, TLS 1.2/1.3
 //! only, ALPN `h2` and `http/1.1`, optional client certificates (mTLS) on the
-//! admin listener, and reload without restart.
+//! admin listener, and reload without restart of all three files (a rotated
+//! client CA is picked up like a rotated certificate).
 
 use crate::config::TlsConfig;
 use arc_swap::ArcSwap;
@@ -150,7 +151,7 @@ pub enum TlsListener {
 pub struct CertStore {
     files: TlsConfig,
     current: ArcSwap<ServerConfigs>,
-    stamp: std::sync::Mutex<Option<(SystemTime, SystemTime)>>,
+    stamp: std::sync::Mutex<Option<Stamp>>,
 }
 
 impl CertStore {
@@ -173,8 +174,8 @@ impl CertStore {
         }
     }
 
-    /// Reloads from disk. A broken new file keeps the old certificate in
-    /// force and logs why.
+    /// Reloads the certificate, key and client CA from disk. A broken new
+    /// file keeps the previous set in force and logs why.
     pub fn reload(&self) {
         match load_server_config(&self.files) {
             Ok(configs) => {
@@ -182,13 +183,14 @@ impl CertStore {
                 tracing::info!("TLS certificate reloaded");
             }
             Err(e) => {
-                tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate")
+                tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate and client CA")
             }
         }
     }
 
-    /// Reloads when the certificate or key file's modification time changed.
-    /// The mutex is only touched by the reload watcher, never by handshakes.
+    /// Reloads when the modification time of the certificate, key or client
+    /// CA file changed. The mutex is only touched by the reload watcher,
+    /// never by handshakes.
     pub fn reload_if_changed(&self) {
         let now = file_stamp(&self.files);
         let mut last = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
@@ -200,7 +202,110 @@ impl CertStore {
     }
 }
 
-fn file_stamp(files: &TlsConfig) -> Option<(SystemTime, SystemTime)> {
+/// Modification times of the files a reload reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    cert: SystemTime,
+    key: SystemTime,
+    client_ca: Option<SystemTime>,
+}
+
+/// `None` while a configured file is missing (being replaced): no reload
+/// is tried until the set is whole again.
+fn file_stamp(files: &TlsConfig) -> Option<Stamp> {
     let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    Some((m(&files.cert_path)?, m(&files.key_path)?))
+    Some(Stamp {
+        cert: m(&files.cert_path)?,
+        key: m(&files.key_path)?,
+        client_ca: match &files.client_ca_path {
+            Some(p) => Some(m(p)?),
+            None => None,
+        },
+    })
+}
+
+/// The test CA of the integration tests, for the reload tests below.
+#[cfg(test)]
+#[path = "../../tests/common/tls.rs"]
+mod test_ca;
+
+#[cfg(test)]
+mod tests {
+    use super::test_ca::{Leaf, TestCa};
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Whether the admin listener's config in force accepts a client
+    /// presenting `identity` (handshake over an in-memory pipe).
+    async fn admits(certs: &CertStore, server_ca: &TestCa, identity: &Leaf) -> bool {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(certs.config(TlsListener::Admin));
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(
+            server_ca.client_config(&["http/1.1"], Some(identity)),
+        ));
+        let server = async {
+            let mut tls = acceptor.accept(server_io).await?;
+            tls.write_all(b"!").await?;
+            tls.flush().await
+        };
+        let client = async {
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            let mut tls = connector.connect(name, client_io).await?;
+            tls.read_u8().await
+        };
+        let (server, client) = tokio::join!(server, client);
+        server.is_ok() && client.is_ok()
+    }
+
+    /// Rewrites `path` with a modification time `secs` in the future, so
+    /// the change is seen even on coarse-grained file systems.
+    fn rewrite(path: &Path, contents: &str, secs: u64) {
+        std::fs::write(path, contents).unwrap();
+        let f = std::fs::File::options().write(true).open(path).unwrap();
+        f.set_modified(SystemTime::now() + Duration::from_secs(secs))
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_changed_client_ca_is_reloaded_and_a_broken_one_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let server_ca = TestCa::new("server CA");
+        let (cert_path, key_path) = server_ca.leaf("gateway.test").write(dir.path());
+        let (old_ca, new_ca) = (TestCa::new("old client CA"), TestCa::new("new client CA"));
+        let (old_client, new_client) = (old_ca.client("old"), new_ca.client("new"));
+        let ca_path = dir.path().join("clients.pem");
+        std::fs::write(&ca_path, &old_ca.pem).unwrap();
+        let certs = CertStore::new(TlsConfig {
+            cert_path,
+            key_path,
+            client_ca_path: Some(ca_path.clone()),
+        })
+        .unwrap();
+        assert!(admits(&certs, &server_ca, &old_client).await);
+        assert!(!admits(&certs, &server_ca, &new_client).await);
+
+        // Only the CA file changes: the watcher reloads it.
+        rewrite(&ca_path, &new_ca.pem, 2);
+        certs.reload_if_changed();
+        assert!(admits(&certs, &server_ca, &new_client).await);
+        assert!(!admits(&certs, &server_ca, &old_client).await);
+
+        // A broken CA file keeps the one in force.
+        rewrite(
+            &ca_path,
+            "-----BEGIN CERTIFICATE-----
+broken
+",
+            4,
+        );
+        certs.reload_if_changed();
+        assert!(admits(&certs, &server_ca, &new_client).await);
+
+        // A reload on demand (SIGHUP) reads it too.
+        std::fs::write(&ca_path, &old_ca.pem).unwrap();
+        certs.reload();
+        assert!(admits(&certs, &server_ca, &old_client).await);
+        assert!(!admits(&certs, &server_ca, &new_client).await);
+    }
 }

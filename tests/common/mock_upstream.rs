@@ -17,6 +17,9 @@
 //! - `x-mock-truncate: 1` announces the whole body's `Content-Length` but
 //!   breaks the connection off after half of it (a provider failing
 //!   mid-response);
+//! - `x-mock-stall: 1` announces the whole body's `Content-Length`, sends
+//!   half of it and then nothing more, keeping the connection open (a
+//!   provider stalling mid-response);
 //! - `x-mock-decorate: 1` answers a chat stream whose events come with what
 //!   providers add around the data: comments naming their routing, `id:`
 //!   lines, a `retry:` hint;
@@ -533,11 +536,12 @@ async fn scripted(parts: &http::request::Parts, body: &Bytes, shared: &Shared) -
         return sse(decorated(openai_chunks()), pacing, streams);
     }
     let resp = answer_for(parts, body, pacing, streams);
-    let (gzipped, truncated) = (
+    let (gzipped, truncated, stalled) = (
         flag("x-mock-gzip").is_some(),
         flag("x-mock-truncate").is_some(),
+        flag("x-mock-stall").is_some(),
     );
-    if !gzipped && !truncated {
+    if !gzipped && !truncated && !stalled {
         return resp;
     }
     let (mut head, body) = resp.into_parts();
@@ -552,6 +556,16 @@ async fn scripted(parts: &http::request::Parts, body: &Bytes, shared: &Shared) -
         bytes = Bytes::from(gzip(&bytes));
     }
     head.headers.remove(header::CONTENT_LENGTH);
+    if stalled {
+        head.headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        let half = bytes.slice(..bytes.len() / 2);
+        let frames = futures_util::StreamExt::chain(
+            futures_util::stream::once(async { Ok(Frame::data(half)) }),
+            futures_util::stream::pending(),
+        );
+        return Response::from_parts(head, StreamBody::new(frames).boxed());
+    }
     if truncated {
         // The server sends the head with this length, then half the body,
         // then closes the connection: the body is shorter than announced.
