@@ -1,7 +1,8 @@
 //! The streamed response body: provider frames go to the client as they
-//! arrive, SSE events rewritten on the way, and the request is accounted
-//! (metrics, access log, key lease) exactly once, when the stream ends, breaks
-//! (or outgrows the event size limit) or is abandoned by the client.
+//! arrive, SSE events and JSON lines rewritten on the way, and the request
+//! is accounted (metrics, access log, key lease) exactly once, when the
+//! stream ends, breaks (or outgrows the event size limit) or is abandoned by
+//! the client.
 //!
 //! Back-pressure is hyper's: the next provider frame is polled only when the
 //! client connection took the previous one. When the client goes away, hyper
@@ -36,7 +37,7 @@ impl RewriteSpec {
 
 /// How the body is treated.
 pub enum Mode {
-    /// A stream of records (SSE events): every record rewritten.
+    /// A stream of records (SSE events, JSON lines): every record rewritten.
     Records(Box<StreamRewriter>, RewriteSpec),
     /// Anything else that is streamed: bytes pass unchanged.
     Raw,

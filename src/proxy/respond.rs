@@ -1,7 +1,7 @@
 //! Turning the provider's answer into the client's: error statuses become
 //! gateway errors, headers pass an allow-list, JSON bodies are rewritten
-//! whole, event streams are rewritten event by event as they flow, other
-//! bodies stream through unchanged.
+//! whole, event streams and JSON-lines streams are rewritten event by event
+//! (line by line) as they flow, other bodies stream through unchanged.
 
 use super::body::{Mode, RewriteSpec, StreamBody};
 use super::error::ProxyError;
@@ -163,8 +163,8 @@ pub async fn respond(
             acct.finish(End::Complete, usage);
             body
         }
-        BodyKind::EventStream => {
-            let stream = StreamRewriter::new(Framing::Events, max_record);
+        BodyKind::Records(framing) => {
+            let stream = StreamRewriter::new(framing, max_record);
             let mode = Mode::Records(Box::new(stream), spec);
             BodyExt::boxed(StreamBody::new(resp.into_body(), mode, acct))
         }
@@ -175,15 +175,26 @@ pub async fn respond(
 
 enum BodyKind {
     Json,
-    EventStream,
+    /// A stream of records rewritten one by one.
+    Records(Framing),
     Other,
 }
+
+/// The media types of JSON-lines streams (Ollama-style servers and others).
+const JSON_LINES: [&str; 4] = [
+    "application/x-ndjson",
+    "application/ndjson",
+    "application/jsonl",
+    "application/x-jsonlines",
+];
 
 impl BodyKind {
     fn of(content_type: &str) -> Self {
         let essence = content_type.split(';').next().unwrap_or("").trim();
         if essence.eq_ignore_ascii_case("text/event-stream") {
-            BodyKind::EventStream
+            BodyKind::Records(Framing::Events)
+        } else if JSON_LINES.iter().any(|t| essence.eq_ignore_ascii_case(t)) {
+            BodyKind::Records(Framing::Lines)
         } else if essence.eq_ignore_ascii_case("application/json") || essence.ends_with("+json") {
             BodyKind::Json
         } else {
@@ -283,8 +294,14 @@ mod tests {
         ));
         assert!(matches!(
             BodyKind::of("text/event-stream"),
-            BodyKind::EventStream
+            BodyKind::Records(Framing::Events)
         ));
+        for lines in ["application/x-ndjson", "application/jsonl; charset=utf-8"] {
+            assert!(matches!(
+                BodyKind::of(lines),
+                BodyKind::Records(Framing::Lines)
+            ));
+        }
         assert!(matches!(
             BodyKind::of("application/problem+json"),
             BodyKind::Json

@@ -1,5 +1,5 @@
-//! Incremental rewriting of a streamed body made of records (SSE events):
-//! `(chunk) → chunk`.
+//! Incremental rewriting of a streamed body made of records (SSE events,
+//! JSON lines): `(chunk) → chunk`.
 //!
 //! Provider streams arrive in arbitrary TCP-sized pieces; a record may be
 //! split anywhere, even inside `\r\n`. The rewriter keeps the unfinished tail
@@ -12,7 +12,7 @@
 
 use super::json::{Rewrite, Rewritten, Usage, rewrite};
 use super::scrub;
-use super::sse;
+use super::{ndjson, sse};
 use std::borrow::Cow;
 
 /// How a stream is cut into records.
@@ -20,6 +20,8 @@ use std::borrow::Cow;
 pub enum Framing {
     /// Server-Sent Events, ended by a blank line.
     Events,
+    /// JSON Lines / NDJSON, ended by a newline.
+    Lines,
 }
 
 impl Framing {
@@ -28,6 +30,7 @@ impl Framing {
     fn record_end(self, buf: &[u8], from: usize) -> Option<(usize, usize)> {
         match self {
             Framing::Events => sse::event_end(buf, from),
+            Framing::Lines => ndjson::line_end(buf, from),
         }
     }
 
@@ -36,6 +39,7 @@ impl Framing {
     fn lookback(self) -> usize {
         match self {
             Framing::Events => sse::BOUNDARY_LOOKBACK,
+            Framing::Lines => ndjson::BOUNDARY_LOOKBACK,
         }
     }
 
@@ -44,13 +48,14 @@ impl Framing {
     fn rewrite(self, record: &[u8], rw: &Rewrite, usage: &mut Usage, out: &mut Vec<u8>) -> bool {
         match self {
             Framing::Events => sse::rewrite_event(record, rw, usage, out),
+            Framing::Lines => ndjson::rewrite_line(record, rw, usage, out),
         }
     }
 }
 
 /// An unfinished record grew past the limit; the stream cannot go on.
 #[derive(Debug, thiserror::Error)]
-#[error("a streamed event is larger than the limit")]
+#[error("a streamed event or line is larger than the limit")]
 pub struct RecordTooLarge;
 
 /// State of one stream.
@@ -130,7 +135,7 @@ fn trim_line_ends(b: &[u8]) -> &[u8] {
     &b[..end]
 }
 
-/// One payload of a stream (an SSE event's data) rewritten by the JSON
+/// One payload of a stream (an SSE event's data, a line) rewritten by the JSON
 /// rules, on one line, and whether it is a provider error (`error`: the
 /// record already said so, e.g. by its event name). An error is scrubbed
 /// after rewriting: its provider message may quote key material. A payload

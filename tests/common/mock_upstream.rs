@@ -20,6 +20,8 @@
 //! - `x-mock-decorate: 1` answers a chat stream whose events come with what
 //!   providers add around the data: comments naming their routing, `id:`
 //!   lines, a `retry:` hint;
+//! - `x-mock-lines: ndjson` (or `jsonl`) answers the chat stream as JSON
+//!   lines (`application/x-ndjson` or `application/jsonl`);
 //! - `x-mock-unterminated: N` answers a stream with one chat chunk, then an
 //!   event that never ends (N bytes of one `data:` line in 16 KiB frames),
 //!   then silence.
@@ -532,6 +534,11 @@ async fn scripted(parts: &http::request::Parts, body: &Bytes, shared: &Shared) -
     if flag("x-mock-decorate").is_some() {
         return sse(decorated(openai_chunks()), pacing, streams);
     }
+    match flag("x-mock-lines").as_deref() {
+        Some("jsonl") => return streamed("application/jsonl", json_lines(), pacing, streams),
+        Some(_) => return streamed("application/x-ndjson", json_lines(), pacing, streams),
+        None => {}
+    }
     let resp = answer_for(parts, body, pacing, streams);
     let (gzipped, truncated) = (
         flag("x-mock-gzip").is_some(),
@@ -646,12 +653,21 @@ fn json(body: Bytes) -> Response<Body> {
 /// An SSE response sending `events` as `pacing` says. `streams` counts the
 /// body while it is alive.
 fn sse(events: Vec<String>, pacing: Pacing, streams: Option<Arc<AtomicUsize>>) -> Response<Body> {
-    let stream = event_stream(events, pacing, streams.map(StreamGuard::new));
+    streamed("text/event-stream", events, pacing, streams)
+}
+
+/// A streamed response of `content_type` sending `records` as `pacing`
+/// says.
+fn streamed(
+    content_type: &'static str,
+    records: Vec<String>,
+    pacing: Pacing,
+    streams: Option<Arc<AtomicUsize>>,
+) -> Response<Body> {
+    let stream = event_stream(records, pacing, streams.map(StreamGuard::new));
     let mut resp = Response::new(StreamBody::new(stream).boxed());
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     with_provider_headers(resp)
@@ -865,6 +881,22 @@ pub fn anthropic_events() -> Vec<String> {
         "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":15}}\n\n".into(),
         "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".into(),
     ]
+}
+
+/// The chat chunks as JSON lines; the last one (the usage) has no newline
+/// after it.
+pub fn json_lines() -> Vec<String> {
+    let mut lines: Vec<String> = openai_chunks()
+        .iter()
+        .filter_map(|event| event.strip_prefix("data: "))
+        .map(str::trim_end)
+        .filter(|json| *json != "[DONE]")
+        .map(|json| format!("{json}\n"))
+        .collect();
+    if let Some(last) = lines.last_mut() {
+        last.pop();
+    }
+    lines
 }
 
 /// Text of the mock's SSE comments and event ids; never shown to a client.
