@@ -22,6 +22,7 @@ const REWRITE: Rewrite<'static> = Rewrite {
     id_suffix: "kr0123456789abcdefghijklmn",
     model: Some("gpt-4o"),
     strip_usage: false,
+    key: None,
 };
 
 fn completion() -> Vec<u8> {

@@ -1583,6 +1583,73 @@ async fn a_provider_400_keeps_its_message_without_key_material() {
 }
 
 #[tokio::test]
+async fn stream_error_events_lose_the_served_keys_edges() {
+    const SHORT_KEY: &str = "Zq7sh0rtK3y9";
+    let mock = MockUpstream::start().await;
+    let providers = [
+        all_kinds(&mock, None),
+        provider("local", "openai_compatible", &mock.url, ""),
+    ]
+    .concat();
+    let gw = gateway_with(providers, "").await;
+    gw.register_key("local", SHORT_KEY).await;
+    let failing = [("x-mock-stream-error", "1")];
+    for (path, body, key) in [
+        (
+            "/openai/v1/chat/completions",
+            chat_stream("gpt-4o"),
+            OPENAI_KEY,
+        ),
+        (
+            "/anthropic/v1/messages",
+            anthropic_body("claude-3-5-sonnet-latest", true),
+            ANTHROPIC_KEY,
+        ),
+        (
+            "/local/v1/chat/completions",
+            chat_stream("llama3"),
+            SHORT_KEY,
+        ),
+    ] {
+        let a = post_with(&gw, path, &body, &failing).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        assert_no_provider_traces(&a.text);
+        let events = parse_sse(&a.text);
+        assert_eq!(events.len(), 2, "{}", a.text);
+        let error = events[1].json();
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("Overloaded while serving key [redacted]"),
+            "{message}"
+        );
+        let (head, tail) = (&key[..6], &key[key.len() - 4..]);
+        for leak in [head, tail] {
+            assert!(!a.text.contains(leak), "{leak} of the key in {}", a.text);
+        }
+        assert!(message.contains("(ending [redacted])"), "{message}");
+    }
+    // Each stream ended in an error: none counts as a success.
+    for provider in ["openai", "anthropic", "local"] {
+        eventually_metric(
+            &gw,
+            "keyrouter_requests_total",
+            &[("provider", provider), ("code", "502")],
+            1.0,
+        )
+        .await;
+        assert_eq!(
+            metric(
+                &gw,
+                "keyrouter_requests_total",
+                &[("provider", provider), ("code", "200")]
+            )
+            .await,
+            0.0
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_provider_401_is_never_shown() {
     let mock = MockUpstream::start().await;
     let material = "sk-proj-unit-test-material-000wxyz";

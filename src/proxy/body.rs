@@ -11,11 +11,13 @@
 
 use super::outcome::{Completion, End};
 use crate::http::BoxError;
+use crate::keys::pool::PoolKey;
 use crate::sanitize::json::{Rewrite, Usage};
 use crate::sanitize::stream::StreamRewriter;
 use bytes::Bytes;
 use http_body::{Body, Frame};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 /// The owned form of [`Rewrite`], kept for the life of a stream.
@@ -23,6 +25,9 @@ pub struct RewriteSpec {
     pub id_suffix: String,
     pub model: Option<String>,
     pub strip_usage: bool,
+    /// The key serving the response, whose edges are scrubbed from provider
+    /// messages.
+    pub key: Arc<PoolKey>,
 }
 
 impl RewriteSpec {
@@ -31,6 +36,7 @@ impl RewriteSpec {
             id_suffix: &self.id_suffix,
             model: self.model.as_deref(),
             strip_usage: self.strip_usage,
+            key: Some(&self.key.material),
         }
     }
 }

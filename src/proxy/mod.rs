@@ -217,11 +217,12 @@ impl ProxyApi {
                             id_suffix: format!("kr{}", random_token(24)),
                             model: peek.model,
                             strip_usage: self.app.config.sanitize.strip_usage,
+                            key,
                         };
                         // No single streamed event may be larger than the
                         // largest body accepted from a client.
                         let max_record = self.app.config.server.max_body_bytes;
-                        return respond::respond(resp, &key, spec, max_record, completion).await;
+                        return respond::respond(resp, spec, max_record, completion).await;
                     }
                     Answer::Refused(e) => return Err(e),
                     Answer::KeyFault(verdict) => {

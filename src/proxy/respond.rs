@@ -16,7 +16,6 @@ use http::Response;
 use http::header::{self, HeaderMap, HeaderValue};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Largest JSON body rewritten in one piece (a big embeddings batch is tens
@@ -115,14 +114,13 @@ pub async fn classify(resp: Response<Incoming>, key: &PoolKey) -> Answer {
 /// event longer than `max_record` bytes ends the stream.
 pub async fn respond(
     resp: Response<Incoming>,
-    key: &Arc<PoolKey>,
     spec: RewriteSpec,
     max_record: usize,
     completion: &mut Option<Completion>,
 ) -> Result<Response<Body>, ProxyError> {
     let status = resp.status();
     if status.is_client_error() || status.is_server_error() {
-        return Err(refusal(resp, key).await);
+        return Err(refusal(resp, &spec.key).await);
     }
     let encoded = resp
         .headers()

@@ -27,6 +27,7 @@
 //! whole body into a `Value` and serializing it again costs several times
 //! more per request.
 
+use crate::secret::Secret;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
@@ -41,6 +42,9 @@ pub struct Rewrite<'a> {
     /// The model the client asked for; `None` drops the provider's `model`.
     pub model: Option<&'a str>,
     pub strip_usage: bool,
+    /// The key serving the response: its edges are scrubbed from the
+    /// provider errors a stream carries.
+    pub key: Option<&'a Secret>,
 }
 
 /// Token counts seen in `usage` members. Streams report counts in several
@@ -413,6 +417,7 @@ mod tests {
             id_suffix: "kr0123456789",
             model,
             strip_usage,
+            key: None,
         };
         let mut out = Vec::new();
         let mut usage = Usage::default();
@@ -546,6 +551,7 @@ mod tests {
             id_suffix: "kr1",
             model: Some("m"),
             strip_usage: false,
+            key: None,
         };
         let mut out = Vec::new();
         assert!(
@@ -570,6 +576,7 @@ mod tests {
             id_suffix: "x",
             model: None,
             strip_usage: false,
+            key: None,
         };
         let mut out = Vec::new();
         let mut usage = Usage::default();
@@ -745,6 +752,7 @@ mod tests {
                 id_suffix: "x",
                 model: None,
                 strip_usage: false,
+                key: None,
             };
             rewrite(
                 body.to_string().as_bytes(),

@@ -49,6 +49,7 @@ mod tests {
         id_suffix: "krTEST",
         model: Some("gpt-4o"),
         strip_usage: false,
+        key: None,
     };
 
     /// Chat chunks as JSON lines, one with CRLF, a blank line, and a last

@@ -125,6 +125,7 @@ mod tests {
         id_suffix: "krTEST",
         model: Some("gpt-4o"),
         strip_usage: false,
+        key: None,
     };
 
     fn openai_stream() -> Vec<u8> {
@@ -265,6 +266,25 @@ mod tests {
         );
         assert!(!text.contains("sk-abcdef"), "{text}");
         assert!(text.contains("\"id\":\"resp_krTEST\""), "{text}");
+    }
+
+    #[test]
+    fn error_events_lose_the_served_keys_edges() {
+        let key = crate::secret::Secret::new("Zq7sh0rtK3y9".into());
+        let rw = Rewrite {
+            key: Some(&key),
+            ..RW
+        };
+        let input = b"event: error\ndata: {\"type\":\"error\",\"error\":{\"message\":\"key Zq7sh0.. (ending K3y9) is throttled\"}}\n\n";
+        let mut r = StreamRewriter::new(Framing::Events, 1 << 20);
+        let mut out = Vec::new();
+        r.push(input, &rw, &mut Usage::default(), &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(r.errored());
+        assert!(
+            text.contains("key [redacted] (ending [redacted]) is throttled"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -138,7 +138,8 @@ fn trim_line_ends(b: &[u8]) -> &[u8] {
 /// One payload of a stream (an SSE event's data, a line) rewritten by the JSON
 /// rules, on one line, and whether it is a provider error (`error`: the
 /// record already said so, e.g. by its event name). An error is scrubbed
-/// after rewriting: its provider message may quote key material. A payload
+/// after rewriting: its provider message may quote key material, the
+/// served key's edges included. A payload
 /// that is not JSON (`[DONE]`) stays as it is.
 pub(super) fn rewrite_payload<'p>(
     payload: &'p [u8],
@@ -164,7 +165,7 @@ pub(super) fn rewrite_payload<'p>(
     if !error {
         return (body, false);
     }
-    let scrubbed = scrub::scrub(&body, None).into_owned();
+    let scrubbed = scrub::scrub(&body, rw.key).into_owned();
     (Cow::Owned(scrubbed), true)
 }
 
@@ -176,6 +177,7 @@ mod tests {
         id_suffix: "krTEST",
         model: Some("gpt-4o"),
         strip_usage: false,
+        key: None,
     };
 
     #[test]

@@ -22,6 +22,9 @@
 //!   lines, a `retry:` hint;
 //! - `x-mock-lines: ndjson` (or `jsonl`) answers the chat stream as JSON
 //!   lines (`application/x-ndjson` or `application/jsonl`);
+//! - `x-mock-stream-error: 1` ends a chat or message stream, after its
+//!   first event, with an error event quoting the served key's start and
+//!   end ([`key_edges_message`]);
 //! - `x-mock-unterminated: N` answers a stream with one chat chunk, then an
 //!   event that never ends (N bytes of one `data:` line in 16 KiB frames),
 //!   then silence.
@@ -531,6 +534,11 @@ async fn scripted(parts: &http::request::Parts, body: &Bytes, shared: &Shared) -
         };
         return sse(unterminated_events(size), pacing, streams);
     }
+    if flag("x-mock-stream-error").is_some() {
+        let key = credential(h).unwrap_or_default();
+        let anthropic = parts.uri.path().ends_with("/messages");
+        return sse(failing_events(&key, anthropic), pacing, streams);
+    }
     if flag("x-mock-decorate").is_some() {
         return sse(decorated(openai_chunks()), pacing, streams);
     }
@@ -897,6 +905,37 @@ pub fn json_lines() -> Vec<String> {
         last.pop();
     }
     lines
+}
+
+/// The message of the mock's stream error events: it quotes the first six
+/// and last four characters of `key`, as providers quote masked keys.
+pub fn key_edges_message(key: &str) -> String {
+    let head: String = key.chars().take(6).collect();
+    let tail = &key[key.len().saturating_sub(4)..];
+    format!("Overloaded while serving key {head}.. (ending {tail}); retry later")
+}
+
+/// A stream's first event, then the provider's error event: OpenAI's
+/// `{"error": …}` data, or Anthropic's `error` event.
+pub fn failing_events(key: &str, anthropic: bool) -> Vec<String> {
+    let message = key_edges_message(key);
+    if anthropic {
+        vec![
+            anthropic_events().swap_remove(0),
+            format!(
+                "event: error\ndata: {}\n\n",
+                serde_json::json!({"type": "error", "error": {"type": "overloaded_error", "message": message}})
+            ),
+        ]
+    } else {
+        vec![
+            openai_chunks().swap_remove(0),
+            format!(
+                "data: {}\n\n",
+                serde_json::json!({"error": {"message": message, "type": "server_error", "code": null}})
+            ),
+        ]
+    }
 }
 
 /// Text of the mock's SSE comments and event ids; never shown to a client.
