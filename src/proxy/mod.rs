@@ -6,7 +6,8 @@
 //!        route        target → provider + upstream URI               route.rs
 //!        client auth  JWT, provider allow-list, client rpm           client_auth.rs
 //!        read body    capped at max_body_bytes, kept for replay
-//!        peek         requested model (body or Gemini path), output cap  peek.rs
+//!        peek         requested model (body, or Gemini's path),      peek.rs
+//!                     output token cap
 //!        attempts     up to 1 + retry_budget:
 //!          pick key   policy over active keys, limits, permit        pick.rs
 //!          send       credentials swapped, identity encoding         upstream.rs
@@ -14,7 +15,8 @@
 //!                     → key state + next key,
 //!                     5xx/connect/timeout → next key
 //!        respond      headers allow-listed, JSON rewritten,          respond.rs, body.rs
-//!                     SSE streamed and rewritten
+//!                     SSE and JSON lines streamed and rewritten,
+//!                     an event past max_body_bytes ends the stream
 //!        account      metrics, access log, permit settled (once)     outcome.rs
 //! ```
 //!

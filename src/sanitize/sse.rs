@@ -45,12 +45,13 @@ pub(super) fn event_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
 /// Writes one event (without its blank line) rewritten, followed by a blank
 /// line. Returns whether it was an error event.
 ///
-/// Of the event's fields, `event` and `retry` are kept as they are, the
-/// `data` lines rewritten. A comment can carry provider text: it stays as a
-/// bare `:` (a keep-alive still). `id` carries the provider's event id and
-/// goes, as do fields the SSE standard does not define (clients ignore
-/// them; they could only carry provider detail). An event left with
-/// nothing is not written at all.
+/// Of the event's fields, `event` and a numeric `retry` are kept as they
+/// are, the `data` lines rewritten. A comment can carry provider text: it
+/// stays as a bare `:` (a keep-alive still). `id` carries the provider's
+/// event id and goes, as do fields the SSE standard does not define and a
+/// `retry` that is not a number (clients ignore them; they could only
+/// carry provider detail). An event left with nothing is not written at
+/// all.
 pub(super) fn rewrite_event(
     event: &[u8],
     rw: &Rewrite,
@@ -64,10 +65,12 @@ pub(super) fn rewrite_event(
         let (name, value) = field(line);
         match name {
             b"data" => data.push(value),
-            b"event" | b"retry" => {
-                errored |= name == b"event" && value == b"error";
-                out.extend_from_slice(line);
-                out.push(b'\n');
+            b"event" => {
+                errored |= value == b"error";
+                keep(line, out);
+            }
+            b"retry" if !value.is_empty() && value.iter().all(u8::is_ascii_digit) => {
+                keep(line, out);
             }
             b"" => out.extend_from_slice(b":\n"),
             _ => {}
@@ -93,6 +96,11 @@ pub(super) fn rewrite_event(
         out.push(b'\n');
     }
     errored
+}
+
+fn keep(line: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(line);
+    out.push(b'\n');
 }
 
 /// A line's field name and value: the name up to the first colon (empty
@@ -146,7 +154,9 @@ mod tests {
     /// The same stream with what providers add around the data: comments
     /// naming their routing, event ids, a retry hint, an unknown field.
     fn decorated_stream() -> Vec<u8> {
-        let mut s = b": OPENROUTER PROCESSING upstream=azure-eastus\n\nretry: 3000\n\n".to_vec();
+        let mut s =
+            b": OPENROUTER PROCESSING upstream=azure-eastus\n\nretry: 3000\nretry: azure\n\n"
+                .to_vec();
         let plain = openai_stream();
         let text = std::str::from_utf8(&plain).unwrap();
         for (i, event) in text.split_inclusive("\n\n").enumerate() {
