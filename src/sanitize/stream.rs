@@ -135,12 +135,12 @@ fn trim_line_ends(b: &[u8]) -> &[u8] {
     &b[..end]
 }
 
-/// One payload of a stream (an SSE event's data, a line) rewritten by the JSON
-/// rules, on one line, and whether it is a provider error (`error`: the
-/// record already said so, e.g. by its event name). An error is scrubbed
-/// after rewriting: its provider message may quote key material, the
-/// served key's edges included. A payload
-/// that is not JSON (`[DONE]`) stays as it is.
+/// One payload of a stream (an SSE event's data, a line) rewritten by the
+/// JSON rules, on one line, and whether it is a provider error (`error`:
+/// the record already said so, e.g. by its event name). An error is
+/// scrubbed after rewriting: its provider message may quote key material,
+/// the served key's edges included. A payload that is not JSON (`[DONE]`)
+/// stays as it is.
 pub(super) fn rewrite_payload<'p>(
     payload: &'p [u8],
     error: bool,
