@@ -800,9 +800,11 @@ pub fn model_object(id: &str) -> serde_json::Value {
     serde_json::json!({"id": id, "object": "model", "created": 1715367049, "owned_by": owner})
 }
 
+/// Handles of the mock's resources, which clients pass back.
 pub const FINE_TUNING_JOB_ID: &str = "ftjob-abc123mock";
 pub const FILE_ID: &str = "file-abc123mock";
 
+/// `GET /v1/fine_tuning/jobs/{id}`: a job of the mock's organisation.
 pub fn fine_tuning_job() -> serde_json::Value {
     serde_json::json!({
         "object": "fine_tuning.job", "id": FINE_TUNING_JOB_ID, "model": "gpt-4o-mini-2024-07-18",
@@ -811,6 +813,7 @@ pub fn fine_tuning_job() -> serde_json::Value {
     })
 }
 
+/// `GET /v1/files/{id}`.
 pub fn file_object() -> serde_json::Value {
     serde_json::json!({
         "id": FILE_ID, "object": "file", "bytes": 120000, "created_at": 1721000000,
