@@ -40,17 +40,11 @@ pub(super) fn rewrite_line(
 
 #[cfg(test)]
 mod tests {
-    use crate::sanitize::json::{Rewrite, Usage};
+    use crate::sanitize::json::Usage;
+    use crate::sanitize::stream::testing::{self, RW};
     use crate::sanitize::stream::{Framing, StreamRewriter};
     use proptest::prelude::*;
     use serde_json::Value;
-
-    const RW: Rewrite<'static> = Rewrite {
-        id_suffix: "krTEST",
-        model: Some("gpt-4o"),
-        strip_usage: false,
-        key: None,
-    };
 
     /// Chat chunks as JSON lines, one with CRLF, a blank line, and a last
     /// line (the usage) without its newline.
@@ -70,17 +64,7 @@ mod tests {
     }
 
     fn run_in_pieces(input: &[u8], cuts: &[usize]) -> (Vec<u8>, Usage, bool) {
-        let mut r = StreamRewriter::new(Framing::Lines, 1 << 20);
-        let mut usage = Usage::default();
-        let mut out = Vec::new();
-        let mut last = 0;
-        for &c in cuts {
-            r.push(&input[last..c], &RW, &mut usage, &mut out).unwrap();
-            last = c;
-        }
-        r.push(&input[last..], &RW, &mut usage, &mut out).unwrap();
-        r.finish(&RW, &mut usage, &mut out);
-        (out, usage, r.errored())
+        testing::run_in_pieces(Framing::Lines, input, cuts)
     }
 
     #[test]
@@ -151,10 +135,6 @@ mod tests {
 
     #[test]
     fn every_single_byte_offset() {
-        let input = chat_lines();
-        let whole = run_in_pieces(&input, &[]);
-        for cut in 0..=input.len() {
-            assert_eq!(run_in_pieces(&input, &[cut]), whole, "cut at {cut}");
-        }
+        testing::assert_every_cut_gives_the_same(Framing::Lines, &chat_lines());
     }
 }

@@ -126,15 +126,9 @@ fn split_lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sanitize::stream::testing::{self, RW};
     use crate::sanitize::stream::{Framing, StreamRewriter};
     use proptest::prelude::*;
-
-    const RW: Rewrite<'static> = Rewrite {
-        id_suffix: "krTEST",
-        model: Some("gpt-4o"),
-        strip_usage: false,
-        key: None,
-    };
 
     fn openai_stream() -> Vec<u8> {
         let mut s = Vec::new();
@@ -170,17 +164,7 @@ mod tests {
     }
 
     fn run_in_pieces(input: &[u8], cuts: &[usize]) -> (Vec<u8>, Usage, bool) {
-        let mut r = StreamRewriter::new(Framing::Events, 1 << 20);
-        let mut usage = Usage::default();
-        let mut out = Vec::new();
-        let mut last = 0;
-        for &c in cuts {
-            r.push(&input[last..c], &RW, &mut usage, &mut out).unwrap();
-            last = c;
-        }
-        r.push(&input[last..], &RW, &mut usage, &mut out).unwrap();
-        r.finish(&RW, &mut usage, &mut out);
-        (out, usage, r.errored())
+        testing::run_in_pieces(Framing::Events, input, cuts)
     }
 
     #[test]
@@ -352,10 +336,7 @@ mod tests {
     #[test]
     fn every_single_byte_offset() {
         for input in [openai_stream(), decorated_stream()] {
-            let whole = run_in_pieces(&input, &[]);
-            for cut in 0..=input.len() {
-                assert_eq!(run_in_pieces(&input, &[cut]), whole, "cut at {cut}");
-            }
+            testing::assert_every_cut_gives_the_same(Framing::Events, &input);
         }
     }
 }

@@ -169,16 +169,49 @@ pub(super) fn rewrite_payload<'p>(
     (Cow::Owned(scrubbed), true)
 }
 
+/// What the tests of every framing share.
 #[cfg(test)]
-mod tests {
+pub(super) mod testing {
     use super::*;
 
-    const RW: Rewrite<'static> = Rewrite {
+    /// The rewrite the tests apply: ids end in `krTEST`, the model is
+    /// `gpt-4o`.
+    pub const RW: Rewrite<'static> = Rewrite {
         id_suffix: "krTEST",
         model: Some("gpt-4o"),
         strip_usage: false,
         key: None,
     };
+
+    /// `input` fed in the pieces `cuts` marks, then finished: the output,
+    /// the usage seen and whether an error passed.
+    pub fn run_in_pieces(framing: Framing, input: &[u8], cuts: &[usize]) -> (Vec<u8>, Usage, bool) {
+        let mut r = StreamRewriter::new(framing, 1 << 20);
+        let mut usage = Usage::default();
+        let mut out = Vec::new();
+        let mut last = 0;
+        for &c in cuts {
+            r.push(&input[last..c], &RW, &mut usage, &mut out).unwrap();
+            last = c;
+        }
+        r.push(&input[last..], &RW, &mut usage, &mut out).unwrap();
+        r.finish(&RW, &mut usage, &mut out);
+        (out, usage, r.errored())
+    }
+
+    /// Cut in two at every byte, `input` gives what it gives whole.
+    pub fn assert_every_cut_gives_the_same(framing: Framing, input: &[u8]) {
+        let whole = run_in_pieces(framing, input, &[]);
+        for cut in 0..=input.len() {
+            assert_eq!(run_in_pieces(framing, input, &[cut]), whole, "cut at {cut}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::RW;
+    use super::*;
 
     #[test]
     fn an_unfinished_record_is_bounded() {
