@@ -1,7 +1,8 @@
 //! Criterion benchmarks of the proxy's hot functions, each against the naive
 //! way of doing the same work:
 //! - JSON body rewrite (raw top-level members) vs parse into `Value` and
-//!   serialize again;
+//!   serialize again, for a chat completion and for an embeddings list
+//!   (whose kind is told from its first item only);
 //! - SSE stream rewrite vs the same with `Value` per event;
 //! - key selection (lock-free snapshot) vs a mutex-guarded list sorted by load.
 
@@ -22,6 +23,7 @@ const REWRITE: Rewrite<'static> = Rewrite {
     id_suffix: "kr0123456789abcdefghijklmn",
     model: Some("gpt-4o"),
     strip_usage: false,
+    key: None,
 };
 
 fn completion() -> Vec<u8> {
@@ -38,6 +40,19 @@ fn completion() -> Vec<u8> {
             "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0}},
         "service_tier": "default",
         "system_fingerprint": "fp_fc9f1d7035"
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// An embeddings answer of one 1536-dimension vector.
+fn embeddings() -> Vec<u8> {
+    let vector: Vec<f64> = (0..1536).map(|i| f64::from(i) * -0.000_123_4).collect();
+    serde_json::json!({
+        "object": "list",
+        "data": [{"object": "embedding", "index": 0, "embedding": vector}],
+        "model": "text-embedding-3-small-snapshot",
+        "usage": {"prompt_tokens": 8, "total_tokens": 8}
     })
     .to_string()
     .into_bytes()
@@ -99,6 +114,27 @@ fn sanitize(c: &mut Criterion) {
     });
     g.bench_function("naive_value", |b| {
         b.iter(|| black_box(naive_rewrite(black_box(&body))))
+    });
+    g.finish();
+
+    let body = embeddings();
+    let mut g = c.benchmark_group("embeddings_body");
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("keyrouter", |b| {
+        let mut out = Vec::with_capacity(body.len() + 64);
+        b.iter(|| {
+            out.clear();
+            let mut usage = Usage::default();
+            rewrite(black_box(&body), &REWRITE, &mut out, &mut usage);
+            black_box(&out);
+        })
+    });
+    g.bench_function("naive_value", |b| {
+        b.iter(|| {
+            let mut v: Value = serde_json::from_slice(black_box(&body)).unwrap();
+            v["model"] = Value::String("text-embedding-3-small".into());
+            black_box(serde_json::to_vec(&v).unwrap())
+        })
     });
     g.finish();
 

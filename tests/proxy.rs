@@ -1106,6 +1106,62 @@ async fn stream_comments_lose_their_text_and_event_ids_go() {
     }
 }
 
+#[tokio::test]
+async fn json_lines_streams_are_rewritten_line_by_line() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "").await;
+    for (kind, content_type, fragment) in [
+        ("ndjson", "application/x-ndjson", "0"),
+        ("jsonl", "application/jsonl", "1"),
+    ] {
+        let a = post_with(
+            &gw,
+            "/openai/v1/chat/completions",
+            &chat_stream("gpt-4o-mini"),
+            &[("x-mock-lines", kind), ("x-mock-fragment", fragment)],
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        assert_eq!(a.header("content-type"), Some(content_type));
+        assert_no_provider_traces(&a.text);
+        let lines: Vec<Value> = a
+            .text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        // The last line came without a newline and is rewritten too.
+        assert_eq!(lines.len(), 5, "{}", a.text);
+        let id = lines[0]["id"].as_str().unwrap();
+        assert!(id.starts_with("chatcmpl-") && id != PROVIDER_ID, "{id}");
+        let mut content = String::new();
+        for line in &lines {
+            assert_eq!(line["id"], id, "one id for the whole stream");
+            assert_eq!(line["model"], "gpt-4o-mini");
+            content.push_str(
+                line["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .unwrap_or(""),
+            );
+        }
+        assert_eq!(content, "Hello world");
+        assert_eq!(lines[4]["usage"]["completion_tokens"], 4);
+    }
+    eventually_metric(
+        &gw,
+        "keyrouter_tokens_total",
+        &[("provider", "openai"), ("kind", "prompt")],
+        18.0,
+    )
+    .await;
+    eventually_metric(
+        &gw,
+        "keyrouter_requests_total",
+        &[("provider", "openai"), ("code", "200")],
+        2.0,
+    )
+    .await;
+}
+
 /// Reads the body until the first complete SSE event; returns it and what/// Reads the body until the first complete SSE event; returns it and what
 /// else arrived with it.
 async fn first_event(resp: &mut reqwest::Response) -> String {
@@ -1766,6 +1822,73 @@ async fn a_provider_400_keeps_its_message_without_key_material() {
         message.contains("The model 'gpt-9' does not exist."),
         "{message}"
     );
+}
+
+#[tokio::test]
+async fn stream_error_events_lose_the_served_keys_edges() {
+    const SHORT_KEY: &str = "Zq7sh0rtK3y9";
+    let mock = MockUpstream::start().await;
+    let providers = [
+        all_kinds(&mock, None),
+        provider("local", "openai_compatible", &mock.url, ""),
+    ]
+    .concat();
+    let gw = gateway_with(providers, "").await;
+    gw.register_key("local", SHORT_KEY).await;
+    let failing = [("x-mock-stream-error", "1")];
+    for (path, body, key) in [
+        (
+            "/openai/v1/chat/completions",
+            chat_stream("gpt-4o"),
+            OPENAI_KEY,
+        ),
+        (
+            "/anthropic/v1/messages",
+            anthropic_body("claude-3-5-sonnet-latest", true),
+            ANTHROPIC_KEY,
+        ),
+        (
+            "/local/v1/chat/completions",
+            chat_stream("llama3"),
+            SHORT_KEY,
+        ),
+    ] {
+        let a = post_with(&gw, path, &body, &failing).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        assert_no_provider_traces(&a.text);
+        let events = parse_sse(&a.text);
+        assert_eq!(events.len(), 2, "{}", a.text);
+        let error = events[1].json();
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("Overloaded while serving key [redacted]"),
+            "{message}"
+        );
+        let (head, tail) = (&key[..6], &key[key.len() - 4..]);
+        for leak in [head, tail] {
+            assert!(!a.text.contains(leak), "{leak} of the key in {}", a.text);
+        }
+        assert!(message.contains("(ending [redacted])"), "{message}");
+    }
+    // Each stream ended in an error: none counts as a success.
+    for provider in ["openai", "anthropic", "local"] {
+        eventually_metric(
+            &gw,
+            "keyrouter_requests_total",
+            &[("provider", provider), ("code", "502")],
+            1.0,
+        )
+        .await;
+        assert_eq!(
+            metric(
+                &gw,
+                "keyrouter_requests_total",
+                &[("provider", provider), ("code", "200")]
+            )
+            .await,
+            0.0
+        );
+    }
 }
 
 #[tokio::test]

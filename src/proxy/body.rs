@@ -1,7 +1,8 @@
 //! The streamed response body: provider frames go to the client as they
-//! arrive, SSE events rewritten on the way, and the request is accounted
-//! (metrics, access log, key lease) exactly once, when the stream ends, breaks
-//! (or outgrows the event size limit) or is abandoned by the client.
+//! arrive, SSE events and JSON lines rewritten on the way, and the request
+//! is accounted (metrics, access log, key lease) exactly once, when the
+//! stream ends, breaks (or outgrows the event size limit) or is abandoned by
+//! the client.
 //!
 //! Back-pressure is hyper's: the next provider frame is polled only when the
 //! client connection took the previous one. When the client goes away, hyper
@@ -14,11 +15,13 @@
 use super::outcome::{Completion, End};
 use super::read_timeout::BodyStalled;
 use crate::http::BoxError;
+use crate::keys::pool::PoolKey;
 use crate::sanitize::json::{Rewrite, Usage};
 use crate::sanitize::stream::StreamRewriter;
 use bytes::Bytes;
 use http_body::{Body, Frame};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 /// The owned form of [`Rewrite`], kept for the life of a stream.
@@ -26,6 +29,9 @@ pub struct RewriteSpec {
     pub id_suffix: String,
     pub model: Option<String>,
     pub strip_usage: bool,
+    /// The key serving the response, whose edges are scrubbed from provider
+    /// messages.
+    pub key: Arc<PoolKey>,
 }
 
 impl RewriteSpec {
@@ -34,13 +40,14 @@ impl RewriteSpec {
             id_suffix: &self.id_suffix,
             model: self.model.as_deref(),
             strip_usage: self.strip_usage,
+            key: Some(&self.key.material),
         }
     }
 }
 
 /// How the body is treated.
 pub enum Mode {
-    /// A stream of records (SSE events): every record rewritten.
+    /// A stream of records (SSE events, JSON lines): every record rewritten.
     Records(Box<StreamRewriter>, RewriteSpec),
     /// Anything else that is streamed: bytes pass unchanged.
     Raw,

@@ -7,7 +7,8 @@
 //!        client auth  JWT, provider allow-list, client rpm           client_auth.rs
 //!        read body    bounded in size, time and shared memory,       request_body.rs
 //!                     kept for replay
-//!        peek         requested model (body or Gemini path), output cap  peek.rs
+//!        peek         requested model (body, or Gemini's path),      peek.rs
+//!                     output token cap
 //!        attempts     up to 1 + retry_budget:
 //!          pick key   policy over active keys, limits, permit        pick.rs
 //!          send       credentials swapped, identity encoding,        upstream.rs,
@@ -16,7 +17,8 @@
 //!                     → key state + next key,
 //!                     5xx/connect/timeout → next key
 //!        respond      headers allow-listed, JSON rewritten,          respond.rs, body.rs
-//!                     SSE streamed and rewritten
+//!                     SSE and JSON lines streamed and rewritten,
+//!                     an event past max_body_bytes ends the stream
 //!        account      metrics, access log, permit settled (once)     outcome.rs
 //! ```
 //!
@@ -211,11 +213,12 @@ impl ProxyApi {
                             id_suffix: crate::ids::prefixed("kr", 24),
                             model: peek.model,
                             strip_usage: self.app.config.sanitize.strip_usage,
+                            key,
                         };
                         // No single streamed event may be larger than the
                         // largest body accepted from a client.
                         let max_record = self.app.config.server.max_body_bytes;
-                        return respond::respond(resp, &key, spec, max_record, completion).await;
+                        return respond::respond(resp, spec, max_record, completion).await;
                     }
                     Answer::Refused(e) => return Err(e),
                     Answer::KeyFault(verdict) => {

@@ -1,7 +1,7 @@
 //! Turning the provider's answer into the client's: error statuses become
 //! gateway errors, headers pass an allow-list, JSON bodies are rewritten
-//! whole, event streams are rewritten event by event as they flow, other
-//! bodies stream through unchanged.
+//! whole, event streams and JSON-lines streams are rewritten event by event
+//! (line by line) as they flow, other bodies stream through unchanged.
 
 use super::body::{Mode, RewriteSpec, StreamBody};
 use super::error::ProxyError;
@@ -17,7 +17,6 @@ use crate::sanitize::stream::{Framing, StreamRewriter};
 use http::Response;
 use http::header::{self, HeaderMap, HeaderValue};
 use http_body_util::BodyExt;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Largest JSON body rewritten in one piece (a big embeddings batch is tens
@@ -116,14 +115,13 @@ pub async fn classify(resp: Response<UpstreamBody>, key: &PoolKey) -> Answer {
 /// event longer than `max_record` bytes ends the stream.
 pub async fn respond(
     resp: Response<UpstreamBody>,
-    key: &Arc<PoolKey>,
     spec: RewriteSpec,
     max_record: usize,
     completion: &mut Option<Completion>,
 ) -> Result<Response<Body>, ProxyError> {
     let status = resp.status();
     if status.is_client_error() || status.is_server_error() {
-        return Err(refusal(resp, key).await);
+        return Err(refusal(resp, &spec.key).await);
     }
     let encoded = resp
         .headers()
@@ -174,8 +172,8 @@ pub async fn respond(
             acct.finish(End::Complete, usage);
             body
         }
-        BodyKind::EventStream => {
-            let stream = StreamRewriter::new(Framing::Events, max_record);
+        BodyKind::Records(framing) => {
+            let stream = StreamRewriter::new(framing, max_record);
             let mode = Mode::Records(Box::new(stream), spec);
             BodyExt::boxed(StreamBody::new(resp.into_body(), mode, acct))
         }
@@ -186,15 +184,26 @@ pub async fn respond(
 
 enum BodyKind {
     Json,
-    EventStream,
+    /// A stream of records rewritten one by one.
+    Records(Framing),
     Other,
 }
+
+/// The media types of JSON-lines streams (Ollama-style servers and others).
+const JSON_LINES: [&str; 4] = [
+    "application/x-ndjson",
+    "application/ndjson",
+    "application/jsonl",
+    "application/x-jsonlines",
+];
 
 impl BodyKind {
     fn of(content_type: &str) -> Self {
         let essence = content_type.split(';').next().unwrap_or("").trim();
         if essence.eq_ignore_ascii_case("text/event-stream") {
-            BodyKind::EventStream
+            BodyKind::Records(Framing::Events)
+        } else if JSON_LINES.iter().any(|t| essence.eq_ignore_ascii_case(t)) {
+            BodyKind::Records(Framing::Lines)
         } else if essence.eq_ignore_ascii_case("application/json") || essence.ends_with("+json") {
             BodyKind::Json
         } else {
@@ -290,8 +299,14 @@ mod tests {
         ));
         assert!(matches!(
             BodyKind::of("text/event-stream"),
-            BodyKind::EventStream
+            BodyKind::Records(Framing::Events)
         ));
+        for lines in ["application/x-ndjson", "application/jsonl; charset=utf-8"] {
+            assert!(matches!(
+                BodyKind::of(lines),
+                BodyKind::Records(Framing::Lines)
+            ));
+        }
         assert!(matches!(
             BodyKind::of("application/problem+json"),
             BodyKind::Json

@@ -9,9 +9,12 @@
 //! - a Gemini `generateContent` answer gets a keyrouter `responseId`, the
 //!   requested model as `modelVersion`, and its `usageMetadata` counted;
 //! - an embeddings list gets the requested `model` (its items carry no id);
-//! - anything else is a resource whose `id` and `model` the client reuses
-//!   in later calls (`gpt-4o`, `file-abc`, `ftjob-abc`, an assistant, a
-//!   batch): both are kept.
+//! - a resource (any other `object`: a model, file, batch, fine-tuning job,
+//!   assistant, thread, run, ...) keeps its `id` and `model`, which the
+//!   client reuses in later calls (`gpt-4o`, `file-abc`, `ftjob-abc`); a
+//!   resource list has each of its items treated as a resource;
+//! - anything else (a stream event that is not an answer, an untyped result
+//!   such as a transcription) keeps its ids too; its `usage` is counted.
 //!
 //! Every object walked, whatever its kind, loses the fields that describe the
 //! provider's deployment (`system_fingerprint`, `service_tier`, `x_*`) or
@@ -27,6 +30,7 @@
 //! whole body into a `Value` and serializing it again costs several times
 //! more per request.
 
+use crate::secret::Secret;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
@@ -41,6 +45,9 @@ pub struct Rewrite<'a> {
     /// The model the client asked for; `None` drops the provider's `model`.
     pub model: Option<&'a str>,
     pub strip_usage: bool,
+    /// The key serving the response: its edges are scrubbed from the
+    /// provider errors a stream carries.
+    pub key: Option<&'a Secret>,
 }
 
 /// Token counts seen in `usage` members. Streams report counts in several
@@ -156,14 +163,17 @@ enum Kind {
     Gemini,
     /// An embeddings list: requested `model`, `usage` counted; no id.
     Embeddings,
-    /// A stream event around an answer: its `message` / `response` is an
-    /// answer, its own `usage` (Anthropic `message_delta`) is counted.
-    Event,
     /// A list of resources (`object: "list"`): each item of `data` is walked.
     List,
-    /// A resource handle, an error or anything unknown: `id` and `model`
-    /// are kept.
+    /// A resource (any other `object`): `id` and `model` kept, and its
+    /// `usage` is its own record (a batch's, a run's), neither counted nor
+    /// stripped.
     Resource,
+    /// Neither: a stream event (Anthropic `message_start`, `message_delta`,
+    /// Responses `response.*`), an error, an untyped result (a
+    /// transcription, an image). Ids and `model` kept, `usage` counted, and
+    /// a nested `message` / `response` that is an answer rewritten as one.
+    Other,
 }
 
 impl Kind {
@@ -179,13 +189,10 @@ impl Kind {
                 _ => Kind::Resource,
             };
         }
-        if let Some(kind) = members.text("type") {
-            return match kind.as_ref() {
-                "message" => Kind::Answer,
-                "message_start" | "message_delta" => Kind::Event,
-                k if k.starts_with("response.") => Kind::Event,
-                _ => Kind::Resource,
-            };
+        match members.text("type").as_deref() {
+            Some("message") => return Kind::Answer,
+            Some(_) => return Kind::Other,
+            None => {}
         }
         // Moderation results carry no `object`; their `modr-` id marks them.
         if members.text("id").is_some_and(|id| id.starts_with("modr-")) {
@@ -202,12 +209,12 @@ impl Kind {
         if members.0.iter().any(|(k, _)| gemini.contains(&k.as_ref())) {
             return Kind::Gemini;
         }
-        Kind::Resource
+        Kind::Other
     }
 
-    /// The kind of the `message` / `response` inside a stream event: an
-    /// answer when it says so, else a plain resource (never another event,
-    /// so nesting stays one level deep).
+    /// The kind of a `message` / `response` inside another object (a
+    /// stream event): an answer when it says so, else a plain resource, so
+    /// nesting stays one level deep.
     fn of_nested(members: &Members) -> Kind {
         match Kind::of(members) {
             Kind::Answer => Kind::Answer,
@@ -217,8 +224,8 @@ impl Kind {
 }
 
 /// Whether the first element of the array `data` is an object whose
-/// `object` is `kind`. Reads only that element, not the whole array (an
-/// embeddings list can be megabytes of numbers).
+/// `object` is `kind`. Reads only that element: an embeddings list can be
+/// megabytes of numbers, scanned once already.
 fn first_item_is(data: Option<&RawValue>, kind: &str) -> bool {
     #[derive(serde::Deserialize)]
     struct Probe<'a> {
@@ -321,7 +328,7 @@ fn member<'r>(
         (Kind::Answer | Kind::Embeddings, "model") | (Kind::Gemini, "modelVersion") => {
             rw.model.map_or(Member::Dropped, Member::Text)
         }
-        (Kind::Answer | Kind::Embeddings | Kind::Event, "usage")
+        (Kind::Answer | Kind::Embeddings | Kind::Other, "usage")
         | (Kind::Gemini, "usageMetadata") => {
             if rw.strip_usage {
                 // Counted all the same: limits and metrics need the tokens.
@@ -333,7 +340,7 @@ fn member<'r>(
                 Member::Usage(raw)
             }
         }
-        (Kind::Event, "message" | "response") => Member::Walked(raw, Kind::of_nested),
+        (Kind::Other, "message" | "response") => Member::Walked(raw, Kind::of_nested),
         (Kind::List, "data") => Member::Items(raw),
         _ => Member::Kept(raw),
     }
@@ -452,6 +459,7 @@ mod tests {
             id_suffix: "kr0123456789",
             model,
             strip_usage,
+            key: None,
         };
         let mut out = Vec::new();
         let mut usage = Usage::default();
@@ -592,6 +600,7 @@ mod tests {
             id_suffix: "kr1",
             model: Some("m"),
             strip_usage: false,
+            key: None,
         };
         let mut out = Vec::new();
         assert!(
@@ -616,6 +625,7 @@ mod tests {
             id_suffix: "x",
             model: None,
             strip_usage: false,
+            key: None,
         };
         let mut out = Vec::new();
         let mut usage = Usage::default();
@@ -675,6 +685,17 @@ mod tests {
         let (v, usage) = run(&batch, None, true);
         assert_eq!(v, batch);
         assert_eq!(usage, Usage::default());
+        // An untyped result reports this request's usage.
+        let transcription = json!({"text": "hi", "usage": {"type": "tokens", "input_tokens": 14, "output_tokens": 45}});
+        let (v, usage) = run(&transcription, Some("gpt-4o-transcribe"), true);
+        assert_eq!(v, json!({"text": "hi"}));
+        assert_eq!(
+            usage,
+            Usage {
+                prompt: 14,
+                completion: 45
+            }
+        );
         let anthropic_model = json!({"type": "model", "id": "claude-3-5-sonnet-20241022", "display_name": "Claude 3.5 Sonnet"});
         assert_eq!(run(&anthropic_model, Some("x"), false).0, anthropic_model);
     }
@@ -791,6 +812,7 @@ mod tests {
                 id_suffix: "x",
                 model: None,
                 strip_usage: false,
+                key: None,
             };
             rewrite(
                 body.to_string().as_bytes(),

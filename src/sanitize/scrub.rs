@@ -5,8 +5,8 @@
 //! The text is cut into tokens (runs of characters that occur in API keys and
 //! their masked forms); a token is replaced by `[redacted]` when it looks like
 //! a credential: a known key prefix (`sk-`, `sk_`, `AIza`, ...), a masked key
-//! (`****`), a long mix of letters and digits, or a token containing the
-//! served key's own first 8 or last 4 characters. Structural JSON characters
+//! (`****`), a long mix of letters and digits, or a token containing one of
+//! the served key's own edges (see [`edges`]). Structural JSON characters
 //! are never part of a token, so scrubbing a JSON document keeps it valid.
 
 use crate::secret::Secret;
@@ -16,6 +16,23 @@ const REDACTED: &[u8] = b"[redacted]";
 
 fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'+' | b'/' | b'=' | b'.' | b'*')
+}
+
+/// Longest start of a key matched (OpenAI quotes `sk-proj-****wxyz`).
+const HEAD: usize = 8;
+/// The end matched: providers quote a key's last four characters.
+const TAIL: usize = 4;
+/// Shortest start matched: the first four characters of an operator-chosen
+/// key are often a word (`test`, `prod`) that ordinary text contains.
+const MIN_HEAD: usize = 5;
+
+/// The parts of the served key that mark a token as quoting it: its last
+/// four characters, and its first eight, or its first half when that is
+/// shorter (a provider masking a short key shows less of it; key material
+/// has at least ten characters, so at least five).
+fn edges(key: &[u8]) -> Option<(&[u8], &[u8])> {
+    let head = (key.len() / 2).min(HEAD);
+    (head >= MIN_HEAD).then(|| (&key[..head], &key[key.len() - TAIL..]))
 }
 
 fn looks_secret(token: &[u8], key: Option<&[u8]>) -> bool {
@@ -28,12 +45,11 @@ fn looks_secret(token: &[u8], key: Option<&[u8]>) -> bool {
     if token.len() >= 24 && has_digit && has_alpha {
         return true;
     }
-    if let Some(key) = key.filter(|k| k.len() >= 16) {
-        let (head, tail) = (&key[..8], &key[key.len() - 4..]);
-        let contains = |needle: &[u8]| token.windows(needle.len()).any(|w| w == needle);
-        return contains(head) || contains(tail);
-    }
-    false
+    let Some((head, tail)) = key.and_then(edges) else {
+        return false;
+    };
+    let contains = |needle: &[u8]| token.windows(needle.len()).any(|w| w == needle);
+    contains(head) || contains(tail)
 }
 
 /// `text` with every credential-looking token replaced. `key` is the
@@ -105,10 +121,52 @@ mod tests {
     }
 
     #[test]
+    fn a_short_keys_edges_go_too() {
+        let key = "Zq7sh0rtK3y9";
+        assert_eq!(
+            s("key Zq7sh0.. ending in K3y9 was throttled", Some(key)),
+            "key [redacted] ending in [redacted] was throttled"
+        );
+        // The shortest key there is: ten characters.
+        let key = "abcd123456";
+        assert_eq!(s("abcd1.. / 3456", Some(key)), "[redacted] / [redacted]");
+        assert_eq!(s("abcd 456 abc1 2345", Some(key)), "abcd 456 abc1 2345");
+    }
+
+    #[test]
+    fn ordinary_words_survive_a_keys_edges() {
+        let key = "zzzzFAKEKEY0000000000wxyz";
+        let msg = "Invalid value for 'temperature': must be <= 2.0 (model gpt-4o-mini).";
+        assert_eq!(s(msg, Some(key)), msg);
+        let short = "test01key9";
+        let msg = "the latest request for model gpt-4o was too long";
+        assert_eq!(s(msg, Some(short)), msg);
+    }
+
+    #[test]
     fn ordinary_messages_stay() {
         let msg = "Invalid value for 'temperature': must be <= 2.0 (model gpt-4o-mini).";
         assert_eq!(s(msg, None), msg);
         assert!(matches!(scrub(msg.as_bytes(), None), Cow::Borrowed(_)));
+    }
+
+    proptest::proptest! {
+        /// Wherever a provider quotes the served key's start or end, in
+        /// whatever text, neither reaches the client.
+        #[test]
+        fn quoted_edges_never_survive(
+            key in "[A-Za-z0-9_-]{10,64}",
+            before in "[a-z ,.:'()]{0,30}",
+            after in "[a-z ,.:'()]{0,30}",
+            glue in "[A-Za-z0-9*]{0,3}",
+        ) {
+            let head = &key[..(key.len() / 2).min(HEAD)];
+            let tail = &key[key.len() - TAIL..];
+            let text = format!("{before}{glue}{head}{glue} ... {tail}{after}");
+            let out = s(&text, Some(&key));
+            proptest::prop_assert!(!out.contains(head), "{} from {}", out, text);
+            proptest::prop_assert!(!out.contains(tail), "{} from {}", out, text);
+        }
     }
 
     #[test]

@@ -45,12 +45,13 @@ pub(super) fn event_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
 /// Writes one event (without its blank line) rewritten, followed by a blank
 /// line. Returns whether it was an error event.
 ///
-/// Of the event's fields, `event` and `retry` are kept as they are, the
-/// `data` lines rewritten. A comment can carry provider text: it stays as a
-/// bare `:` (a keep-alive still). `id` carries the provider's event id and
-/// goes, as do fields the SSE standard does not define (clients ignore
-/// them; they could only carry provider detail). An event left with
-/// nothing is not written at all.
+/// Of the event's fields, `event` and a numeric `retry` are kept as they
+/// are, the `data` lines rewritten. A comment can carry provider text: it
+/// stays as a bare `:` (a keep-alive still). `id` carries the provider's
+/// event id and goes, as do fields the SSE standard does not define and a
+/// `retry` that is not a number (clients ignore them; they could only
+/// carry provider detail). An event left with nothing is not written at
+/// all.
 pub(super) fn rewrite_event(
     event: &[u8],
     rw: &Rewrite,
@@ -64,10 +65,12 @@ pub(super) fn rewrite_event(
         let (name, value) = field(line);
         match name {
             b"data" => data.push(value),
-            b"event" | b"retry" => {
-                errored |= name == b"event" && value == b"error";
-                out.extend_from_slice(line);
-                out.push(b'\n');
+            b"event" => {
+                errored |= value == b"error";
+                keep(line, out);
+            }
+            b"retry" if !value.is_empty() && value.iter().all(u8::is_ascii_digit) => {
+                keep(line, out);
             }
             b"" => out.extend_from_slice(b":\n"),
             _ => {}
@@ -95,6 +98,11 @@ pub(super) fn rewrite_event(
     errored
 }
 
+fn keep(line: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(line);
+    out.push(b'\n');
+}
+
 /// A line's field name and value: the name up to the first colon (empty
 /// for a comment), the value after it without one leading space. A line
 /// without a colon is a name with an empty value.
@@ -118,14 +126,9 @@ fn split_lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sanitize::stream::testing::{self, RW};
     use crate::sanitize::stream::{Framing, StreamRewriter};
     use proptest::prelude::*;
-
-    const RW: Rewrite<'static> = Rewrite {
-        id_suffix: "krTEST",
-        model: Some("gpt-4o"),
-        strip_usage: false,
-    };
 
     fn openai_stream() -> Vec<u8> {
         let mut s = Vec::new();
@@ -145,7 +148,9 @@ mod tests {
     /// The same stream with what providers add around the data: comments
     /// naming their routing, event ids, a retry hint, an unknown field.
     fn decorated_stream() -> Vec<u8> {
-        let mut s = b": OPENROUTER PROCESSING upstream=azure-eastus\n\nretry: 3000\n\n".to_vec();
+        let mut s =
+            b": OPENROUTER PROCESSING upstream=azure-eastus\n\nretry: 3000\nretry: azure\n\n"
+                .to_vec();
         let plain = openai_stream();
         let text = std::str::from_utf8(&plain).unwrap();
         for (i, event) in text.split_inclusive("\n\n").enumerate() {
@@ -159,17 +164,7 @@ mod tests {
     }
 
     fn run_in_pieces(input: &[u8], cuts: &[usize]) -> (Vec<u8>, Usage, bool) {
-        let mut r = StreamRewriter::new(Framing::Events, 1 << 20);
-        let mut usage = Usage::default();
-        let mut out = Vec::new();
-        let mut last = 0;
-        for &c in cuts {
-            r.push(&input[last..c], &RW, &mut usage, &mut out).unwrap();
-            last = c;
-        }
-        r.push(&input[last..], &RW, &mut usage, &mut out).unwrap();
-        r.finish(&RW, &mut usage, &mut out);
-        (out, usage, r.errored())
+        testing::run_in_pieces(Framing::Events, input, cuts)
     }
 
     #[test]
@@ -268,6 +263,25 @@ mod tests {
     }
 
     #[test]
+    fn error_events_lose_the_served_keys_edges() {
+        let key = crate::secret::Secret::new("Zq7sh0rtK3y9".into());
+        let rw = Rewrite {
+            key: Some(&key),
+            ..RW
+        };
+        let input = b"event: error\ndata: {\"type\":\"error\",\"error\":{\"message\":\"key Zq7sh0.. (ending K3y9) is throttled\"}}\n\n";
+        let mut r = StreamRewriter::new(Framing::Events, 1 << 20);
+        let mut out = Vec::new();
+        r.push(input, &rw, &mut Usage::default(), &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(r.errored());
+        assert!(
+            text.contains("key [redacted] (ending [redacted]) is throttled"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn complete_events_leave_at_once() {
         let mut r = StreamRewriter::new(Framing::Events, 1 << 20);
         let mut usage = Usage::default();
@@ -322,10 +336,7 @@ mod tests {
     #[test]
     fn every_single_byte_offset() {
         for input in [openai_stream(), decorated_stream()] {
-            let whole = run_in_pieces(&input, &[]);
-            for cut in 0..=input.len() {
-                assert_eq!(run_in_pieces(&input, &[cut]), whole, "cut at {cut}");
-            }
+            testing::assert_every_cut_gives_the_same(Framing::Events, &input);
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Incremental rewriting of a streamed body made of records (SSE events):
-//! `(chunk) → chunk`.
+//! Incremental rewriting of a streamed body made of records (SSE events,
+//! JSON lines): `(chunk) → chunk`.
 //!
 //! Provider streams arrive in arbitrary TCP-sized pieces; a record may be
 //! split anywhere, even inside `\r\n`. The rewriter keeps the unfinished tail
@@ -12,7 +12,7 @@
 
 use super::json::{Rewrite, Rewritten, Usage, rewrite};
 use super::scrub;
-use super::sse;
+use super::{ndjson, sse};
 use std::borrow::Cow;
 
 /// How a stream is cut into records.
@@ -20,6 +20,8 @@ use std::borrow::Cow;
 pub enum Framing {
     /// Server-Sent Events, ended by a blank line.
     Events,
+    /// JSON Lines / NDJSON, ended by a newline.
+    Lines,
 }
 
 impl Framing {
@@ -28,6 +30,7 @@ impl Framing {
     fn record_end(self, buf: &[u8], from: usize) -> Option<(usize, usize)> {
         match self {
             Framing::Events => sse::event_end(buf, from),
+            Framing::Lines => ndjson::line_end(buf, from),
         }
     }
 
@@ -36,6 +39,7 @@ impl Framing {
     fn lookback(self) -> usize {
         match self {
             Framing::Events => sse::BOUNDARY_LOOKBACK,
+            Framing::Lines => ndjson::BOUNDARY_LOOKBACK,
         }
     }
 
@@ -44,13 +48,14 @@ impl Framing {
     fn rewrite(self, record: &[u8], rw: &Rewrite, usage: &mut Usage, out: &mut Vec<u8>) -> bool {
         match self {
             Framing::Events => sse::rewrite_event(record, rw, usage, out),
+            Framing::Lines => ndjson::rewrite_line(record, rw, usage, out),
         }
     }
 }
 
 /// An unfinished record grew past the limit; the stream cannot go on.
 #[derive(Debug, thiserror::Error)]
-#[error("a streamed event is larger than the limit")]
+#[error("a streamed event or line is larger than the limit")]
 pub struct RecordTooLarge;
 
 /// State of one stream.
@@ -130,11 +135,12 @@ fn trim_line_ends(b: &[u8]) -> &[u8] {
     &b[..end]
 }
 
-/// One payload of a stream (an SSE event's data) rewritten by the JSON
-/// rules, on one line, and whether it is a provider error (`error`: the
-/// record already said so, e.g. by its event name). An error is scrubbed
-/// after rewriting: its provider message may quote key material. A payload
-/// that is not JSON (`[DONE]`) stays as it is.
+/// One payload of a stream (an SSE event's data, a line) rewritten by the
+/// JSON rules, on one line, and whether it is a provider error (`error`:
+/// the record already said so, e.g. by its event name). An error is
+/// scrubbed after rewriting: its provider message may quote key material,
+/// the served key's edges included. A payload that is not JSON (`[DONE]`)
+/// stays as it is.
 pub(super) fn rewrite_payload<'p>(
     payload: &'p [u8],
     error: bool,
@@ -159,19 +165,53 @@ pub(super) fn rewrite_payload<'p>(
     if !error {
         return (body, false);
     }
-    let scrubbed = scrub::scrub(&body, None).into_owned();
+    let scrubbed = scrub::scrub(&body, rw.key).into_owned();
     (Cow::Owned(scrubbed), true)
+}
+
+/// What the tests of every framing share.
+#[cfg(test)]
+pub(super) mod testing {
+    use super::*;
+
+    /// The rewrite the tests apply: ids end in `krTEST`, the model is
+    /// `gpt-4o`.
+    pub const RW: Rewrite<'static> = Rewrite {
+        id_suffix: "krTEST",
+        model: Some("gpt-4o"),
+        strip_usage: false,
+        key: None,
+    };
+
+    /// `input` fed in the pieces `cuts` marks, then finished: the output,
+    /// the usage seen and whether an error passed.
+    pub fn run_in_pieces(framing: Framing, input: &[u8], cuts: &[usize]) -> (Vec<u8>, Usage, bool) {
+        let mut r = StreamRewriter::new(framing, 1 << 20);
+        let mut usage = Usage::default();
+        let mut out = Vec::new();
+        let mut last = 0;
+        for &c in cuts {
+            r.push(&input[last..c], &RW, &mut usage, &mut out).unwrap();
+            last = c;
+        }
+        r.push(&input[last..], &RW, &mut usage, &mut out).unwrap();
+        r.finish(&RW, &mut usage, &mut out);
+        (out, usage, r.errored())
+    }
+
+    /// Cut in two at every byte, `input` gives what it gives whole.
+    pub fn assert_every_cut_gives_the_same(framing: Framing, input: &[u8]) {
+        let whole = run_in_pieces(framing, input, &[]);
+        for cut in 0..=input.len() {
+            assert_eq!(run_in_pieces(framing, input, &[cut]), whole, "cut at {cut}");
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::testing::RW;
     use super::*;
-
-    const RW: Rewrite<'static> = Rewrite {
-        id_suffix: "krTEST",
-        model: Some("gpt-4o"),
-        strip_usage: false,
-    };
 
     #[test]
     fn an_unfinished_record_is_bounded() {

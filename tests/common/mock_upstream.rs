@@ -23,6 +23,11 @@
 //! - `x-mock-decorate: 1` answers a chat stream whose events come with what
 //!   providers add around the data: comments naming their routing, `id:`
 //!   lines, a `retry:` hint;
+//! - `x-mock-lines: ndjson` (or `jsonl`) answers the chat stream as JSON
+//!   lines (`application/x-ndjson` or `application/jsonl`);
+//! - `x-mock-stream-error: 1` ends a chat or message stream, after its
+//!   first event, with an error event quoting the served key's start and
+//!   end ([`key_edges_message`]);
 //! - `x-mock-unterminated: N` answers a stream with one chat chunk, then an
 //!   event that never ends (N bytes of one `data:` line in 16 KiB frames),
 //!   then silence.
@@ -532,8 +537,18 @@ async fn scripted(parts: &http::request::Parts, body: &Bytes, shared: &Shared) -
         };
         return sse(unterminated_events(size), pacing, streams);
     }
+    if flag("x-mock-stream-error").is_some() {
+        let key = credential(h).unwrap_or_default();
+        let anthropic = parts.uri.path().ends_with("/messages");
+        return sse(failing_events(&key, anthropic), pacing, streams);
+    }
     if flag("x-mock-decorate").is_some() {
         return sse(decorated(openai_chunks()), pacing, streams);
+    }
+    match flag("x-mock-lines").as_deref() {
+        Some("jsonl") => return streamed("application/jsonl", json_lines(), pacing, streams),
+        Some(_) => return streamed("application/x-ndjson", json_lines(), pacing, streams),
+        None => {}
     }
     let resp = answer_for(parts, body, pacing, streams);
     let (gzipped, truncated, stalled) = (
@@ -660,12 +675,21 @@ fn json(body: Bytes) -> Response<Body> {
 /// An SSE response sending `events` as `pacing` says. `streams` counts the
 /// body while it is alive.
 fn sse(events: Vec<String>, pacing: Pacing, streams: Option<Arc<AtomicUsize>>) -> Response<Body> {
-    let stream = event_stream(events, pacing, streams.map(StreamGuard::new));
+    streamed("text/event-stream", events, pacing, streams)
+}
+
+/// A streamed response of `content_type` sending `records` as `pacing`
+/// says.
+fn streamed(
+    content_type: &'static str,
+    records: Vec<String>,
+    pacing: Pacing,
+    streams: Option<Arc<AtomicUsize>>,
+) -> Response<Body> {
+    let stream = event_stream(records, pacing, streams.map(StreamGuard::new));
     let mut resp = Response::new(StreamBody::new(stream).boxed());
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     with_provider_headers(resp)
@@ -790,9 +814,11 @@ pub fn model_object(id: &str) -> serde_json::Value {
     serde_json::json!({"id": id, "object": "model", "created": 1715367049, "owned_by": owner})
 }
 
+/// Handles of the mock's resources, which clients pass back.
 pub const FINE_TUNING_JOB_ID: &str = "ftjob-abc123mock";
 pub const FILE_ID: &str = "file-abc123mock";
 
+/// `GET /v1/fine_tuning/jobs/{id}`: a job of the mock's organisation.
 pub fn fine_tuning_job() -> serde_json::Value {
     serde_json::json!({
         "object": "fine_tuning.job", "id": FINE_TUNING_JOB_ID, "model": "gpt-4o-mini-2024-07-18",
@@ -801,6 +827,7 @@ pub fn fine_tuning_job() -> serde_json::Value {
     })
 }
 
+/// `GET /v1/files/{id}`.
 pub fn file_object() -> serde_json::Value {
     serde_json::json!({
         "id": FILE_ID, "object": "file", "bytes": 120000, "created_at": 1721000000,
@@ -879,6 +906,53 @@ pub fn anthropic_events() -> Vec<String> {
         "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":15}}\n\n".into(),
         "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".into(),
     ]
+}
+
+/// The chat chunks as JSON lines; the last one (the usage) has no newline
+/// after it.
+pub fn json_lines() -> Vec<String> {
+    let mut lines: Vec<String> = openai_chunks()
+        .iter()
+        .filter_map(|event| event.strip_prefix("data: "))
+        .map(str::trim_end)
+        .filter(|json| *json != "[DONE]")
+        .map(|json| format!("{json}\n"))
+        .collect();
+    if let Some(last) = lines.last_mut() {
+        last.pop();
+    }
+    lines
+}
+
+/// The message of the mock's stream error events: it quotes the first six
+/// and last four characters of `key`, as providers quote masked keys.
+pub fn key_edges_message(key: &str) -> String {
+    let head: String = key.chars().take(6).collect();
+    let tail = &key[key.len().saturating_sub(4)..];
+    format!("Overloaded while serving key {head}.. (ending {tail}); retry later")
+}
+
+/// A stream's first event, then the provider's error event: OpenAI's
+/// `{"error": …}` data, or Anthropic's `error` event.
+pub fn failing_events(key: &str, anthropic: bool) -> Vec<String> {
+    let message = key_edges_message(key);
+    if anthropic {
+        vec![
+            anthropic_events().swap_remove(0),
+            format!(
+                "event: error\ndata: {}\n\n",
+                serde_json::json!({"type": "error", "error": {"type": "overloaded_error", "message": message}})
+            ),
+        ]
+    } else {
+        vec![
+            openai_chunks().swap_remove(0),
+            format!(
+                "data: {}\n\n",
+                serde_json::json!({"error": {"message": message, "type": "server_error", "code": null}})
+            ),
+        ]
+    }
 }
 
 /// Text of the mock's SSE comments and event ids; never shown to a client.
