@@ -185,6 +185,26 @@ async fn eventually_metric(gw: &TestGateway, name: &str, labels: &[(&str, &str)]
     }
 }
 
+/// Waits until no request to `openai` is in flight.
+async fn nothing_in_flight(gw: &TestGateway) {
+    eventually_metric(
+        gw,
+        "keyrouter_inflight_requests",
+        &[("provider", "openai")],
+        0.0,
+    )
+    .await;
+}
+
+/// Waits until the provider has no stream open (keyrouter closed its side).
+async fn provider_streams_closed(mock: &MockUpstream) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while mock.open_streams() > 0 {
+        assert!(Instant::now() < deadline, "the provider stream stayed open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn metric(gw: &TestGateway, name: &str, labels: &[(&str, &str)]) -> f64 {
     gw.metric(name, labels).await.unwrap_or(0.0)
 }
@@ -1032,13 +1052,7 @@ async fn streams_are_rewritten_event_by_event_and_counted() {
         1.0,
     )
     .await;
-    eventually_metric(
-        &gw,
-        "keyrouter_inflight_requests",
-        &[("provider", "openai")],
-        0.0,
-    )
-    .await;
+    nothing_in_flight(&gw).await;
 }
 
 #[tokio::test]
@@ -1345,13 +1359,7 @@ async fn a_client_trickling_its_body_gets_408_and_is_disconnected() {
     assert!(mock.received().is_empty(), "a partial body went upstream");
     let labels = [("provider", "openai"), ("code", "408")];
     eventually_metric(&gw, "keyrouter_requests_total", &labels, 1.0).await;
-    eventually_metric(
-        &gw,
-        "keyrouter_inflight_requests",
-        &[("provider", "openai")],
-        0.0,
-    )
-    .await;
+    nothing_in_flight(&gw).await;
 }
 
 #[tokio::test]
@@ -1490,13 +1498,7 @@ async fn a_provider_that_does_not_answer_is_a_timeout() {
         "{:?}",
         started.elapsed()
     );
-    eventually_metric(
-        &gw,
-        "keyrouter_inflight_requests",
-        &[("provider", "openai")],
-        0.0,
-    )
-    .await;
+    nothing_in_flight(&gw).await;
 }
 
 #[tokio::test]
@@ -1543,13 +1545,7 @@ async fn answers_the_provider_breaks_off_count_as_upstream_errors() {
     assert_no_provider_traces(&a.text);
     let openai_502 = [("provider", "openai"), ("code", "502")];
     eventually_metric(&gw, "keyrouter_requests_total", &openai_502, 1.0).await;
-    eventually_metric(
-        &gw,
-        "keyrouter_inflight_requests",
-        &[("provider", "openai")],
-        0.0,
-    )
-    .await;
+    nothing_in_flight(&gw).await;
     for code in ["200", "499"] {
         let labels = [("provider", "openai"), ("code", code)];
         assert_eq!(
@@ -1590,13 +1586,7 @@ async fn answers_the_provider_breaks_off_count_as_upstream_errors() {
     assert_no_provider_traces(&text);
     assert!(!parse_sse(&text).is_empty());
     eventually_metric(&gw, "keyrouter_requests_total", &openai_502, 2.0).await;
-    eventually_metric(
-        &gw,
-        "keyrouter_inflight_requests",
-        &[("provider", "openai")],
-        0.0,
-    )
-    .await;
+    nothing_in_flight(&gw).await;
 }
 
 /// A gateway whose only provider is OpenAI at `mock`, with one key that
@@ -1666,18 +1656,8 @@ async fn a_stream_the_provider_stalls_is_cut_off_and_frees_its_key() {
     );
     let stalled = [("provider", "openai"), ("code", "504")];
     eventually_metric(&gw, "keyrouter_requests_total", &stalled, 1.0).await;
-    eventually_metric(
-        &gw,
-        "keyrouter_inflight_requests",
-        &[("provider", "openai")],
-        0.0,
-    )
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while mock.open_streams() > 0 {
-        assert!(Instant::now() < deadline, "the provider stream stayed open");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    nothing_in_flight(&gw).await;
+    provider_streams_closed(&mock).await;
 }
 
 #[tokio::test]
@@ -1780,19 +1760,8 @@ async fn a_stream_event_larger_than_the_body_limit_ends_the_stream() {
         1.0,
     )
     .await;
-    eventually_metric(
-        &gw,
-        "keyrouter_inflight_requests",
-        &[("provider", "openai")],
-        0.0,
-    )
-    .await;
-    // The provider's stream is closed, not left hanging.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while mock.open_streams() > 0 {
-        assert!(Instant::now() < deadline, "the provider stream stayed open");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    nothing_in_flight(&gw).await;
+    provider_streams_closed(&mock).await;
 }
 
 #[tokio::test]
