@@ -164,7 +164,7 @@ pub async fn respond(
                 }
             };
             let mut usage = Usage::default();
-            let mut rewritten = Vec::with_capacity(bytes.len() + 16);
+            let mut rewritten = Vec::new();
             let body = match rewrite(&bytes, &spec.as_rewrite(), &mut rewritten, &mut usage) {
                 Some(_) => full(rewritten),
                 None => full(bytes),

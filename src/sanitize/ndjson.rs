@@ -41,8 +41,8 @@ pub(super) fn rewrite_line(
 #[cfg(test)]
 mod tests {
     use crate::sanitize::json::Usage;
-    use crate::sanitize::stream::testing::{self, RW};
-    use crate::sanitize::stream::{Framing, StreamRewriter};
+    use crate::sanitize::stream::Framing;
+    use crate::sanitize::stream::testing;
     use proptest::prelude::*;
     use serde_json::Value;
 
@@ -100,24 +100,6 @@ mod tests {
         assert_eq!(
             out,
             b"{\"error\":{\"message\":\"model overloaded for [redacted]\"}}\n"
-        );
-    }
-
-    #[test]
-    fn a_line_waits_for_its_end() {
-        let mut r = StreamRewriter::new(Framing::Lines, 1 << 20);
-        let mut usage = Usage::default();
-        let mut out = Vec::new();
-        r.push(
-            b"{\"id\":\"x-1\",\"object\":\"text_completion\"}\n{\"id\"",
-            &RW,
-            &mut usage,
-            &mut out,
-        )
-        .unwrap();
-        assert_eq!(
-            out,
-            b"{\"id\":\"x-krTEST\",\"object\":\"text_completion\"}\n"
         );
     }
 

@@ -282,24 +282,6 @@ mod tests {
     }
 
     #[test]
-    fn complete_events_leave_at_once() {
-        let mut r = StreamRewriter::new(Framing::Events, 1 << 20);
-        let mut usage = Usage::default();
-        let mut out = Vec::new();
-        r.push(
-            b"data: {\"id\":\"x-1\",\"object\":\"chat.completion.chunk\"}\n\ndata: {\"id\"",
-            &RW,
-            &mut usage,
-            &mut out,
-        )
-        .unwrap();
-        assert_eq!(
-            out,
-            b"data: {\"id\":\"x-krTEST\",\"object\":\"chat.completion.chunk\"}\n\n"
-        );
-    }
-
-    #[test]
     fn anthropic_events_and_error_event() {
         let input = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_01X\",\"type\":\"message\",\"model\":\"claude-3-5-sonnet-20241022\",\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\nevent: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded for sk-ant-api03-abcdefghijklmnop\"}}\n\n";
         let (out, usage, errored) = run_in_pieces(input, &[]);

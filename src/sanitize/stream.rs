@@ -214,6 +214,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn complete_records_leave_at_once_and_a_partial_one_waits() {
+        for (framing, input, expected) in [
+            (
+                Framing::Events,
+                &b"data: {\"id\":\"x-1\",\"object\":\"chat.completion.chunk\"}\n\ndata: {\"id\""[..],
+                &b"data: {\"id\":\"x-krTEST\",\"object\":\"chat.completion.chunk\"}\n\n"[..],
+            ),
+            (
+                Framing::Lines,
+                b"{\"id\":\"x-1\",\"object\":\"text_completion\"}\n{\"id\"",
+                b"{\"id\":\"x-krTEST\",\"object\":\"text_completion\"}\n",
+            ),
+        ] {
+            let mut r = StreamRewriter::new(framing, 1 << 20);
+            let mut out = Vec::new();
+            r.push(input, &RW, &mut Usage::default(), &mut out).unwrap();
+            assert_eq!(out, expected, "{framing:?}");
+        }
+    }
+
+    #[test]
     fn an_unfinished_record_is_bounded() {
         let mut r = StreamRewriter::new(Framing::Events, 64);
         let mut usage = Usage::default();
