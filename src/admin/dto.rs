@@ -16,6 +16,7 @@ use crate::secret::Secret;
 use crate::store::{Cursor, PageRequest, StateCount};
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
+use http::StatusCode;
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{DeserializeOwned, MapAccess, Visitor};
 use serde::ser::SerializeMap;
@@ -24,6 +25,7 @@ use serde_path_to_error::Segment;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::marker::PhantomData;
+use std::time::Duration;
 use zeroize::Zeroizing;
 
 /// Largest request body accepted (contract: larger is a 400).
@@ -132,23 +134,29 @@ pub const CURSOR: Field = field("cursor", "must be a next_cursor value returned 
 
 // === Request bodies ===
 
-/// Reads a request body of at most [`MAX_BODY_BYTES`] into a buffer that is
+/// Reads a request body of at most [`MAX_BODY_BYTES`], all of it within
+/// `within` (`server.body_read_timeout`: a client trickling its body must
+/// not hold a connection and its buffer for ever), into a buffer that is
 /// zeroed when dropped: a registration body holds key material. (hyper's own
 /// read buffers are beyond reach; this keeps at least our copy from lingering.)
-pub async fn read_body<B>(body: B) -> Result<Zeroizing<Vec<u8>>, GatewayError>
+pub async fn read_body<B>(body: B, within: Duration) -> Result<Zeroizing<Vec<u8>>, GatewayError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    match read_limited(body, MAX_BODY_BYTES).await {
+    match tokio::time::timeout(within, read_limited(body, MAX_BODY_BYTES)).await {
         // Reuses the allocation when the buffer is not shared.
-        Ok(bytes) => Ok(Zeroizing::new(Vec::from(bytes))),
-        Err(ReadBodyError::TooLarge) => Err(GatewayError::invalid(
+        Ok(Ok(bytes)) => Ok(Zeroizing::new(Vec::from(bytes))),
+        Ok(Err(ReadBodyError::TooLarge)) => Err(GatewayError::invalid(
             "request body: must be at most 65536 bytes",
         )),
-        Err(ReadBodyError::Broken(_)) => {
+        Ok(Err(ReadBodyError::Broken(_))) => {
             Err(GatewayError::invalid("request body: could not be read"))
         }
+        Err(_) => Err(
+            GatewayError::invalid("request body: did not arrive in time")
+                .with_status(StatusCode::REQUEST_TIMEOUT),
+        ),
     }
 }
 

@@ -96,7 +96,7 @@ impl AdminApi {
         let body = if parts.method == Method::GET {
             Zeroizing::new(Vec::new())
         } else {
-            dto::read_body(body).await?
+            dto::read_body(body, self.app.config.server.body_read_timeout).await?
         };
         let call = Call {
             app: &self.app,
