@@ -329,6 +329,17 @@ async fn credentials_are_swapped(mock: &MockUpstream, gw: &TestGateway) {
     assert!(r.headers.get("authorization").is_none());
     assert!(r.headers.get("x-api-key").is_none());
     assert_no_client_credentials(&r);
+    // Azure clients name a deployment, not a model: the answer's `model` is
+    // the deployment they asked for.
+    let a = post_with(
+        gw,
+        "/azure/openai/deployments/gpt4o/chat/completions?api-version=2024-06-01",
+        &json!({"messages": [{"role": "user", "content": "hi"}]}),
+        &CLIENT_CREDENTIALS,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.json()["model"], "gpt4o");
 
     // Gemini: x-goog-api-key; the client's ?key= removed, the rest kept.
     let a = post_with(

@@ -26,7 +26,8 @@ impl RequestPeek {
 }
 
 /// The model comes from a JSON body's `model`; a request whose body names
-/// none (Gemini's `…/models/{model}:generateContent`) names it in its path.
+/// none names it in its path (Gemini's `…/models/{model}:generateContent`,
+/// Azure's `…/deployments/{deployment}/…`).
 pub fn peek_request(headers: &HeaderMap, path: &str, body: &[u8]) -> RequestPeek {
     let mut peek = peek_body(headers, body);
     if peek.model.is_none() {
@@ -63,18 +64,41 @@ fn peek_body(headers: &HeaderMap, body: &[u8]) -> RequestPeek {
     }
 }
 
-/// The model of a Google-style method path, `…/models/{model}:{method}` or
-/// `…/tunedModels/{model}:{method}`. Only plain model names are taken: the
-/// value is written into responses.
+/// The model a request's path names, for requests whose body names none:
+/// Google's method paths and Azure's deployment paths.
 fn model_in_path(path: &str) -> Option<&str> {
+    google_model(path).or_else(|| azure_deployment(path))
+}
+
+/// The model of a Google-style method path, `…/models/{model}:{method}` or
+/// `…/tunedModels/{model}:{method}`.
+fn google_model(path: &str) -> Option<&str> {
     let (rest, last) = path.rsplit_once('/')?;
     let (model, _method) = last.split_once(':')?;
     let collection = rest.rsplit('/').next()?;
-    let plain = !model.is_empty()
-        && model
+    (matches!(collection, "models" | "tunedModels") && is_plain_name(model)).then_some(model)
+}
+
+/// The deployment of an Azure OpenAI path,
+/// `…/deployments/{deployment}/chat/completions`: Azure clients name the
+/// deployment, not a model, and an SDK expects the answer's `model` filled.
+fn azure_deployment(path: &str) -> Option<&str> {
+    let mut segments = path.split('/');
+    segments.find(|s| *s == "deployments")?;
+    let deployment = segments.next()?;
+    // An operation must follow: `GET …/deployments/{id}` is the deployment
+    // resource itself, not an answer.
+    segments.next()?;
+    is_plain_name(deployment).then_some(deployment)
+}
+
+/// Only plain names are taken from a path: the value is written into
+/// responses.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    (matches!(collection, "models" | "tunedModels") && plain).then_some(model)
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 #[cfg(test)]
@@ -112,6 +136,35 @@ mod tests {
             br#"{"model":"o3","max_output_tokens":7}"#,
         );
         assert_eq!(responses_api.estimated_tokens(4), 8);
+    }
+
+    #[test]
+    fn azure_names_the_deployment_in_the_path() {
+        let h = json_headers();
+        let body = br#"{"messages":[{"role":"user","content":"hi"}]}"#;
+        for (path, model) in [
+            (
+                "/azure/openai/deployments/gpt4o-prod/chat/completions",
+                Some("gpt4o-prod"),
+            ),
+            ("/openai/deployments/emb.v3_1/embeddings", Some("emb.v3_1")),
+            ("/openai/deployments/gpt4o-prod", None),
+            ("/openai/deployments", None),
+            ("/openai/deployments/a%22b/chat/completions", None),
+            ("/openai/deployments//chat/completions", None),
+        ] {
+            assert_eq!(
+                peek_request(&h, path, body).model.as_deref(),
+                model,
+                "{path}"
+            );
+        }
+        let named = peek_request(
+            &h,
+            "/openai/deployments/gpt4o-prod/chat/completions",
+            br#"{"model":"from-body"}"#,
+        );
+        assert_eq!(named.model.as_deref(), Some("from-body"));
     }
 
     #[test]
