@@ -3,7 +3,7 @@
 
 use crate::error::GatewayError;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
 use serde::Serialize;
 
@@ -37,7 +37,9 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     }
 }
 
-pub const X_REQUEST_ID: &str = "x-request-id";
+/// A name constant rather than a `&str`: a `&str` name is parsed and
+/// validated again at every lookup.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// A request's id: the client's `x-request-id` when it matches
 /// `^[A-Za-z0-9._-]{1,64}$`, else a new `req_...` one.
@@ -50,7 +52,7 @@ pub struct RequestId(HeaderValue);
 
 impl RequestId {
     pub fn of(headers: &HeaderMap) -> Self {
-        match headers.get(X_REQUEST_ID) {
+        match headers.get(&X_REQUEST_ID) {
             Some(v) if is_well_formed(v.as_bytes()) => RequestId(v.clone()),
             _ => RequestId::generate(),
         }

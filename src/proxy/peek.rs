@@ -45,14 +45,21 @@ fn peek_body(headers: &HeaderMap, body: &[u8]) -> RequestPeek {
         max_completion_tokens: Option<u64>,
         max_output_tokens: Option<u64>,
     }
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.contains("json"));
+    // `application/json`, `…+json`, in any case (media types are not case
+    // sensitive).
+    let json = headers.get(header::CONTENT_TYPE).is_some_and(|ct| {
+        ct.as_bytes()
+            .windows(4)
+            .any(|w| w.eq_ignore_ascii_case(b"json"))
+    });
     if !json || body.is_empty() {
         return RequestPeek::default();
     }
-    match serde_json::from_slice::<Peek>(body) {
+    // One UTF-8 check for the whole body instead of one per string.
+    let Ok(text) = std::str::from_utf8(body) else {
+        return RequestPeek::default();
+    };
+    match serde_json::from_str::<Peek>(text) {
         Ok(p) => RequestPeek {
             model: p.model.map(Cow::into_owned),
             max_output_tokens: p
@@ -127,6 +134,13 @@ mod tests {
             peek_request(&HeaderMap::new(), "/v1/chat/completions", body),
             RequestPeek::default()
         );
+        let mut upper = HeaderMap::new();
+        upper.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("Application/JSON; charset=utf-8"),
+        );
+        let peek = peek_request(&upper, "/v1/chat/completions", body);
+        assert_eq!(peek.model.as_deref(), Some("gpt-4o"));
         let uncapped = peek_request(&h, "/v1/chat/completions", b"{}");
         assert_eq!(uncapped.model, None);
         assert_eq!(uncapped.estimated_tokens(0), DEFAULT_OUTPUT_TOKENS);

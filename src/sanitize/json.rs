@@ -299,12 +299,15 @@ pub fn rewrite(
     out: &mut Vec<u8>,
     usage: &mut Usage,
 ) -> Option<Rewritten> {
+    // Checked once here, the text is not checked again member by member
+    // (as `from_slice` does for every string and every raw value).
+    let input = std::str::from_utf8(input).ok()?;
     out.reserve(input.len() + 16);
-    if let Ok(members) = serde_json::from_slice::<Members>(input) {
+    if let Ok(members) = serde_json::from_str::<Members>(input) {
         write_object(&members, Kind::of(&members), rw, out, usage);
         return Some(Rewritten::of(&members));
     }
-    let items = serde_json::from_slice::<Vec<&RawValue>>(input).ok()?;
+    let items = serde_json::from_str::<Vec<&RawValue>>(input).ok()?;
     write_items(&items, Kind::of, rw, out, usage);
     Some(Rewritten::Document)
 }
@@ -384,7 +387,16 @@ fn write_object(members: &Members, kind: Kind, rw: &Rewrite, out: &mut Vec<u8>, 
             out.push(b',');
         }
         first = false;
-        write_str(out, key);
+        match key {
+            // Borrowed means written without escapes in the document: its
+            // bytes are the member name's JSON text as it is.
+            Cow::Borrowed(name) => {
+                out.push(b'"');
+                out.extend_from_slice(name.as_bytes());
+                out.push(b'"');
+            }
+            Cow::Owned(name) => write_str(out, name),
+        }
         out.push(b':');
         match action {
             Member::Dropped => {}
