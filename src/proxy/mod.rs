@@ -175,7 +175,6 @@ impl ProxyApi {
                 tracing::debug!(request_id = %request_id, attempt, "retrying on another key");
             }
             let key = chosen.key;
-            tried.push(key.clone());
             key.count_request(|| {
                 self.app
                     .metrics
@@ -235,6 +234,9 @@ impl ProxyApi {
                     .with_label_values(&[&*provider.id, reason])
                     .inc();
             }
+            // Remembered only once it failed: a request served by its
+            // first key allocates no list.
+            tried.push(key);
             last = Some((error, key_fault));
         }
         Err(last.map_or(ProxyError::UpstreamFailed, |(e, _)| e))
