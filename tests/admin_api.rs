@@ -686,39 +686,20 @@ async fn the_101st_request_in_a_minute_is_rate_limited() {
 
 #[tokio::test]
 async fn a_body_trickling_past_the_read_timeout_gets_408_and_a_closed_connection() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let gw = TestGateway::builder()
         .toml("[server]\nbody_read_timeout = \"300ms\"")
         .start()
         .await;
     let addr = gw.running.admin_addr;
-    let conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut read, mut write) = conn.into_split();
     let head = format!(
         "POST /admin/v1/keys HTTP/1.1\r\nHost: {addr}\r\nX-API-Key: {}\r\n\
          Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{",
         common::API_KEY
     );
-    write.write_all(head.as_bytes()).await.unwrap();
-    // A byte every 20 ms: the body keeps moving, but would take 20 s.
-    let trickle = tokio::spawn(async move {
-        while write.write_all(b" ").await.is_ok() {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    });
-    let started = std::time::Instant::now();
     // The answer, then the end of the connection: the rest of the body is
     // not waited for.
-    let mut answer = Vec::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        read.read_to_end(&mut answer),
-    )
-    .await
-    .expect("the connection stayed open while the body trickled")
-    .unwrap();
-    trickle.abort();
-    assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+    let (answer, took) = common::trickle_body(addr, &head).await;
+    assert!(took >= std::time::Duration::from_millis(250));
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains(r#""type":"invalid_request""#), "{answer}");

@@ -42,10 +42,11 @@ use reqwest::Method;
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub const API_KEY: &str = "test-admin-api-key-0123456789abcdef-XYZ";
 pub const JWT_SECRET: &str = "test-admin-jwt-secret-0123456789abcdef-XYZ";
@@ -619,4 +620,28 @@ pub fn token(sub: &str, scope: &str) -> String {
         JWT_SECRET,
         &json!({"sub": sub, "scope": scope, "exp": Utc::now().timestamp() + 600}),
     )
+}
+
+/// Sends `head` (a request head and the start of its body) to `addr`, then
+/// one more body byte every 20 ms: a body that keeps moving but would take
+/// 20 s. Reads until the gateway closes the connection and returns what it
+/// answered and how long that took; panics if the connection stays open
+/// for 5 s.
+pub async fn trickle_body(addr: SocketAddr, head: &str) -> (Vec<u8>, Duration) {
+    let conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut read, mut write) = conn.into_split();
+    write.write_all(head.as_bytes()).await.unwrap();
+    let trickle = tokio::spawn(async move {
+        while write.write_all(b" ").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), read.read_to_end(&mut answer))
+        .await
+        .expect("the connection stayed open while the body trickled")
+        .unwrap();
+    trickle.abort();
+    (answer, started.elapsed())
 }
