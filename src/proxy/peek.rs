@@ -152,74 +152,63 @@ mod tests {
         assert_eq!(responses_api.estimated_tokens(4), 8);
     }
 
+    /// Checks the model read from each path when the body names none, and
+    /// that a model the body names wins over the path.
+    fn check_path_models(body: &[u8], cases: &[(&str, Option<&str>)]) {
+        let h = json_headers();
+        for (path, model) in cases {
+            let peek = peek_request(&h, path, body);
+            assert_eq!(peek.model.as_deref(), *model, "{path}");
+            let named = peek_request(&h, path, br#"{"model":"from-body"}"#);
+            assert_eq!(named.model.as_deref(), Some("from-body"), "{path}");
+        }
+    }
+
     #[test]
     fn azure_names_the_deployment_in_the_path() {
-        let h = json_headers();
-        let body = br#"{"messages":[{"role":"user","content":"hi"}]}"#;
-        for (path, model) in [
-            (
-                "/azure/openai/deployments/gpt4o-prod/chat/completions",
-                Some("gpt4o-prod"),
-            ),
-            ("/openai/deployments/emb.v3_1/embeddings", Some("emb.v3_1")),
-            ("/openai/deployments/gpt4o-prod", None),
-            ("/openai/deployments", None),
-            ("/openai/deployments/a%22b/chat/completions", None),
-            ("/openai/deployments//chat/completions", None),
-        ] {
-            assert_eq!(
-                peek_request(&h, path, body).model.as_deref(),
-                model,
-                "{path}"
-            );
-        }
-        let named = peek_request(
-            &h,
-            "/openai/deployments/gpt4o-prod/chat/completions",
-            br#"{"model":"from-body"}"#,
+        check_path_models(
+            br#"{"messages":[{"role":"user","content":"hi"}]}"#,
+            &[
+                (
+                    "/azure/openai/deployments/gpt4o-prod/chat/completions",
+                    Some("gpt4o-prod"),
+                ),
+                ("/openai/deployments/emb.v3_1/embeddings", Some("emb.v3_1")),
+                ("/openai/deployments/gpt4o-prod", None),
+                ("/openai/deployments", None),
+                ("/openai/deployments/a%22b/chat/completions", None),
+                ("/openai/deployments//chat/completions", None),
+            ],
         );
-        assert_eq!(named.model.as_deref(), Some("from-body"));
     }
 
     #[test]
     fn gemini_names_the_model_in_the_path() {
-        let h = json_headers();
-        let body = br#"{"contents":[{"parts":[{"text":"hi"}]}]}"#;
-        for (path, model) in [
-            (
-                "/gemini/v1beta/models/gemini-1.5-pro:generateContent",
-                Some("gemini-1.5-pro"),
-            ),
-            (
-                "/v1beta/models/gemini-2.0-flash:streamGenerateContent",
-                Some("gemini-2.0-flash"),
-            ),
-            (
-                "/v1/projects/p/locations/us/publishers/google/models/gemini-1.5-flash-002:generateContent",
-                Some("gemini-1.5-flash-002"),
-            ),
-            (
-                "/v1beta/tunedModels/my-tuned_1:generateContent",
-                Some("my-tuned_1"),
-            ),
-            ("/v1beta/models/gemini-1.5-pro", None),
-            ("/v1beta/models/:generateContent", None),
-            ("/v1beta/models/a%22b:generateContent", None),
-            ("/v1beta/files/abc:download", None),
-        ] {
-            assert_eq!(
-                peek_request(&h, path, body).model.as_deref(),
-                model,
-                "{path}"
-            );
-        }
-        // A model in the body wins.
-        let named = peek_request(
-            &h,
-            "/v1beta/models/gemini-1.5-pro:generateContent",
-            br#"{"model":"from-body"}"#,
+        check_path_models(
+            br#"{"contents":[{"parts":[{"text":"hi"}]}]}"#,
+            &[
+                (
+                    "/gemini/v1beta/models/gemini-1.5-pro:generateContent",
+                    Some("gemini-1.5-pro"),
+                ),
+                (
+                    "/v1beta/models/gemini-2.0-flash:streamGenerateContent",
+                    Some("gemini-2.0-flash"),
+                ),
+                (
+                    "/v1/projects/p/locations/us/publishers/google/models/gemini-1.5-flash-002:generateContent",
+                    Some("gemini-1.5-flash-002"),
+                ),
+                (
+                    "/v1beta/tunedModels/my-tuned_1:generateContent",
+                    Some("my-tuned_1"),
+                ),
+                ("/v1beta/models/gemini-1.5-pro", None),
+                ("/v1beta/models/:generateContent", None),
+                ("/v1beta/models/a%22b:generateContent", None),
+                ("/v1beta/files/abc:download", None),
+            ],
         );
-        assert_eq!(named.model.as_deref(), Some("from-body"));
         // A body-less request still has its path read.
         let get = peek_request(
             &HeaderMap::new(),
