@@ -3,7 +3,9 @@
 # upstream and against nginx as a plain reverse proxy, in one run, in
 # alternation, several rounds. Prints requests/s, p50 and p99 for each, and
 # keyrouter's ratios; then streaming time-to-first-byte (direct vs keyrouter)
-# and keyrouter's peak RSS with KEYS registered keys.
+# and keyrouter's peak RSS with KEYS registered keys. Each run also reports
+# the CPU time (user + system) the serving process spent per request: the
+# mock's for direct, the proxy's own (mock excluded) for nginx and keyrouter.
 #
 # On a machine with 2+ cores the load generator runs on CPU 0 and the servers
 # (mock upstream, nginx or keyrouter) share CPU 1, as in the reference
@@ -43,7 +45,8 @@ wait_http() { for _ in $(seq 1 100); do curl -fs -o /dev/null "$1" && return 0; 
 
 # --- mock upstream -----------------------------------------------------------
 $SRVCPU "$BIN/keyrouter-mock-upstream" "127.0.0.1:$UP_PORT" &
-PIDS+=($!)
+UP_PID=$!
+PIDS+=($UP_PID)
 wait_http "http://127.0.0.1:$UP_PORT/v1/models"
 
 # --- keyrouter -----------------------------------------------------------------
@@ -91,7 +94,8 @@ if [ -n "$NGINX" ]; then
   USER_LINE=""; [ "$(id -u)" = 0 ] && USER_LINE="user root;"
   { echo "$USER_LINE"; sed -e "s#@DIR@#$WORK#g" -e "s#@NGINX_PORT@#$NG_PORT#g" -e "s#@UPSTREAM_PORT@#$UP_PORT#g" benches/load/nginx.conf; } > "$WORK/nginx.conf"
   $SRVCPU "$NGINX" -p "$WORK" -c "$WORK/nginx.conf" &
-  PIDS+=($!)
+  NG_PID=$!
+  PIDS+=($NG_PID)
   wait_http "http://127.0.0.1:$NG_PORT/v1/models"
   TARGETS="direct nginx keyrouter"
 else
@@ -107,6 +111,17 @@ url_of() {
   esac
 }
 
+# The processes serving a target, and their CPU time so far in clock ticks.
+pids_of() {
+  case $1 in
+    direct) echo "$UP_PID" ;;
+    nginx) pgrep -P "$NG_PID" ;;   # the workers
+    keyrouter) echo "$KR_PID" ;;
+  esac
+}
+cpu_ticks() { for p in $(pids_of "$1"); do awk '{print $14 + $15}' "/proc/$p/stat"; done | awk '{t += $1} END {print t + 0}'; }
+TICKS_PER_S=$(getconf CLK_TCK)
+
 # wrk's latency figures in milliseconds.
 to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms$/,"",v)} else if (v ~ /s$/) {sub(/s$/,"",v); v*=1000}; printf "%.3f", v}'; }
 
@@ -116,13 +131,17 @@ echo "warming up..."
 for t in $TARGETS; do $LOADCPU wrk -t1 -c"$CONNS" -d2s -s benches/load/chat.lua "$(url_of "$t")" >/dev/null; done
 for r in $(seq 1 "$ROUNDS"); do
   for t in $TARGETS; do
+    ticks=$(cpu_ticks "$t")
     out=$($LOADCPU wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s benches/load/chat.lua "$(url_of "$t")")
+    ticks=$(( $(cpu_ticks "$t") - ticks ))
+    requests=$(echo "$out" | awk '/requests in/ {print $1}')
+    cpu=$(awk -v t="$ticks" -v hz="$TICKS_PER_S" -v n="$requests" 'BEGIN {printf "%.1f", n ? t / hz / n * 1e6 : 0}')
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
     p50=$(echo "$out" | awk '$1=="50%" {print $2}' | to_ms)
     p99=$(echo "$out" | awk '$1=="99%" {print $2}' | to_ms)
     non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
-    echo "$t $rps $p50 $p99" >> "$RESULTS"
-    printf 'round %d %-9s %10.0f req/s  p50 %7.3f ms  p99 %7.3f ms %s\n' "$r" "$t" "$rps" "$p50" "$p99" "${non2xx:+ NON-2XX: $non2xx}"
+    echo "$t $rps $p50 $p99 $cpu" >> "$RESULTS"
+    printf 'round %d %-9s %10.0f req/s  p50 %7.3f ms  p99 %7.3f ms  cpu %5.1f us/req %s\n' "$r" "$t" "$rps" "$p50" "$p99" "$cpu" "${non2xx:+ NON-2XX: $non2xx}"
   done
 done
 
@@ -133,13 +152,15 @@ for t in $TARGETS; do
   rps=$(awk -v t="$t" '$1==t {print $2}' "$RESULTS" | median)
   p50=$(awk -v t="$t" '$1==t {print $3}' "$RESULTS" | median)
   p99=$(awk -v t="$t" '$1==t {print $4}' "$RESULTS" | median)
-  printf '  %-9s %10.0f req/s  p50 %7.3f ms  p99 %7.3f ms\n' "$t" "$rps" "$p50" "$p99"
-  eval "RPS_$t=$rps P99_$t=$p99"
+  cpu=$(awk -v t="$t" '$1==t {print $5}' "$RESULTS" | median)
+  printf '  %-9s %10.0f req/s  p50 %7.3f ms  p99 %7.3f ms  cpu %5.1f us/req\n' "$t" "$rps" "$p50" "$p99" "$cpu"
+  eval "RPS_$t=$rps P99_$t=$p99 CPU_$t=$cpu"
 done
 awk -v k="$RPS_keyrouter" -v d="$RPS_direct" 'BEGIN {printf "  keyrouter / direct: %.2fx requests/s\n", k/d}'
 if [ -n "${RPS_nginx:-}" ]; then
   awk -v k="$RPS_keyrouter" -v n="$RPS_nginx" -v kp="$P99_keyrouter" -v np="$P99_nginx" \
     'BEGIN {printf "  keyrouter / nginx:  %.2fx requests/s, p99 %+.3f ms (target: >= 0.90x, <= +1 ms)\n", k/n, kp-np}'
+  awk -v k="$CPU_keyrouter" -v n="$CPU_nginx" 'BEGIN {printf "  CPU per request:    keyrouter %.1f us, nginx %.1f us (%.2fx)\n", k, n, k/n}'
 fi
 
 # --- streaming time to first byte ---------------------------------------------
