@@ -8,6 +8,12 @@
 //! API, which applies its own change before it answers, so a key revoked
 //! through this replica is never chosen for a request that starts after the
 //! revoke returned.
+//!
+//! A reload publishes records read from the store some time before; a change
+//! applied meanwhile is newer than they are. Every change counts itself
+//! before it is published, and a reload whose read began before the latest
+//! change is dropped (the next one brings what it had), so a stale read never
+//! brings back a key revoked a moment ago.
 
 use super::{KeyEvent, KeyId, KeyRecord, KeyState, Limits, Vault};
 use crate::config::{ProviderConfig, ProviderKind};
@@ -18,7 +24,7 @@ use chrono::{DateTime, Utc};
 use http::HeaderValue;
 use prometheus::IntCounter;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// A usable key with its live counters.
@@ -90,6 +96,9 @@ impl ProviderKeys {
 /// Every provider's active keys.
 pub struct KeyPool {
     providers: HashMap<String, (ProviderKind, ArcSwap<ProviderKeys>)>,
+    /// Changes applied one by one ([`KeyPool::apply`], [`KeyPool::suspend`]),
+    /// counted before each is published.
+    changes: AtomicU64,
 }
 
 impl KeyPool {
@@ -99,7 +108,13 @@ impl KeyPool {
                 .iter()
                 .map(|p| (p.id.clone(), (p.kind, ArcSwap::default())))
                 .collect(),
+            changes: AtomicU64::new(0),
         }
+    }
+
+    /// Taken before reading the store for [`KeyPool::reload`].
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::SeqCst)
     }
 
     /// The provider's active keys now (one atomic load).
@@ -108,13 +123,18 @@ impl KeyPool {
     }
 
     /// Replaces every provider's lists with the keys among `records` (all
-    /// keys from the store). Entries whose revision did not change are kept
-    /// as they are.
-    pub fn reload(&self, records: &[KeyRecord], vault: &Vault) {
+    /// keys from the store, read after [`KeyPool::changes`] returned
+    /// `read_after`). Entries whose revision did not change are kept as they
+    /// are. Returns false, leaving newer lists in place, when a change was
+    /// applied since `read_after`: the records may predate it.
+    pub fn reload(&self, records: &[KeyRecord], vault: &Vault, read_after: u64) -> bool {
         for (provider_id, (kind, slot)) in &self.providers {
-            let current = slot.load();
+            let current = slot.load_full();
+            if self.changes() != read_after {
+                return false;
+            }
             let mine = || records.iter().filter(|r| &r.provider_id == provider_id);
-            slot.store(Arc::new(ProviderKeys {
+            let next = Arc::new(ProviderKeys {
                 keys: mine()
                     .filter_map(|r| entry(r, *kind, &current.keys, vault))
                     .collect(),
@@ -122,8 +142,14 @@ impl KeyPool {
                     .filter_map(|r| Some((r.id.clone(), r.status.cooldown_until()?)))
                     .collect(),
                 cursor: AtomicUsize::new(current.cursor.load(Ordering::Relaxed)),
-            }));
+            });
+            // A change published since `current` was loaded wins.
+            let previous = slot.compare_and_swap(&current, next);
+            if !Arc::ptr_eq(&previous, &current) {
+                return false;
+            }
         }
+        true
     }
 
     /// Applies one changed record at once (a management API write, a stored
@@ -132,6 +158,7 @@ impl KeyPool {
         let Some((kind, slot)) = self.providers.get(&record.provider_id) else {
             return;
         };
+        self.changes.fetch_add(1, Ordering::SeqCst);
         slot.rcu(|current| {
             let mut next = current.without(&record.id);
             if let Some(e) = entry(record, *kind, &current.keys, vault) {
@@ -151,6 +178,7 @@ impl KeyPool {
         let Some((_, slot)) = self.providers.get(provider_id) else {
             return;
         };
+        self.changes.fetch_add(1, Ordering::SeqCst);
         slot.rcu(|current| {
             let known = current.keys.iter().any(|k| &k.id == id)
                 || current.cooling.iter().any(|(k, _)| k == id);
@@ -218,4 +246,89 @@ pub fn credential_header(kind: ProviderKind, material: &Secret) -> Option<Header
     };
     value.set_sensitive(true);
     Some(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Policy;
+    use crate::keys::KeyStatus;
+    use std::collections::BTreeMap;
+
+    fn provider() -> ProviderConfig {
+        ProviderConfig {
+            id: "openai".into(),
+            kind: ProviderKind::OpenAi,
+            base_url: "https://api.openai.com".parse().unwrap(),
+            route_prefix: "/openai".into(),
+            default: true,
+            upstream_ca_path: None,
+            policy: Policy::LeastLoaded,
+            retry_budget: 2,
+            probe_interval: None,
+        }
+    }
+
+    fn record(n: u8, vault: &Vault) -> KeyRecord {
+        let now = Utc::now();
+        let material = Secret::new(format!("sk-pool-test-{n:04}-0123456789abcdef"));
+        KeyRecord {
+            id: KeyId::parse(&format!("key_pooltest{n:04}")).unwrap(),
+            provider_id: "openai".into(),
+            label: None,
+            status: KeyStatus::Active,
+            state_reason: None,
+            limits: Limits::default(),
+            weight: 1,
+            fingerprint: super::super::vault::fingerprint(&material),
+            metadata: BTreeMap::new(),
+            created_at: now,
+            updated_at: now,
+            state_changed_at: now,
+            revision: 1,
+            sealed: Some(vault.seal(&material)),
+            material_hash: Some(vault.material_hash(&material)),
+        }
+    }
+
+    fn ids(pool: &KeyPool) -> Vec<String> {
+        let keys = pool.snapshot("openai").unwrap();
+        keys.keys.iter().map(|k| k.id.as_str().to_owned()).collect()
+    }
+
+    #[test]
+    fn a_read_older_than_a_revoke_does_not_bring_the_key_back() {
+        let vault = Vault::new(&[Secret::new(Vault::generate_key())]).unwrap();
+        let pool = KeyPool::new(&[provider()]);
+        let (a, b) = (record(1, &vault), record(2, &vault));
+        assert!(pool.reload(&[a.clone(), b.clone()], &vault, pool.changes()));
+        assert_eq!(ids(&pool), ["key_pooltest0001", "key_pooltest0002"]);
+
+        // A reload reads the store; a revoke lands before it publishes.
+        let read_after = pool.changes();
+        let stale = [a.clone(), b.clone()];
+        let mut revoked = a.clone();
+        revoked.status = KeyStatus::Revoked;
+        revoked.revision = 2;
+        pool.apply(&revoked, &vault);
+        assert!(!pool.reload(&stale, &vault, read_after));
+        assert_eq!(ids(&pool), ["key_pooltest0002"]);
+
+        // A read made after the revoke is published.
+        let read_after = pool.changes();
+        assert!(pool.reload(&[revoked, b], &vault, read_after));
+        assert_eq!(ids(&pool), ["key_pooltest0002"]);
+    }
+
+    #[test]
+    fn a_read_older_than_a_suspension_does_not_undo_it() {
+        let vault = Vault::new(&[Secret::new(Vault::generate_key())]).unwrap();
+        let pool = KeyPool::new(&[provider()]);
+        let a = record(1, &vault);
+        assert!(pool.reload(std::slice::from_ref(&a), &vault, pool.changes()));
+        let read_after = pool.changes();
+        pool.suspend("openai", &a.id, KeyEvent::QuotaExhausted);
+        assert!(!pool.reload(&[a], &vault, read_after));
+        assert!(ids(&pool).is_empty());
+    }
 }
