@@ -1036,6 +1036,59 @@ async fn probes_bring_a_recovered_key_back_and_pace_themselves() {
     );
 }
 
+#[tokio::test]
+async fn a_key_that_fails_again_after_each_probe_is_probed_less_and_less_often() {
+    const RELAPSES: &str = "sk-router-probe-relapses-0ZZZZ";
+    const STEADY: &str = "sk-router-probe-steady-key-0VVVV";
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "probe_interval = \"300ms\"", "").await;
+    let relapses = register(&gw, RELAPSES, json!({})).await;
+    register(&gw, STEADY, json!({})).await;
+    // Its quota is gone, but the model list still answers: every probe
+    // brings it back, and the next request that picks it finds it empty.
+    mock.script(RELAPSES, Behaviour::InsufficientQuota);
+    let probes = || mock.requests_to(RELAPSES, &http::Method::GET, "/v1/models");
+    async fn traffic(gw: &TestGateway, until: Instant) {
+        while Instant::now() < until {
+            let a = chat(gw).await;
+            assert_eq!(a.status, 200, "{}", a.text);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let started = Instant::now();
+    traffic(&gw, started + Duration::from_secs(3)).await;
+    let first_half = probes();
+    traffic(&gw, started + Duration::from_secs(6)).await;
+    let second_half = probes() - first_half;
+    // At one probe per interval the key would be probed about ten times in
+    // each half; with the spacing doubling after each relapse (0.3 s,
+    // 0.6 s, 1.2 s, 2.4 s, ...) about three times in the first and once in
+    // the second.
+    assert!(
+        (2..=5).contains(&first_half),
+        "{first_half} probes in the first 3 s"
+    );
+    assert!(
+        second_half < first_half,
+        "{second_half} probes in the last 3 s after {first_half} in the first"
+    );
+    // Each probe that brought the key back shows in its history, and each
+    // relapse after it.
+    let history = transitions(&gw, &relapses).await;
+    let revivals = history
+        .iter()
+        .filter(|e| **e == router_event("exhausted", "active", "probe_succeeded"))
+        .count();
+    assert!(
+        revivals >= 2 && revivals <= first_half + second_half,
+        "{history:?}"
+    );
+    assert_eq!(
+        history[0],
+        router_event("active", "exhausted", "upstream_quota_exhausted")
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 11. Live usage
 

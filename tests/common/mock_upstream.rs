@@ -93,7 +93,8 @@ pub enum Behaviour {
     /// 401 whose message quotes the key's first eight and last four
     /// characters, as OpenAI's does ([`key_fragment`]).
     Unauthorized,
-    /// 429 with OpenAI's `insufficient_quota` error.
+    /// 429 with OpenAI's `insufficient_quota` error; the model list is
+    /// still answered, as OpenAI does for a key whose quota is gone.
     InsufficientQuota,
     /// 402 Payment Required.
     PaymentRequired,
@@ -466,6 +467,11 @@ async fn per_key(
                 "invalid_request_error",
                 "invalid_api_key",
             ),
+            Behaviour::InsufficientQuota
+                if parts.method == http::Method::GET && parts.uri.path().ends_with("/models") =>
+            {
+                None
+            }
             Behaviour::InsufficientQuota => error(
                 429,
                 "You exceeded your current quota, please check your plan and billing details.",
