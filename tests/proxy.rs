@@ -372,6 +372,12 @@ async fn each_provider_kind_gets_its_key_and_never_the_clients_credentials() {
     let mock = MockUpstream::start().await;
     let gw = gateway(&mock, "").await;
     credentials_are_swapped(&mock, &gw).await;
+    // The provider is addressed by its own name, not the gateway's.
+    let a = post_with(&gw, "/openai/v1/chat/completions", &chat("gpt-4o"), &[]).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let authority = mock.url.strip_prefix("http://").unwrap();
+    assert_eq!(mock.last().header("host"), Some(authority));
+    assert_eq!(mock.last().headers.get_all("host").iter().count(), 1);
 }
 
 #[tokio::test]
