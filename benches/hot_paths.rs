@@ -190,7 +190,7 @@ fn selection(c: &mut Criterion) {
     for n in [1usize, 10, 100] {
         let records: Vec<KeyRecord> = (0..n).map(|i| record(i, &vault)).collect();
         let pool = KeyPool::new(std::slice::from_ref(&provider));
-        assert!(pool.reload(&records, &vault, pool.changes()));
+        pool.reload(&records, &vault);
         for policy in [Policy::LeastLoaded, Policy::RoundRobin, Policy::Weighted] {
             g.bench_with_input(BenchmarkId::new(policy.as_str(), n), &n, |b, _| {
                 b.iter(|| {

@@ -80,20 +80,13 @@ impl App {
     /// replicas or processes).
     /// Cooldowns that ended are recorded as they are noticed here.
     pub async fn reload_pool(self: &Arc<Self>) -> Result<(), StoreError> {
-        // A read that a change overtook is read again; should changes keep
-        // landing, the next reload brings what this one could not.
-        for _ in 0..3 {
-            let read_after = self.pool.changes();
-            let records = self
-                .store
-                .all_keys()
-                .await
-                .map_err(|e| self.store_failed("all_keys", e))?;
-            if self.pool.reload(&records, &self.vault, read_after) {
-                Health::recover_cooled(self, &records);
-                break;
-            }
-        }
+        let records = self
+            .store
+            .all_keys()
+            .await
+            .map_err(|e| self.store_failed("all_keys", e))?;
+        self.pool.reload(&records, &self.vault);
+        Health::recover_cooled(self, &records);
         Ok(())
     }
 

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a transition keeps being retried while the store is unreachable.
-const PERSIST_GIVE_UP: Duration = Duration::from_secs(600);
+pub(crate) const PERSIST_GIVE_UP: Duration = Duration::from_secs(600);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 

@@ -10,10 +10,10 @@
 //! revoke returned.
 //!
 //! A reload publishes records read from the store some time before; a change
-//! applied meanwhile is newer than they are. Every change counts itself
-//! before it is published, and a reload whose read began before the latest
-//! change is dropped (the next one brings what it had), so a stale read never
-//! brings back a key revoked a moment ago.
+//! applied here meanwhile is newer than they are. Each such change marks its
+//! key with the revision it stands for, and a reload keeps the pool's entry
+//! for a marked key until the store shows that revision, so a stale read
+//! never brings back a key revoked (or refused by its provider) a moment ago.
 
 use super::{KeyEvent, KeyId, KeyRecord, KeyState, Limits, Vault};
 use crate::config::{ProviderConfig, ProviderKind};
@@ -24,8 +24,9 @@ use chrono::{DateTime, Utc};
 use http::HeaderValue;
 use prometheus::IntCounter;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 /// A usable key with its live counters.
 pub struct PoolKey {
@@ -96,10 +97,24 @@ impl ProviderKeys {
 /// Every provider's active keys.
 pub struct KeyPool {
     providers: HashMap<String, (ProviderKind, ArcSwap<ProviderKeys>)>,
-    /// Changes applied one by one ([`KeyPool::apply`], [`KeyPool::suspend`]),
-    /// counted before each is published.
-    changes: AtomicU64,
+    /// Keys changed one by one ([`KeyPool::apply`], [`KeyPool::suspend`])
+    /// ahead of what a reload may have read: the oldest revision of each
+    /// that a reload may publish. Writers take this lock for the whole
+    /// change, so a reload never publishes over a change it did not see.
+    ahead: Mutex<HashMap<KeyId, Ahead>>,
 }
+
+#[derive(Clone, Copy)]
+struct Ahead {
+    min_revision: i64,
+    /// After this the store's view wins again: a transition that could not
+    /// be stored for this long was given up.
+    until: Instant,
+}
+
+/// How long a change made here outranks the store's records of the key:
+/// as long as a stored transition is retried.
+const AHEAD_FOR: Duration = crate::health::PERSIST_GIVE_UP;
 
 impl KeyPool {
     pub fn new(providers: &[ProviderConfig]) -> Self {
@@ -108,13 +123,8 @@ impl KeyPool {
                 .iter()
                 .map(|p| (p.id.clone(), (p.kind, ArcSwap::default())))
                 .collect(),
-            changes: AtomicU64::new(0),
+            ahead: Mutex::default(),
         }
-    }
-
-    /// Taken before reading the store for [`KeyPool::reload`].
-    pub fn changes(&self) -> u64 {
-        self.changes.load(Ordering::SeqCst)
     }
 
     /// The provider's active keys now (one atomic load).
@@ -122,34 +132,58 @@ impl KeyPool {
         self.providers.get(provider_id).map(|(_, k)| k.load_full())
     }
 
+    fn ahead(&self) -> MutexGuard<'_, HashMap<KeyId, Ahead>> {
+        self.ahead.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Replaces every provider's lists with the keys among `records` (all
-    /// keys from the store, read after [`KeyPool::changes`] returned
-    /// `read_after`). Entries whose revision did not change are kept as they
-    /// are. Returns false, leaving newer lists in place, when a change was
-    /// applied since `read_after`: the records may predate it.
-    pub fn reload(&self, records: &[KeyRecord], vault: &Vault, read_after: u64) -> bool {
+    /// keys from the store), except for keys changed here since: their
+    /// records may predate the change (read before it was stored, or before
+    /// the provider's refusal was), so their entries stay as they are until
+    /// the store has caught up. Entries whose revision did not change are
+    /// kept as they are.
+    pub fn reload(&self, records: &[KeyRecord], vault: &Vault) {
+        let mut ahead = self.ahead();
+        let now = Instant::now();
+        ahead.retain(|id, a| {
+            let caught_up = records
+                .iter()
+                .any(|r| &r.id == id && r.revision >= a.min_revision);
+            !caught_up && a.until > now
+        });
         for (provider_id, (kind, slot)) in &self.providers {
-            let current = slot.load_full();
-            if self.changes() != read_after {
-                return false;
-            }
-            let mine = || records.iter().filter(|r| &r.provider_id == provider_id);
-            let next = Arc::new(ProviderKeys {
-                keys: mine()
-                    .filter_map(|r| entry(r, *kind, &current.keys, vault))
-                    .collect(),
-                cooling: mine()
-                    .filter_map(|r| Some((r.id.clone(), r.status.cooldown_until()?)))
-                    .collect(),
+            let current = slot.load();
+            let fresh = || {
+                records
+                    .iter()
+                    .filter(|r| &r.provider_id == provider_id && !ahead.contains_key(&r.id))
+            };
+            let keys = fresh()
+                .filter_map(|r| entry(r, *kind, &current.keys, vault))
+                .chain(
+                    current
+                        .keys
+                        .iter()
+                        .filter(|k| ahead.contains_key(&k.id))
+                        .cloned(),
+                )
+                .collect();
+            let cooling = fresh()
+                .filter_map(|r| Some((r.id.clone(), r.status.cooldown_until()?)))
+                .chain(
+                    current
+                        .cooling
+                        .iter()
+                        .filter(|(id, _)| ahead.contains_key(id))
+                        .cloned(),
+                )
+                .collect();
+            slot.store(Arc::new(ProviderKeys {
+                keys,
+                cooling,
                 cursor: AtomicUsize::new(current.cursor.load(Ordering::Relaxed)),
-            });
-            // A change published since `current` was loaded wins.
-            let previous = slot.compare_and_swap(&current, next);
-            if !Arc::ptr_eq(&previous, &current) {
-                return false;
-            }
+            }));
         }
-        true
     }
 
     /// Applies one changed record at once (a management API write, a stored
@@ -158,7 +192,8 @@ impl KeyPool {
         let Some((kind, slot)) = self.providers.get(&record.provider_id) else {
             return;
         };
-        self.changes.fetch_add(1, Ordering::SeqCst);
+        let mut ahead = self.ahead();
+        mark_ahead(&mut ahead, &record.id, record.revision);
         slot.rcu(|current| {
             let mut next = current.without(&record.id);
             if let Some(e) = entry(record, *kind, &current.keys, vault) {
@@ -178,7 +213,12 @@ impl KeyPool {
         let Some((_, slot)) = self.providers.get(provider_id) else {
             return;
         };
-        self.changes.fetch_add(1, Ordering::SeqCst);
+        let mut ahead = self.ahead();
+        // The records a reload may hold still show the key usable, at the
+        // revision it was chosen at; the transition will be a later one.
+        if let Some(k) = slot.load().keys.iter().find(|k| &k.id == id) {
+            mark_ahead(&mut ahead, id, k.revision + 1);
+        }
         slot.rcu(|current| {
             let known = current.keys.iter().any(|k| &k.id == id)
                 || current.cooling.iter().any(|(k, _)| k == id);
@@ -189,6 +229,21 @@ impl KeyPool {
             next
         });
     }
+}
+
+/// Records that `id`'s records older than `min_revision` are stale here.
+fn mark_ahead(ahead: &mut HashMap<KeyId, Ahead>, id: &KeyId, min_revision: i64) {
+    let until = Instant::now() + AHEAD_FOR;
+    ahead
+        .entry(id.clone())
+        .and_modify(|a| {
+            a.min_revision = a.min_revision.max(min_revision);
+            a.until = until;
+        })
+        .or_insert(Ahead {
+            min_revision,
+            until,
+        });
 }
 
 /// The pool entry for a record, if the key is active and its material opens.
@@ -297,38 +352,53 @@ mod tests {
     }
 
     #[test]
-    fn a_read_older_than_a_revoke_does_not_bring_the_key_back() {
+    fn a_read_older_than_a_change_made_here_does_not_undo_it() {
         let vault = Vault::new(&[Secret::new(Vault::generate_key())]).unwrap();
         let pool = KeyPool::new(&[provider()]);
-        let (a, b) = (record(1, &vault), record(2, &vault));
-        assert!(pool.reload(&[a.clone(), b.clone()], &vault, pool.changes()));
+        let (a, b, c) = (record(1, &vault), record(2, &vault), record(3, &vault));
+        pool.reload(&[a.clone(), b.clone()], &vault);
         assert_eq!(ids(&pool), ["key_pooltest0001", "key_pooltest0002"]);
 
-        // A reload reads the store; a revoke lands before it publishes.
-        let read_after = pool.changes();
+        // A reload reads the store; meanwhile `a` is revoked and `c`
+        // registered here. The stale read brings neither change back.
         let stale = [a.clone(), b.clone()];
         let mut revoked = a.clone();
         revoked.status = KeyStatus::Revoked;
         revoked.revision = 2;
         pool.apply(&revoked, &vault);
-        assert!(!pool.reload(&stale, &vault, read_after));
-        assert_eq!(ids(&pool), ["key_pooltest0002"]);
+        pool.apply(&c, &vault);
+        pool.reload(&stale, &vault);
+        assert_eq!(ids(&pool), ["key_pooltest0002", "key_pooltest0003"]);
 
-        // A read made after the revoke is published.
-        let read_after = pool.changes();
-        assert!(pool.reload(&[revoked, b], &vault, read_after));
-        assert_eq!(ids(&pool), ["key_pooltest0002"]);
+        // Once the store has caught up, its records rule again: `b`, revoked
+        // through another replica, leaves with the next reload.
+        let mut b_elsewhere = b.clone();
+        b_elsewhere.status = KeyStatus::Revoked;
+        b_elsewhere.revision = 2;
+        pool.reload(&[revoked, b_elsewhere, c], &vault);
+        assert_eq!(ids(&pool), ["key_pooltest0003"]);
+        assert!(pool.ahead().is_empty());
     }
 
     #[test]
-    fn a_read_older_than_a_suspension_does_not_undo_it() {
+    fn a_read_older_than_a_refusal_keeps_the_key_out_until_the_store_moves_on() {
         let vault = Vault::new(&[Secret::new(Vault::generate_key())]).unwrap();
         let pool = KeyPool::new(&[provider()]);
         let a = record(1, &vault);
-        assert!(pool.reload(std::slice::from_ref(&a), &vault, pool.changes()));
-        let read_after = pool.changes();
+        pool.reload(std::slice::from_ref(&a), &vault);
         pool.suspend("openai", &a.id, KeyEvent::QuotaExhausted);
-        assert!(!pool.reload(&[a], &vault, read_after));
+        // The transition is not stored yet: the store still says active.
+        pool.reload(std::slice::from_ref(&a), &vault);
         assert!(ids(&pool).is_empty());
+        // Stored, then reactivated through another replica.
+        let mut exhausted = a.clone();
+        exhausted.status = KeyStatus::Exhausted;
+        exhausted.revision = 2;
+        pool.reload(&[exhausted], &vault);
+        assert!(ids(&pool).is_empty());
+        let mut reactivated = a.clone();
+        reactivated.revision = 3;
+        pool.reload(&[reactivated], &vault);
+        assert_eq!(ids(&pool), ["key_pooltest0001"]);
     }
 }
