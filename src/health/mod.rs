@@ -163,18 +163,21 @@ impl Health {
 
 /// Reads the key, applies the transition and writes it with its audit event;
 /// retries on concurrent writes and, with backoff, while the store is down.
+/// When nothing is stored, the pool stops holding the key out on the strength
+/// of a refusal whose transition will not come.
 async fn persist(app: &Arc<App>, id: &KeyId, event: KeyEvent) {
     let started = tokio::time::Instant::now();
     let mut backoff = MIN_BACKOFF;
     loop {
         match try_persist(app, id, event).await {
-            Ok(()) => return,
+            Ok(Stored::Yes) => return,
+            Ok(Stored::Nothing) => return app.pool.settled(id),
             Err(StoreError::Stale) => continue,
             Err(e) => {
                 let e = app.store_failed("update_key", e);
                 if started.elapsed() > PERSIST_GIVE_UP {
                     tracing::error!(key_id = %id, error = %e, "key transition could not be stored; giving up");
-                    return;
+                    return app.pool.settled(id);
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -183,19 +186,25 @@ async fn persist(app: &Arc<App>, id: &KeyId, event: KeyEvent) {
     }
 }
 
-async fn try_persist(app: &Arc<App>, id: &KeyId, event: KeyEvent) -> Result<(), StoreError> {
+/// Whether a transition was written.
+enum Stored {
+    Yes,
+    Nothing,
+}
+
+async fn try_persist(app: &Arc<App>, id: &KeyId, event: KeyEvent) -> Result<Stored, StoreError> {
     let Some(current) = app.store.get_key(id).await? else {
-        return Ok(());
+        return Ok(Stored::Nothing);
     };
     let Ok(next_status) = transition(current.status, event) else {
         // Already moved on (another replica, an operator): nothing to do.
-        return Ok(());
+        return Ok(Stored::Nothing);
     };
     let (from, to) = (current.status.state(), next_status.state());
     if from == to {
         // A second 429 for a key that is already resting: the first
         // cooldown stands, and no transition happened.
-        return Ok(());
+        return Ok(Stored::Nothing);
     }
     let audit = AuditEvent::new(EventKind::KeyStateChanged, Actor::Router, id.as_str())
         .transition(from, to)
@@ -217,5 +226,5 @@ async fn try_persist(app: &Arc<App>, id: &KeyId, event: KeyEvent) -> Result<(), 
     );
     app.pool.apply(&next, &app.vault);
     let _ = app.refresh_key_gauges().await;
-    Ok(())
+    Ok(Stored::Yes)
 }

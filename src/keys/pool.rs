@@ -10,10 +10,12 @@
 //! revoke returned.
 //!
 //! A reload publishes records read from the store some time before; a change
-//! applied here meanwhile is newer than they are. Each such change marks its
-//! key with the revision it stands for, and a reload keeps the pool's entry
-//! for a marked key until the store shows that revision, so a stale read
-//! never brings back a key revoked (or refused by its provider) a moment ago.
+//! applied here meanwhile is newer than they are. Each such change notes the
+//! revision it stands for (a provider's refusal: that its transition is yet
+//! to be stored), and a reload keeps the pool's entry for such a key until
+//! the store shows that revision, so a stale read does not bring back a key
+//! revoked or refused a moment ago. (Should a transition never be stored,
+//! the store's view wins again after the ten minutes it is retried for.)
 
 use super::{KeyEvent, KeyId, KeyRecord, KeyState, Limits, Vault};
 use crate::config::{ProviderConfig, ProviderKind};
@@ -97,18 +99,22 @@ impl ProviderKeys {
 /// Every provider's active keys.
 pub struct KeyPool {
     providers: HashMap<String, (ProviderKind, ArcSwap<ProviderKeys>)>,
-    /// Keys changed one by one ([`KeyPool::apply`], [`KeyPool::suspend`])
-    /// ahead of what a reload may have read: the oldest revision of each
-    /// that a reload may publish. Writers take this lock for the whole
-    /// change, so a reload never publishes over a change it did not see.
+    /// Keys changed here one by one ([`KeyPool::apply`],
+    /// [`KeyPool::suspend`]), possibly ahead of what a reload read. Writers
+    /// hold this lock while they publish, so a reload never publishes over a
+    /// change it did not take into account.
     ahead: Mutex<HashMap<KeyId, Ahead>>,
 }
 
 #[derive(Clone, Copy)]
 struct Ahead {
-    min_revision: i64,
-    /// After this the store's view wins again: a transition that could not
-    /// be stored for this long was given up.
+    /// The revision this replica last applied: older records are stale.
+    revision: i64,
+    /// A provider refused the key and its transition is not stored yet:
+    /// every record read so far is stale.
+    pending: bool,
+    /// After this the store's view wins again (a transition is given up
+    /// after as long).
     until: Instant,
 }
 
@@ -137,44 +143,53 @@ impl KeyPool {
     }
 
     /// Replaces every provider's lists with the keys among `records` (all
-    /// keys from the store), except for keys changed here since: their
-    /// records may predate the change (read before it was stored, or before
-    /// the provider's refusal was), so their entries stay as they are until
-    /// the store has caught up. Entries whose revision did not change are
-    /// kept as they are.
+    /// keys from the store), except where this replica is ahead of them: a
+    /// key changed here since the read, or refused by its provider with the
+    /// transition not stored yet, keeps the entry it has until the store
+    /// catches up. Entries whose revision did not change are kept as they
+    /// are.
     pub fn reload(&self, records: &[KeyRecord], vault: &Vault) {
+        // Changed keys are decrypted before the lock is taken: a request
+        // that suspends a key never waits for that.
+        type Built<'r> = Vec<(&'r KeyRecord, Option<Arc<PoolKey>>)>;
+        let built: Vec<(&ArcSwap<ProviderKeys>, Built)> = self
+            .providers
+            .iter()
+            .map(|(provider_id, (kind, slot))| {
+                let current = slot.load();
+                let mine = records
+                    .iter()
+                    .filter(|r| &r.provider_id == provider_id)
+                    .map(|r| (r, entry(r, *kind, &current.keys, vault)))
+                    .collect();
+                (slot, mine)
+            })
+            .collect();
+        let by_id: HashMap<&KeyId, &KeyRecord> = records.iter().map(|r| (&r.id, r)).collect();
+
         let mut ahead = self.ahead();
         let now = Instant::now();
-        ahead.retain(|id, a| {
-            let caught_up = records
-                .iter()
-                .any(|r| &r.id == id && r.revision >= a.min_revision);
-            !caught_up && a.until > now
-        });
-        for (provider_id, (kind, slot)) in &self.providers {
+        ahead.retain(|_, a| a.until > now);
+        // Whether this replica holds something newer for `id` than the read.
+        let is_ahead = |id: &KeyId| {
+            ahead
+                .get(id)
+                .is_some_and(|a| a.pending || by_id.get(id).is_none_or(|r| r.revision < a.revision))
+        };
+        for (slot, mine) in built {
             let current = slot.load();
-            let fresh = || {
-                records
-                    .iter()
-                    .filter(|r| &r.provider_id == provider_id && !ahead.contains_key(&r.id))
-            };
+            let fresh = || mine.iter().filter(|(r, _)| !is_ahead(&r.id));
             let keys = fresh()
-                .filter_map(|r| entry(r, *kind, &current.keys, vault))
-                .chain(
-                    current
-                        .keys
-                        .iter()
-                        .filter(|k| ahead.contains_key(&k.id))
-                        .cloned(),
-                )
+                .filter_map(|(_, e)| e.clone())
+                .chain(current.keys.iter().filter(|k| is_ahead(&k.id)).cloned())
                 .collect();
             let cooling = fresh()
-                .filter_map(|r| Some((r.id.clone(), r.status.cooldown_until()?)))
+                .filter_map(|(r, _)| Some((r.id.clone(), r.status.cooldown_until()?)))
                 .chain(
                     current
                         .cooling
                         .iter()
-                        .filter(|(id, _)| ahead.contains_key(id))
+                        .filter(|(id, _)| is_ahead(id))
                         .cloned(),
                 )
                 .collect();
@@ -187,13 +202,27 @@ impl KeyPool {
     }
 
     /// Applies one changed record at once (a management API write, a stored
-    /// transition).
+    /// transition). A record older than one applied already (a write that
+    /// was overtaken on its way here) changes nothing.
     pub fn apply(&self, record: &KeyRecord, vault: &Vault) {
         let Some((kind, slot)) = self.providers.get(&record.provider_id) else {
             return;
         };
         let mut ahead = self.ahead();
-        mark_ahead(&mut ahead, &record.id, record.revision);
+        if ahead
+            .get(&record.id)
+            .is_some_and(|a| record.revision < a.revision)
+        {
+            return;
+        }
+        ahead.insert(
+            record.id.clone(),
+            Ahead {
+                revision: record.revision,
+                pending: false,
+                until: Instant::now() + AHEAD_FOR,
+            },
+        );
         slot.rcu(|current| {
             let mut next = current.without(&record.id);
             if let Some(e) = entry(record, *kind, &current.keys, vault) {
@@ -209,16 +238,25 @@ impl KeyPool {
     /// Stops choosing a key that a provider just refused, before the
     /// transition is stored (a rate-limited key joins the cooling list). A
     /// key that is no longer in the pool (revoked meanwhile) stays out.
+    /// Reloads keep it out until the stored transition is applied, or
+    /// [`KeyPool::settled`] says none will be.
     pub fn suspend(&self, provider_id: &str, id: &KeyId, event: KeyEvent) {
         let Some((_, slot)) = self.providers.get(provider_id) else {
             return;
         };
         let mut ahead = self.ahead();
-        // The records a reload may hold still show the key usable, at the
-        // revision it was chosen at; the transition will be a later one.
-        if let Some(k) = slot.load().keys.iter().find(|k| &k.id == id) {
-            mark_ahead(&mut ahead, id, k.revision + 1);
-        }
+        let until = Instant::now() + AHEAD_FOR;
+        ahead
+            .entry(id.clone())
+            .and_modify(|a| {
+                a.pending = true;
+                a.until = until;
+            })
+            .or_insert(Ahead {
+                revision: 0,
+                pending: true,
+                until,
+            });
         slot.rcu(|current| {
             let known = current.keys.iter().any(|k| &k.id == id)
                 || current.cooling.iter().any(|(k, _)| k == id);
@@ -229,21 +267,14 @@ impl KeyPool {
             next
         });
     }
-}
 
-/// Records that `id`'s records older than `min_revision` are stale here.
-fn mark_ahead(ahead: &mut HashMap<KeyId, Ahead>, id: &KeyId, min_revision: i64) {
-    let until = Instant::now() + AHEAD_FOR;
-    ahead
-        .entry(id.clone())
-        .and_modify(|a| {
-            a.min_revision = a.min_revision.max(min_revision);
-            a.until = until;
-        })
-        .or_insert(Ahead {
-            min_revision,
-            until,
-        });
+    /// A refusal's transition was not stored (the key had moved on, or the
+    /// store stayed unreachable): the store's view of the key rules again.
+    pub fn settled(&self, id: &KeyId) {
+        if let Some(a) = self.ahead().get_mut(id) {
+            a.pending = false;
+        }
+    }
 }
 
 /// The pool entry for a record, if the key is active and its material opens.
@@ -375,30 +406,57 @@ mod tests {
         let mut b_elsewhere = b.clone();
         b_elsewhere.status = KeyStatus::Revoked;
         b_elsewhere.revision = 2;
-        pool.reload(&[revoked, b_elsewhere, c], &vault);
+        pool.reload(&[revoked.clone(), b_elsewhere, c], &vault);
         assert_eq!(ids(&pool), ["key_pooltest0003"]);
-        assert!(pool.ahead().is_empty());
+
+        // A write overtaken on its way here (a transition stored before the
+        // revoke, applied after it) changes nothing.
+        let mut overtaken = revoked;
+        overtaken.status = KeyStatus::Active;
+        overtaken.revision = 1;
+        pool.apply(&overtaken, &vault);
+        assert_eq!(ids(&pool), ["key_pooltest0003"]);
     }
 
     #[test]
-    fn a_read_older_than_a_refusal_keeps_the_key_out_until_the_store_moves_on() {
+    fn a_refused_key_stays_out_until_its_transition_is_stored() {
         let vault = Vault::new(&[Secret::new(Vault::generate_key())]).unwrap();
         let pool = KeyPool::new(&[provider()]);
         let a = record(1, &vault);
         pool.reload(std::slice::from_ref(&a), &vault);
         pool.suspend("openai", &a.id, KeyEvent::QuotaExhausted);
-        // The transition is not stored yet: the store still says active.
+        // The store still says active, even at a later revision (a label
+        // changed through another replica).
         pool.reload(std::slice::from_ref(&a), &vault);
+        let mut relabelled = a.clone();
+        relabelled.revision = 2;
+        pool.reload(std::slice::from_ref(&relabelled), &vault);
         assert!(ids(&pool).is_empty());
-        // Stored, then reactivated through another replica.
-        let mut exhausted = a.clone();
+        // The transition is stored and applied; later the key is
+        // reactivated through another replica.
+        let mut exhausted = relabelled.clone();
         exhausted.status = KeyStatus::Exhausted;
-        exhausted.revision = 2;
+        exhausted.revision = 3;
+        pool.apply(&exhausted, &vault);
         pool.reload(&[exhausted], &vault);
         assert!(ids(&pool).is_empty());
         let mut reactivated = a.clone();
-        reactivated.revision = 3;
+        reactivated.revision = 4;
         pool.reload(&[reactivated], &vault);
+        assert_eq!(ids(&pool), ["key_pooltest0001"]);
+    }
+
+    #[test]
+    fn a_refusal_that_stores_nothing_lets_the_store_rule_again() {
+        let vault = Vault::new(&[Secret::new(Vault::generate_key())]).unwrap();
+        let pool = KeyPool::new(&[provider()]);
+        let a = record(1, &vault);
+        pool.reload(std::slice::from_ref(&a), &vault);
+        pool.suspend("openai", &a.id, KeyEvent::Rejected);
+        pool.reload(std::slice::from_ref(&a), &vault);
+        assert!(ids(&pool).is_empty());
+        pool.settled(&a.id);
+        pool.reload(std::slice::from_ref(&a), &vault);
         assert_eq!(ids(&pool), ["key_pooltest0001"]);
     }
 }
