@@ -8,19 +8,19 @@
 //! twice within one interval, whatever the timing of the passes. A cheap
 //! request can succeed for a key that still cannot serve (OpenAI lists
 //! models for a key whose quota is gone): such a key comes back, fails its
-//! next request the same way, and is probed back again. Each such relapse
-//! doubles the spacing of that key's probes, up to [`MAX_SPACING`]
-//! intervals, so a key that cannot serve stops flapping (and filling the
-//! audit log) at every interval; a key that stays healthy for that long
-//! starts afresh.
+//! next request, and is probed back again. Each such relapse doubles the
+//! spacing of that key's probes, up to [`MAX_SPACING`] intervals, so a key
+//! that cannot serve stops flapping (and filling the audit log) at every
+//! interval; a key that stays healthy for that long starts afresh.
 
 use super::Health;
 use crate::app::App;
 use crate::config::{ProviderConfig, ProviderKind};
 use crate::keys::pool::credential_header;
-use crate::keys::{KeyEvent, KeyId, KeyState};
+use crate::keys::{KeyEvent, KeyId, KeyRecord, KeyState};
 use crate::proxy::upstream::Upstream;
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use http::{HeaderMap, Method, Uri};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -46,58 +46,30 @@ pub async fn run(
     let mut schedule = Schedule::new(interval);
     loop {
         let pass_start = Instant::now();
-        let candidates = match app.store.all_keys().await {
-            Ok(records) => records
-                .into_iter()
-                .filter(|r| r.provider_id == provider.id && r.sealed.is_some())
-                .filter(|r| matches!(r.status.state(), KeyState::Exhausted | KeyState::Invalid))
-                .collect(),
+        match app.store.all_keys().await {
+            Ok(records) => {
+                let candidates: Vec<KeyRecord> = records
+                    .into_iter()
+                    .filter(|r| r.provider_id == provider.id && r.sealed.is_some())
+                    .filter(|r| matches!(r.status.state(), KeyState::Exhausted | KeyState::Invalid))
+                    .collect();
+                schedule.new_pass(&candidates, Instant::now());
+                if !probe_pass(
+                    &app,
+                    &provider,
+                    &upstream,
+                    &mut schedule,
+                    candidates,
+                    &shutdown,
+                )
+                .await
+                {
+                    return;
+                }
+            }
+            // No pass this time; what the schedule knows is kept.
             Err(e) => {
                 app.store_failed("all_keys", e);
-                Vec::new()
-            }
-        };
-        schedule.new_pass(candidates.iter().map(|r| &r.id), Instant::now());
-        let gap = interval / (candidates.len() as u32 + 1);
-        for record in candidates {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(gap) => {}
-            }
-            if !schedule.is_due(&record.id, Instant::now()) {
-                continue;
-            }
-            schedule.probing(&record.id, Instant::now());
-            let Some(sealed) = &record.sealed else {
-                continue;
-            };
-            // The probe authenticates with the key itself.
-            let Ok(material) = app.vault.open(sealed) else {
-                continue;
-            };
-            let Some(credential) = credential_header(provider.kind, &material) else {
-                continue;
-            };
-            let Ok(uri) = probe_uri(&provider) else {
-                continue;
-            };
-            let req = upstream.request(
-                &Method::GET,
-                uri,
-                &HeaderMap::new(),
-                &credential,
-                Bytes::new(),
-            );
-            match upstream.send(req).await {
-                Ok(resp) if resp.status().is_success() => {
-                    tracing::info!(key_id = %record.id, provider = %provider.id, "probe succeeded");
-                    schedule.revived(&record.id, Instant::now());
-                    Health::record(&app, &record.id, KeyEvent::ProbeSucceeded);
-                }
-                Ok(resp) => {
-                    tracing::debug!(key_id = %record.id, status = resp.status().as_u16(), "probe refused");
-                }
-                Err(e) => tracing::debug!(key_id = %record.id, error = e.as_str(), "probe failed"),
             }
         }
         tokio::select! {
@@ -107,20 +79,81 @@ pub async fn run(
     }
 }
 
-/// The most intervals between two probes of a key that keeps relapsing.
-const MAX_SPACING: u32 = 64;
+/// Probes the due keys among `candidates`, spread over one interval.
+/// Returns false when `shutdown` fired.
+async fn probe_pass(
+    app: &Arc<App>,
+    provider: &ProviderConfig,
+    upstream: &Upstream,
+    schedule: &mut Schedule,
+    candidates: Vec<KeyRecord>,
+    shutdown: &CancellationToken,
+) -> bool {
+    let gap = schedule.interval / (candidates.len() as u32 + 1);
+    for record in candidates {
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(gap) => {}
+        }
+        if !schedule.is_due(&record.id, Instant::now()) {
+            continue;
+        }
+        schedule.probing(&record.id, Instant::now());
+        let Some(sealed) = &record.sealed else {
+            continue;
+        };
+        // The probe authenticates with the key itself.
+        let Ok(material) = app.vault.open(sealed) else {
+            continue;
+        };
+        let Some(credential) = credential_header(provider.kind, &material) else {
+            continue;
+        };
+        let Ok(uri) = probe_uri(provider) else {
+            continue;
+        };
+        let req = upstream.request(
+            &Method::GET,
+            uri,
+            &HeaderMap::new(),
+            &credential,
+            Bytes::new(),
+        );
+        match upstream.send(req).await {
+            Ok(resp) if resp.status().is_success() => {
+                tracing::info!(key_id = %record.id, provider = %provider.id, "probe succeeded");
+                schedule.revived(&record.id, Utc::now());
+                Health::record(app, &record.id, KeyEvent::ProbeSucceeded);
+            }
+            Ok(resp) => {
+                tracing::debug!(key_id = %record.id, status = resp.status().as_u16(), "probe refused");
+            }
+            Err(e) => tracing::debug!(key_id = %record.id, error = e.as_str(), "probe failed"),
+        }
+    }
+    true
+}
 
-/// When each exhausted or invalid key is next probed.
+/// The most intervals between two probes of a key that keeps relapsing.
+const MAX_SPACING: u64 = 64;
+
+/// When each exhausted or invalid key is next probed. Spacing is counted in
+/// passes (one per interval), so it does not hang on the exact timing of a
+/// probe within its pass; a key is never probed twice within one interval
+/// all the same.
 struct Schedule {
     interval: Duration,
+    /// Passes started so far.
+    pass: u64,
     keys: HashMap<KeyId, KeyProbes>,
 }
 
 struct KeyProbes {
     last_probe: Instant,
-    /// When a probe last brought the key back, until it is seen failing
-    /// again.
-    revived: Option<Instant>,
+    last_pass: u64,
+    /// When a probe last brought the key back, and in which pass, until it
+    /// is seen failing again.
+    revived: Option<(DateTime<Utc>, u64)>,
     /// Times the key failed again after a probe brought it back.
     relapses: u32,
 }
@@ -129,57 +162,70 @@ impl Schedule {
     fn new(interval: Duration) -> Self {
         Schedule {
             interval,
+            pass: 0,
             keys: HashMap::new(),
         }
     }
 
-    /// Starts a pass over `candidates`, the keys exhausted or invalid now.
-    /// A candidate that a probe brought back has relapsed. A key that is no
-    /// longer a candidate is forgotten, unless a probe brought it back less
-    /// than [`MAX_SPACING`] intervals ago (it may yet relapse).
-    fn new_pass<'a>(&mut self, candidates: impl Iterator<Item = &'a KeyId>, now: Instant) {
-        let stable_after = self.interval * MAX_SPACING;
-        let mut seen = std::collections::HashSet::new();
-        for id in candidates {
-            if let Some(k) = self.keys.get_mut(id)
-                && k.revived.take().is_some()
+    /// Starts a pass over `candidates`, the keys exhausted or invalid now. A
+    /// candidate that failed again after a probe brought it back has
+    /// relapsed (one whose revival is not stored yet has not). A key that is
+    /// no longer a candidate is forgotten, unless a probe brought it back
+    /// less than [`MAX_SPACING`] passes ago (it may yet relapse).
+    fn new_pass(&mut self, candidates: &[KeyRecord], now: Instant) {
+        self.pass += 1;
+        for c in candidates {
+            if let Some(k) = self.keys.get_mut(&c.id)
+                && let Some((revived_at, _)) = k.revived
+                && c.state_changed_at > revived_at
             {
-                k.relapses += 1;
+                k.revived = None;
+                k.relapses = k.relapses.saturating_add(1);
             }
-            seen.insert(id.clone());
         }
+        let pass = self.pass;
+        let interval = self.interval;
         self.keys.retain(|id, k| {
-            seen.contains(id)
-                || k.revived
-                    .is_some_and(|t| now.duration_since(t) < stable_after)
+            let candidate = candidates.iter().any(|c| &c.id == id);
+            let may_relapse = k.revived.is_some_and(|(_, p)| pass - p < MAX_SPACING);
+            // A key probed within the last interval stays known, so that it
+            // is not probed again too soon.
+            candidate || may_relapse || now.duration_since(k.last_probe) < interval
         });
     }
 
-    /// Whether `id` may be probed at `now`: one interval after its last
-    /// probe, twice that for each relapse, at most [`MAX_SPACING`].
+    /// Whether `id` may be probed at `now`: one pass after its last probe,
+    /// twice as many for each relapse (at most [`MAX_SPACING`]), and never
+    /// within one interval of it.
     fn is_due(&self, id: &KeyId, now: Instant) -> bool {
         self.keys.get(id).is_none_or(|k| {
-            let spacing = 1u32
+            let spacing = 1u64
                 .checked_shl(k.relapses)
                 .map_or(MAX_SPACING, |s| s.min(MAX_SPACING));
-            now.duration_since(k.last_probe) >= self.interval * spacing
+            self.pass - k.last_pass >= spacing && now.duration_since(k.last_probe) >= self.interval
         })
     }
 
     fn probing(&mut self, id: &KeyId, now: Instant) {
+        let pass = self.pass;
         self.keys
             .entry(id.clone())
-            .and_modify(|k| k.last_probe = now)
+            .and_modify(|k| {
+                k.last_probe = now;
+                k.last_pass = pass;
+            })
             .or_insert(KeyProbes {
                 last_probe: now,
+                last_pass: pass,
                 revived: None,
                 relapses: 0,
             });
     }
 
-    fn revived(&mut self, id: &KeyId, now: Instant) {
+    fn revived(&mut self, id: &KeyId, at: DateTime<Utc>) {
+        let pass = self.pass;
         if let Some(k) = self.keys.get_mut(id) {
-            k.revived = Some(now);
+            k.revived = Some((at, pass));
         }
     }
 }
@@ -202,6 +248,8 @@ fn probe_uri(p: &ProviderConfig) -> Result<Uri, http::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::{KeyStatus, Limits};
+    use std::collections::BTreeMap;
 
     const INTERVAL: Duration = Duration::from_secs(10);
 
@@ -209,67 +257,124 @@ mod tests {
         KeyId::parse(&format!("key_test{n:04}")).unwrap()
     }
 
-    #[test]
-    fn a_failing_key_is_probed_once_per_interval() {
+    /// `id`, exhausted since `since`.
+    fn failing(id: &KeyId, since: DateTime<Utc>) -> KeyRecord {
+        KeyRecord {
+            id: id.clone(),
+            provider_id: "openai".into(),
+            label: None,
+            status: KeyStatus::Exhausted,
+            state_reason: None,
+            limits: Limits::default(),
+            weight: 1,
+            fingerprint: "sha256:00000000".into(),
+            metadata: BTreeMap::new(),
+            created_at: since,
+            updated_at: since,
+            state_changed_at: since,
+            revision: 1,
+            sealed: None,
+            material_hash: None,
+        }
+    }
+
+    /// Runs `passes` passes, one interval apart, over `a` failing as of each
+    /// pass; every probe succeeds (`revive`), and the revival is stored
+    /// before the next pass. Returns the passes between probes.
+    fn passes_between_probes(passes: u64, revive: bool) -> Vec<u64> {
         let mut s = Schedule::new(INTERVAL);
-        let t0 = Instant::now();
         let a = key(1);
-        s.new_pass([&a].into_iter(), t0);
-        assert!(s.is_due(&a, t0));
-        s.probing(&a, t0);
-        assert!(!s.is_due(&a, t0 + INTERVAL / 2));
-        s.new_pass([&a].into_iter(), t0 + INTERVAL);
-        assert!(s.is_due(&a, t0 + INTERVAL));
+        let (mut now, mut utc) = (Instant::now(), Utc::now());
+        let (mut probed_in, mut between) = (None, Vec::new());
+        for pass in 1..=passes {
+            now += INTERVAL;
+            utc += chrono::Duration::seconds(10);
+            s.new_pass(&[failing(&a, utc)], now);
+            if s.is_due(&a, now) {
+                between.extend(probed_in.map(|p| pass - p));
+                probed_in = Some(pass);
+                s.probing(&a, now);
+                if revive {
+                    s.revived(&a, utc + chrono::Duration::seconds(1));
+                }
+            }
+        }
+        between
+    }
+
+    #[test]
+    fn a_key_that_stays_failing_is_probed_every_pass() {
+        assert_eq!(passes_between_probes(6, false), [1, 1, 1, 1, 1]);
     }
 
     #[test]
     fn each_relapse_doubles_the_spacing_up_to_the_cap() {
+        assert_eq!(
+            passes_between_probes(300, true),
+            [2, 4, 8, 16, 32, 64, 64, 64]
+        );
+    }
+
+    #[test]
+    fn never_twice_within_one_interval() {
         let mut s = Schedule::new(INTERVAL);
         let a = key(1);
-        let mut now = Instant::now();
-        let mut spacings = Vec::new();
-        for _ in 0..9 {
-            s.new_pass([&a].into_iter(), now);
-            // The first moment the key is due, in whole intervals.
-            let mut waited = 0;
-            while !s.is_due(&a, now + INTERVAL * waited) {
-                waited += 1;
-            }
-            spacings.push(waited);
-            now += INTERVAL * waited;
-            s.probing(&a, now);
-            // The probe brings it back; the next pass finds it failing.
-            s.revived(&a, now);
-            now += Duration::from_secs(1);
-        }
-        assert_eq!(spacings, [0, 2, 4, 8, 16, 32, 64, 64, 64]);
+        let t0 = Instant::now();
+        s.new_pass(&[failing(&a, Utc::now())], t0);
+        assert!(s.is_due(&a, t0));
+        s.probing(&a, t0);
+        // A pass that comes early (the previous one ran long).
+        s.new_pass(&[failing(&a, Utc::now())], t0 + INTERVAL / 2);
+        assert!(!s.is_due(&a, t0 + INTERVAL / 2));
+        assert!(s.is_due(&a, t0 + INTERVAL));
+    }
+
+    #[test]
+    fn a_revival_not_stored_yet_is_no_relapse() {
+        let mut s = Schedule::new(INTERVAL);
+        let a = key(1);
+        let (t0, before) = (Instant::now(), Utc::now());
+        s.new_pass(&[failing(&a, before)], t0);
+        s.probing(&a, t0);
+        s.revived(&a, before + chrono::Duration::seconds(1));
+        // The store still shows the old failure: due again next pass.
+        s.new_pass(&[failing(&a, before)], t0 + INTERVAL);
+        assert!(s.is_due(&a, t0 + INTERVAL));
+        // A failure after the revival is a relapse: two passes.
+        s.probing(&a, t0 + INTERVAL);
+        s.new_pass(
+            &[failing(&a, before + chrono::Duration::seconds(5))],
+            t0 + INTERVAL * 2,
+        );
+        assert!(!s.is_due(&a, t0 + INTERVAL * 2));
+        s.new_pass(
+            &[failing(&a, before + chrono::Duration::seconds(5))],
+            t0 + INTERVAL * 3,
+        );
+        assert!(s.is_due(&a, t0 + INTERVAL * 3));
     }
 
     #[test]
     fn a_key_that_stays_healthy_starts_afresh() {
         let mut s = Schedule::new(INTERVAL);
         let a = key(1);
-        let b = key(2);
-        let t0 = Instant::now();
-        for k in [&a, &b] {
-            s.new_pass([k].into_iter(), t0);
-            s.probing(k, t0);
-            s.revived(k, t0);
+        let (mut now, utc) = (Instant::now(), Utc::now());
+        s.new_pass(&[failing(&a, utc)], now);
+        s.probing(&a, now);
+        s.revived(&a, utc + chrono::Duration::seconds(1));
+        // Healthy (not a candidate) for the whole span: forgotten.
+        for _ in 0..MAX_SPACING {
+            now += INTERVAL;
+            s.new_pass(&[], now);
         }
-        // `a` fails again after its probe: it waits two intervals from it.
-        // `b` stays healthy.
-        s.new_pass([&a].into_iter(), t0 + INTERVAL);
-        assert!(!s.is_due(&a, t0 + INTERVAL));
-        assert!(s.is_due(&a, t0 + INTERVAL * 2));
-        assert!(s.keys.contains_key(&b), "b may yet relapse");
-        // Healthy for the whole span: `b` is forgotten, and when it fails
-        // again later it is probed at the plain interval.
-        let later = t0 + INTERVAL * MAX_SPACING;
-        s.new_pass([&a].into_iter(), later);
-        assert!(!s.keys.contains_key(&b));
-        s.new_pass([&b].into_iter(), later);
-        s.probing(&b, later);
-        s.new_pass([&b].into_iter(), later + INTERVAL);
-        assert!(s.is_due(&b, later + INTERVAL));
+        assert!(s.keys.is_empty());
+        // It fails much later: probed at once, and the pass after.
+        let later = utc + chrono::Duration::days(1);
+        s.new_pass(&[failing(&a, later)], now);
+        assert!(s.is_due(&a, now));
+        s.probing(&a, now);
+        now += INTERVAL;
+        s.new_pass(&[failing(&a, later)], now);
+        assert!(s.is_due(&a, now));
     }
 }
