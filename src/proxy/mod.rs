@@ -63,6 +63,7 @@ use upstream::{Upstream, UpstreamInitError};
 /// Per-provider parts built once at start-up.
 struct ProviderRuntime {
     id: Arc<str>,
+    kind: crate::config::ProviderKind,
     policy: crate::config::Policy,
     retry_budget: u32,
     upstream: Upstream,
@@ -89,6 +90,7 @@ impl ProxyApi {
             .map(|p| {
                 Ok(ProviderRuntime {
                     id: Arc::from(p.id.as_str()),
+                    kind: p.kind,
                     policy: p.policy,
                     retry_budget: p.retry_budget,
                     upstream: Upstream::new(p, &cfg.server)?,
@@ -129,7 +131,7 @@ impl ProxyApi {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         let body = self.bodies.read(body, declared).await?;
-        let peek = peek::peek_request(&parts.headers, parts.uri.path(), &body);
+        let peek = peek::peek_request(provider.kind, &parts.headers, routed.upstream.path(), &body);
 
         let mut tried: Vec<Arc<PoolKey>> = Vec::new();
         let mut last: Option<(ProxyError, bool)> = None;

@@ -2,6 +2,7 @@
 //! client asked for (written back into responses) and its output token cap
 //! (for the `tpm` reservation).
 
+use crate::config::ProviderKind;
 use http::HeaderMap;
 use http::header;
 use std::borrow::Cow;
@@ -26,12 +27,18 @@ impl RequestPeek {
 }
 
 /// The model comes from a JSON body's `model`; a request whose body names
-/// none names it in its path (Gemini's `…/models/{model}:generateContent`,
-/// Azure's `…/deployments/{deployment}/…`).
-pub fn peek_request(headers: &HeaderMap, path: &str, body: &[u8]) -> RequestPeek {
+/// none names it in its path (`path` as the provider sees it): Gemini's
+/// `…/models/{model}:generateContent`, Azure's
+/// `/openai/deployments/{deployment}/…`.
+pub fn peek_request(
+    kind: ProviderKind,
+    headers: &HeaderMap,
+    path: &str,
+    body: &[u8],
+) -> RequestPeek {
     let mut peek = peek_body(headers, body);
     if peek.model.is_none() {
-        peek.model = model_in_path(path).map(str::to_owned);
+        peek.model = model_in_path(kind, path).map(str::to_owned);
     }
     peek
 }
@@ -71,10 +78,14 @@ fn peek_body(headers: &HeaderMap, body: &[u8]) -> RequestPeek {
     }
 }
 
-/// The model a request's path names, for requests whose body names none:
-/// Google's method paths and Azure's deployment paths.
-fn model_in_path(path: &str) -> Option<&str> {
-    google_model(path).or_else(|| azure_deployment(path))
+/// The model a request's path names, for the provider kinds whose requests
+/// name it there.
+fn model_in_path(kind: ProviderKind, path: &str) -> Option<&str> {
+    match kind {
+        ProviderKind::Gemini => google_model(path),
+        ProviderKind::AzureOpenAi => azure_deployment(path),
+        ProviderKind::OpenAi | ProviderKind::OpenAiCompatible | ProviderKind::Anthropic => None,
+    }
 }
 
 /// The model of a Google-style method path, `…/models/{model}:{method}` or
@@ -87,16 +98,14 @@ fn google_model(path: &str) -> Option<&str> {
 }
 
 /// The deployment of an Azure OpenAI path,
-/// `…/deployments/{deployment}/chat/completions`: Azure clients name the
-/// deployment, not a model, and an SDK expects the answer's `model` filled.
+/// `/openai/deployments/{deployment}/chat/completions`: Azure clients name
+/// the deployment, not a model, and an SDK expects the answer's `model`
+/// filled.
 fn azure_deployment(path: &str) -> Option<&str> {
-    let mut segments = path.split('/');
-    segments.find(|s| *s == "deployments")?;
-    let deployment = segments.next()?;
+    let (deployment, operation) = path.strip_prefix("/openai/deployments/")?.split_once('/')?;
     // An operation must follow: `GET …/deployments/{id}` is the deployment
     // resource itself, not an answer.
-    segments.next()?;
-    is_plain_name(deployment).then_some(deployment)
+    (!operation.is_empty() && is_plain_name(deployment)).then_some(deployment)
 }
 
 /// Only plain names are taken from a path: the value is written into
@@ -127,11 +136,16 @@ mod tests {
         let h = json_headers();
         let body =
             br#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4o","max_tokens":100}"#;
-        let peek = peek_request(&h, "/v1/chat/completions", body);
+        let peek = peek_request(ProviderKind::OpenAi, &h, "/v1/chat/completions", body);
         assert_eq!(peek.model.as_deref(), Some("gpt-4o"));
         assert_eq!(peek.estimated_tokens(400), 200);
         assert_eq!(
-            peek_request(&HeaderMap::new(), "/v1/chat/completions", body),
+            peek_request(
+                ProviderKind::OpenAi,
+                &HeaderMap::new(),
+                "/v1/chat/completions",
+                body
+            ),
             RequestPeek::default()
         );
         let mut upper = HeaderMap::new();
@@ -139,12 +153,13 @@ mod tests {
             header::CONTENT_TYPE,
             HeaderValue::from_static("Application/JSON; charset=utf-8"),
         );
-        let peek = peek_request(&upper, "/v1/chat/completions", body);
+        let peek = peek_request(ProviderKind::OpenAi, &upper, "/v1/chat/completions", body);
         assert_eq!(peek.model.as_deref(), Some("gpt-4o"));
-        let uncapped = peek_request(&h, "/v1/chat/completions", b"{}");
+        let uncapped = peek_request(ProviderKind::OpenAi, &h, "/v1/chat/completions", b"{}");
         assert_eq!(uncapped.model, None);
         assert_eq!(uncapped.estimated_tokens(0), DEFAULT_OUTPUT_TOKENS);
         let responses_api = peek_request(
+            ProviderKind::OpenAi,
             &h,
             "/v1/responses",
             br#"{"model":"o3","max_output_tokens":7}"#,
@@ -154,41 +169,52 @@ mod tests {
 
     /// Checks the model read from each path when the body names none, and
     /// that a model the body names wins over the path.
-    fn check_path_models(body: &[u8], cases: &[(&str, Option<&str>)]) {
+    fn check_path_models(kind: ProviderKind, body: &[u8], cases: &[(&str, Option<&str>)]) {
         let h = json_headers();
         for (path, model) in cases {
-            let peek = peek_request(&h, path, body);
+            let peek = peek_request(kind, &h, path, body);
             assert_eq!(peek.model.as_deref(), *model, "{path}");
-            let named = peek_request(&h, path, br#"{"model":"from-body"}"#);
+            let named = peek_request(kind, &h, path, br#"{"model":"from-body"}"#);
             assert_eq!(named.model.as_deref(), Some("from-body"), "{path}");
         }
     }
 
     #[test]
     fn azure_names_the_deployment_in_the_path() {
+        let chat = br#"{"messages":[{"role":"user","content":"hi"}]}"#;
         check_path_models(
-            br#"{"messages":[{"role":"user","content":"hi"}]}"#,
+            ProviderKind::AzureOpenAi,
+            chat,
             &[
                 (
-                    "/azure/openai/deployments/gpt4o-prod/chat/completions",
+                    "/openai/deployments/gpt4o-prod/chat/completions",
                     Some("gpt4o-prod"),
                 ),
                 ("/openai/deployments/emb.v3_1/embeddings", Some("emb.v3_1")),
                 ("/openai/deployments/gpt4o-prod", None),
+                ("/openai/deployments/gpt4o-prod/", None),
                 ("/openai/deployments", None),
                 ("/openai/deployments/a%22b/chat/completions", None),
                 ("/openai/deployments//chat/completions", None),
+                ("/v1/openai/deployments/x/chat/completions", None),
             ],
+        );
+        // Other kinds never take a model from such a path.
+        check_path_models(
+            ProviderKind::OpenAiCompatible,
+            chat,
+            &[("/openai/deployments/gpt4o-prod/chat/completions", None)],
         );
     }
 
     #[test]
     fn gemini_names_the_model_in_the_path() {
         check_path_models(
+            ProviderKind::Gemini,
             br#"{"contents":[{"parts":[{"text":"hi"}]}]}"#,
             &[
                 (
-                    "/gemini/v1beta/models/gemini-1.5-pro:generateContent",
+                    "/v1beta/models/gemini-1.5-pro:generateContent",
                     Some("gemini-1.5-pro"),
                 ),
                 (
@@ -211,6 +237,7 @@ mod tests {
         );
         // A body-less request still has its path read.
         let get = peek_request(
+            ProviderKind::Gemini,
             &HeaderMap::new(),
             "/v1beta/models/gemini-1.5-pro:countTokens",
             b"",
