@@ -1353,6 +1353,8 @@ async fn a_client_trickling_its_body_gets_408_and_is_disconnected() {
     read_response(&mut &answer[..])
         .await
         .error(408, "invalid_request");
+    let answers = answer.windows(9).filter(|w| w == b"HTTP/1.1 ").count();
+    assert_eq!(answers, 1, "{}", String::from_utf8_lossy(&answer));
 
     assert!(mock.received().is_empty(), "a partial body went upstream");
     let labels = [("provider", "openai"), ("code", "408")];
