@@ -6,18 +6,19 @@
 //! - SSE stream rewrite vs the same with `Value` per event;
 //! - key selection (lock-free snapshot) vs a mutex-guarded list sorted by load.
 
-use chrono::Utc;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use keyrouter::config::{Policy, ProviderConfig, ProviderKind};
+use keyrouter::config::Policy;
 use keyrouter::keys::pool::KeyPool;
-use keyrouter::keys::{KeyId, KeyRecord, KeyStatus, Limits, Vault, select};
+use keyrouter::keys::{KeyRecord, Vault, select};
 use keyrouter::sanitize::json::{Rewrite, Usage, rewrite};
 use keyrouter::sanitize::stream::{Framing, StreamRewriter};
 use keyrouter::secret::Secret;
 use serde_json::Value;
-use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::sync::Mutex;
+
+#[path = "../tests/common/records.rs"]
+mod records;
 
 const REWRITE: Rewrite<'static> = Rewrite {
     id_suffix: "kr0123456789abcdefghijklmn",
@@ -151,41 +152,17 @@ fn sanitize(c: &mut Criterion) {
     g.finish();
 }
 
+/// Key `i` of a pool with weights 1 to 5.
 fn record(i: usize, vault: &Vault) -> KeyRecord {
-    let now = Utc::now();
-    let material = Secret::new(format!("sk-bench-{i:06}-0123456789abcdef"));
     KeyRecord {
-        id: KeyId::parse(&format!("key_bench{i:06}")).unwrap(),
-        provider_id: "openai".into(),
-        label: None,
-        status: KeyStatus::Active,
-        state_reason: None,
-        limits: Limits::default(),
         weight: 1 + (i % 5) as u32,
-        fingerprint: keyrouter::keys::vault::fingerprint(&material),
-        metadata: BTreeMap::new(),
-        created_at: now,
-        updated_at: now,
-        state_changed_at: now,
-        revision: 1,
-        sealed: Some(vault.seal(&material)),
-        material_hash: Some(vault.material_hash(&material)),
+        ..records::active_record(i, vault)
     }
 }
 
 fn selection(c: &mut Criterion) {
     let vault = Vault::new(&[Secret::new(Vault::generate_key())]).unwrap();
-    let provider = ProviderConfig {
-        id: "openai".into(),
-        kind: ProviderKind::OpenAi,
-        base_url: "https://api.openai.com".parse().unwrap(),
-        route_prefix: "/openai".into(),
-        default: true,
-        upstream_ca_path: None,
-        policy: Policy::LeastLoaded,
-        retry_budget: 2,
-        probe_interval: None,
-    };
+    let provider = records::openai_provider();
     let mut g = c.benchmark_group("pick_key");
     for n in [1usize, 10, 100] {
         let records: Vec<KeyRecord> = (0..n).map(|i| record(i, &vault)).collect();

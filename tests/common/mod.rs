@@ -28,6 +28,7 @@
 
 pub mod answer;
 pub mod mock_upstream;
+pub mod records;
 pub mod redis;
 pub mod tls;
 

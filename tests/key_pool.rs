@@ -1,0 +1,101 @@
+//! The key pool against reloads that race with changes made through this
+//! replica: a store read taken before a revoke, a registration or a
+//! provider's refusal must not undo it when it is published.
+
+mod common;
+
+use common::records::{active_record, openai_provider};
+use keyrouter::keys::pool::KeyPool;
+use keyrouter::keys::{KeyEvent, KeyStatus, Vault};
+use keyrouter::secret::Secret;
+
+fn ids(pool: &KeyPool) -> Vec<String> {
+    let keys = pool.snapshot("openai").unwrap();
+    keys.keys.iter().map(|k| k.id.as_str().to_owned()).collect()
+}
+
+fn vault() -> Vault {
+    Vault::new(&[Secret::new(Vault::generate_key())]).unwrap()
+}
+
+#[test]
+fn a_read_older_than_a_change_made_here_does_not_undo_it() {
+    let vault = vault();
+    let pool = KeyPool::new(&[openai_provider()]);
+    let (a, b, c) = (
+        active_record(1, &vault),
+        active_record(2, &vault),
+        active_record(3, &vault),
+    );
+    pool.reload(&[a.clone(), b.clone()], &vault);
+    assert_eq!(ids(&pool), ["key_test000001", "key_test000002"]);
+
+    // A reload reads the store; meanwhile `a` is revoked and `c`
+    // registered here. The stale read brings neither change back.
+    let stale = [a.clone(), b.clone()];
+    let mut revoked = a.clone();
+    revoked.status = KeyStatus::Revoked;
+    revoked.revision = 2;
+    pool.apply(&revoked, &vault);
+    pool.apply(&c, &vault);
+    pool.reload(&stale, &vault);
+    assert_eq!(ids(&pool), ["key_test000002", "key_test000003"]);
+
+    // Once the store has caught up, its records rule again: `b`, revoked
+    // through another replica, leaves with the next reload.
+    let mut b_elsewhere = b.clone();
+    b_elsewhere.status = KeyStatus::Revoked;
+    b_elsewhere.revision = 2;
+    pool.reload(&[revoked.clone(), b_elsewhere, c], &vault);
+    assert_eq!(ids(&pool), ["key_test000003"]);
+
+    // A write overtaken on its way here (a transition stored before the
+    // revoke, applied after it) changes nothing.
+    let mut overtaken = revoked;
+    overtaken.status = KeyStatus::Active;
+    overtaken.revision = 1;
+    pool.apply(&overtaken, &vault);
+    assert_eq!(ids(&pool), ["key_test000003"]);
+}
+
+#[test]
+fn a_refused_key_stays_out_until_its_transition_is_stored() {
+    let vault = vault();
+    let pool = KeyPool::new(&[openai_provider()]);
+    let a = active_record(1, &vault);
+    pool.reload(std::slice::from_ref(&a), &vault);
+    pool.suspend("openai", &a.id, KeyEvent::QuotaExhausted);
+    // The store still says active, even at a later revision (a label
+    // changed through another replica).
+    pool.reload(std::slice::from_ref(&a), &vault);
+    let mut relabelled = a.clone();
+    relabelled.revision = 2;
+    pool.reload(std::slice::from_ref(&relabelled), &vault);
+    assert!(ids(&pool).is_empty());
+    // The transition is stored and applied; later the key is
+    // reactivated through another replica.
+    let mut exhausted = relabelled.clone();
+    exhausted.status = KeyStatus::Exhausted;
+    exhausted.revision = 3;
+    pool.apply(&exhausted, &vault);
+    pool.reload(&[exhausted], &vault);
+    assert!(ids(&pool).is_empty());
+    let mut reactivated = a.clone();
+    reactivated.revision = 4;
+    pool.reload(&[reactivated], &vault);
+    assert_eq!(ids(&pool), ["key_test000001"]);
+}
+
+#[test]
+fn a_refusal_that_stores_nothing_lets_the_store_rule_again() {
+    let vault = vault();
+    let pool = KeyPool::new(&[openai_provider()]);
+    let a = active_record(1, &vault);
+    pool.reload(std::slice::from_ref(&a), &vault);
+    pool.suspend("openai", &a.id, KeyEvent::Rejected);
+    pool.reload(std::slice::from_ref(&a), &vault);
+    assert!(ids(&pool).is_empty());
+    pool.settled(&a.id);
+    pool.reload(std::slice::from_ref(&a), &vault);
+    assert_eq!(ids(&pool), ["key_test000001"]);
+}
