@@ -8,6 +8,7 @@ use common::records::{active_record, openai_provider};
 use keyrouter::keys::pool::KeyPool;
 use keyrouter::keys::{KeyEvent, KeyStatus, Vault};
 use keyrouter::secret::Secret;
+use std::time::{Duration, Instant};
 
 fn ids(pool: &KeyPool) -> Vec<String> {
     let keys = pool.snapshot("openai").unwrap();
@@ -66,10 +67,14 @@ fn a_refused_key_stays_out_until_its_transition_is_stored() {
     pool.reload(std::slice::from_ref(&a), &vault);
     pool.suspend("openai", &a.id, KeyEvent::QuotaExhausted);
     // The store still says active, even at a later revision (a label
-    // changed through another replica).
+    // changed through another replica, or through this one).
     pool.reload(std::slice::from_ref(&a), &vault);
     let mut relabelled = a.clone();
     relabelled.revision = 2;
+    pool.reload(std::slice::from_ref(&relabelled), &vault);
+    assert!(ids(&pool).is_empty());
+    pool.apply(&relabelled, &vault);
+    assert!(ids(&pool).is_empty());
     pool.reload(std::slice::from_ref(&relabelled), &vault);
     assert!(ids(&pool).is_empty());
     // The transition is stored and applied; later the key is
@@ -92,10 +97,17 @@ fn a_refusal_that_stores_nothing_lets_the_store_rule_again() {
     let pool = KeyPool::new(&[openai_provider()]);
     let a = active_record(1, &vault);
     pool.reload(std::slice::from_ref(&a), &vault);
+    // The write for an earlier refusal began before this one: it settles
+    // nothing about it.
+    let earlier_write = Instant::now() - Duration::from_millis(10);
     pool.suspend("openai", &a.id, KeyEvent::Rejected);
     pool.reload(std::slice::from_ref(&a), &vault);
     assert!(ids(&pool).is_empty());
-    pool.settled(&a.id);
+    pool.settled(&a.id, earlier_write);
+    pool.reload(std::slice::from_ref(&a), &vault);
+    assert!(ids(&pool).is_empty());
+    // The write for this refusal stores nothing: the store rules again.
+    pool.settled(&a.id, Instant::now());
     pool.reload(std::slice::from_ref(&a), &vault);
     assert_eq!(ids(&pool), ["key_test000001"]);
 }

@@ -171,13 +171,13 @@ async fn persist(app: &Arc<App>, id: &KeyId, event: KeyEvent) {
     loop {
         match try_persist(app, id, event).await {
             Ok(Stored::Yes) => return,
-            Ok(Stored::Nothing) => return app.pool.settled(id),
+            Ok(Stored::Nothing) => return app.pool.settled(id, started.into_std()),
             Err(StoreError::Stale) => continue,
             Err(e) => {
                 let e = app.store_failed("update_key", e);
                 if started.elapsed() > PERSIST_GIVE_UP {
                     tracing::error!(key_id = %id, error = %e, "key transition could not be stored; giving up");
-                    return app.pool.settled(id);
+                    return app.pool.settled(id, started.into_std());
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);

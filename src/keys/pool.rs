@@ -110,9 +110,9 @@ pub struct KeyPool {
 struct Ahead {
     /// The revision this replica last applied: older records are stale.
     revision: i64,
-    /// A provider refused the key and its transition is not stored yet:
-    /// every record read so far is stale.
-    pending: bool,
+    /// When a provider refused the key, while that refusal's transition is
+    /// not stored: the key stays out whatever the records say.
+    refused_at: Option<Instant>,
     /// After this the store's view wins again (a transition is given up
     /// after as long).
     until: Instant,
@@ -149,8 +149,9 @@ impl KeyPool {
     /// catches up. Entries whose revision did not change are kept as they
     /// are.
     pub fn reload(&self, records: &[KeyRecord], vault: &Vault) {
-        // Changed keys are decrypted before the lock is taken: a request
-        // that suspends a key never waits for that.
+        // Changed keys are decrypted before the lock is taken, so the lock
+        // (which a request refusing a key takes) is never held for all of
+        // them at once.
         type Built<'r> = Vec<(&'r KeyRecord, Option<Arc<PoolKey>>)>;
         let built: Vec<(&ArcSwap<ProviderKeys>, Built)> = self
             .providers
@@ -172,15 +173,22 @@ impl KeyPool {
         ahead.retain(|_, a| a.until > now);
         // Whether this replica holds something newer for `id` than the read.
         let is_ahead = |id: &KeyId| {
-            ahead
-                .get(id)
-                .is_some_and(|a| a.pending || by_id.get(id).is_none_or(|r| r.revision < a.revision))
+            ahead.get(id).is_some_and(|a| {
+                a.refused_at.is_some() || by_id.get(id).is_none_or(|r| r.revision < a.revision)
+            })
         };
         for (slot, mine) in built {
             let current = slot.load();
+            // An entry published meanwhile for the same revision is the one
+            // requests hold counters in.
+            let published: HashMap<&KeyId, &Arc<PoolKey>> =
+                current.keys.iter().map(|k| (&k.id, k)).collect();
             let fresh = || mine.iter().filter(|(r, _)| !is_ahead(&r.id));
             let keys = fresh()
-                .filter_map(|(_, e)| e.clone())
+                .filter_map(|(r, e)| match published.get(&r.id) {
+                    Some(k) if k.revision == r.revision => Some(Arc::clone(k)),
+                    _ => e.clone(),
+                })
                 .chain(current.keys.iter().filter(|k| is_ahead(&k.id)).cloned())
                 .collect();
             let cooling = fresh()
@@ -203,29 +211,34 @@ impl KeyPool {
 
     /// Applies one changed record at once (a management API write, a stored
     /// transition). A record older than one applied already (a write that
-    /// was overtaken on its way here) changes nothing.
+    /// was overtaken on its way here) changes nothing. A record that leaves
+    /// the key usable (a label changed, a cooldown over) does not bring back
+    /// a key whose refusal is still being stored; one that does not (the
+    /// refusal's transition, a revoke) ends that wait.
     pub fn apply(&self, record: &KeyRecord, vault: &Vault) {
         let Some((kind, slot)) = self.providers.get(&record.provider_id) else {
             return;
         };
         let mut ahead = self.ahead();
-        if ahead
-            .get(&record.id)
-            .is_some_and(|a| record.revision < a.revision)
-        {
+        let previous = ahead.get(&record.id).copied();
+        if previous.is_some_and(|a| record.revision < a.revision) {
             return;
         }
+        let usable = record.status.state() == KeyState::Active;
+        let refused_at = previous.and_then(|a| a.refused_at).filter(|_| usable);
         ahead.insert(
             record.id.clone(),
             Ahead {
                 revision: record.revision,
-                pending: false,
+                refused_at,
                 until: Instant::now() + AHEAD_FOR,
             },
         );
         slot.rcu(|current| {
             let mut next = current.without(&record.id);
-            if let Some(e) = entry(record, *kind, &current.keys, vault) {
+            if refused_at.is_none()
+                && let Some(e) = entry(record, *kind, &current.keys, vault)
+            {
                 next.keys.push(e);
             }
             if let Some(until) = record.status.cooldown_until() {
@@ -238,23 +251,25 @@ impl KeyPool {
     /// Stops choosing a key that a provider just refused, before the
     /// transition is stored (a rate-limited key joins the cooling list). A
     /// key that is no longer in the pool (revoked meanwhile) stays out.
-    /// Reloads keep it out until the stored transition is applied, or
-    /// [`KeyPool::settled`] says none will be.
+    /// Reloads (and writes that leave it usable) keep it out until the
+    /// stored transition is applied, or [`KeyPool::settled`] says none will
+    /// be.
     pub fn suspend(&self, provider_id: &str, id: &KeyId, event: KeyEvent) {
         let Some((_, slot)) = self.providers.get(provider_id) else {
             return;
         };
         let mut ahead = self.ahead();
-        let until = Instant::now() + AHEAD_FOR;
+        let now = Instant::now();
+        let until = now + AHEAD_FOR;
         ahead
             .entry(id.clone())
             .and_modify(|a| {
-                a.pending = true;
+                a.refused_at = Some(now);
                 a.until = until;
             })
             .or_insert(Ahead {
                 revision: 0,
-                pending: true,
+                refused_at: Some(now),
                 until,
             });
         slot.rcu(|current| {
@@ -268,11 +283,14 @@ impl KeyPool {
         });
     }
 
-    /// A refusal's transition was not stored (the key had moved on, or the
-    /// store stayed unreachable): the store's view of the key rules again.
-    pub fn settled(&self, id: &KeyId) {
-        if let Some(a) = self.ahead().get_mut(id) {
-            a.pending = false;
+    /// The refusals of `id` up to `until` will not be stored (the key had
+    /// moved on, or the store stayed unreachable): unless it was refused
+    /// again since, the store's view of the key rules again.
+    pub fn settled(&self, id: &KeyId, until: Instant) {
+        if let Some(a) = self.ahead().get_mut(id)
+            && a.refused_at.is_some_and(|at| at <= until)
+        {
+            a.refused_at = None;
         }
     }
 }
