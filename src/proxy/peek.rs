@@ -27,8 +27,8 @@ impl RequestPeek {
 }
 
 /// The model comes from a JSON body's `model`; a request whose body names
-/// none names it in its path (`path` as the provider sees it): Gemini's
-/// `…/models/{model}:generateContent`, Azure's
+/// none names it in its path (`path` below the provider's base URL):
+/// Gemini's `…/models/{model}:generateContent`, Azure's
 /// `/openai/deployments/{deployment}/…`.
 pub fn peek_request(
     kind: ProviderKind,

@@ -36,6 +36,16 @@ pub struct Routed {
     /// Index into the configured providers.
     pub provider: usize,
     pub upstream: Uri,
+    /// Length of the provider's base path at the start of `upstream`'s path.
+    base_len: usize,
+}
+
+impl Routed {
+    /// The upstream path below the provider's base URL: what the client
+    /// addressed after the route prefix.
+    pub fn rest(&self) -> &str {
+        &self.upstream.path()[self.base_len..]
+    }
 }
 
 impl RouteTable {
@@ -100,7 +110,11 @@ impl RouteTable {
             .path_and_query(path_and_query)
             .build()
             .map_err(|_| ProxyError::BadTarget)?;
-        Ok(Routed { provider, upstream })
+        Ok(Routed {
+            provider,
+            upstream,
+            base_len: target.base_path.len(),
+        })
     }
 }
 
@@ -252,6 +266,10 @@ mod tests {
             r.upstream,
             "https://g.example/base/v1beta/models/x:generateContent?alt=sse"
         );
+        // Below the base path: what the client addressed after the prefix.
+        assert_eq!(r.rest(), "/v1beta/models/x:generateContent");
+        assert_eq!(route("/openai").unwrap().rest(), "/");
+        assert_eq!(route("/v1/models").unwrap().rest(), "/v1/models");
     }
 
     #[test]
