@@ -1055,15 +1055,24 @@ async fn a_key_that_fails_again_after_each_probe_is_probed_less_and_less_often()
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    // Counted from the first probe: the key must first be found exhausted.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while probes() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the exhausted key was never probed"
+        );
+        traffic(&gw, Instant::now() + Duration::from_millis(50)).await;
+    }
     let started = Instant::now();
     traffic(&gw, started + Duration::from_secs(3)).await;
     let first_half = probes();
     traffic(&gw, started + Duration::from_secs(6)).await;
     let second_half = probes() - first_half;
     // At one probe per interval the key would be probed about ten times in
-    // each half; with the spacing doubling after each relapse (0.3 s,
-    // 0.6 s, 1.2 s, 2.4 s, ...) about three times in the first and once in
-    // the second.
+    // each half; with the spacing doubling after each relapse (2, 4, 8
+    // passes of 0.3 s) about three times in the first (the first probe
+    // included) and once in the second.
     assert!(
         (2..=5).contains(&first_half),
         "{first_half} probes in the first 3 s"

@@ -127,6 +127,7 @@ async fn probe_pass(
             }
             Ok(resp) => {
                 tracing::debug!(key_id = %record.id, status = resp.status().as_u16(), "probe refused");
+                schedule.refused(&record.id);
             }
             Err(e) => tracing::debug!(key_id = %record.id, error = e.as_str(), "probe failed"),
         }
@@ -140,7 +141,8 @@ const MAX_SPACING: u64 = 64;
 /// When each exhausted or invalid key is next probed. Spacing is counted in
 /// passes (one per interval), so it does not hang on the exact timing of a
 /// probe within its pass; a key is never probed twice within one interval
-/// all the same.
+/// all the same (which can put a probe off by one pass when this pass's
+/// probe would come a little early).
 struct Schedule {
     interval: Duration,
     /// Passes started so far.
@@ -220,6 +222,14 @@ impl Schedule {
                 revived: None,
                 relapses: 0,
             });
+    }
+
+    /// The provider refuses the key outright: it is failing, not flapping,
+    /// and is probed every pass again, to notice a recovery soon.
+    fn refused(&mut self, id: &KeyId) {
+        if let Some(k) = self.keys.get_mut(id) {
+            k.relapses = 0;
+        }
     }
 
     fn revived(&mut self, id: &KeyId, at: DateTime<Utc>) {
@@ -313,6 +323,27 @@ mod tests {
             passes_between_probes(300, true),
             [2, 4, 8, 16, 32, 64, 64, 64]
         );
+    }
+
+    #[test]
+    fn a_refused_probe_ends_the_spacing() {
+        let mut s = Schedule::new(INTERVAL);
+        let a = key(1);
+        let (mut now, utc) = (Instant::now(), Utc::now());
+        s.new_pass(&[failing(&a, utc)], now);
+        s.probing(&a, now);
+        s.revived(&a, utc + chrono::Duration::seconds(1));
+        now += INTERVAL;
+        s.new_pass(&[failing(&a, utc + chrono::Duration::seconds(5))], now);
+        assert!(!s.is_due(&a, now), "relapsed: two passes");
+        now += INTERVAL;
+        s.new_pass(&[failing(&a, utc + chrono::Duration::seconds(5))], now);
+        assert!(s.is_due(&a, now));
+        s.probing(&a, now);
+        s.refused(&a);
+        now += INTERVAL;
+        s.new_pass(&[failing(&a, utc + chrono::Duration::seconds(5))], now);
+        assert!(s.is_due(&a, now), "refused: every pass again");
     }
 
     #[test]
