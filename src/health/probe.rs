@@ -325,14 +325,21 @@ mod tests {
         );
     }
 
+    /// A schedule whose one key a probe has just brought back; the time of
+    /// that pass.
+    fn revived_once(a: &KeyId) -> (Schedule, Instant, DateTime<Utc>) {
+        let mut s = Schedule::new(INTERVAL);
+        let (now, utc) = (Instant::now(), Utc::now());
+        s.new_pass(&[failing(a, utc)], now);
+        s.probing(a, now);
+        s.revived(a, utc + chrono::Duration::seconds(1));
+        (s, now, utc)
+    }
+
     #[test]
     fn a_refused_probe_ends_the_spacing() {
-        let mut s = Schedule::new(INTERVAL);
         let a = key(1);
-        let (mut now, utc) = (Instant::now(), Utc::now());
-        s.new_pass(&[failing(&a, utc)], now);
-        s.probing(&a, now);
-        s.revived(&a, utc + chrono::Duration::seconds(1));
+        let (mut s, mut now, utc) = revived_once(&a);
         now += INTERVAL;
         s.new_pass(&[failing(&a, utc + chrono::Duration::seconds(5))], now);
         assert!(!s.is_due(&a, now), "relapsed: two passes");
@@ -387,12 +394,8 @@ mod tests {
 
     #[test]
     fn a_key_that_stays_healthy_starts_afresh() {
-        let mut s = Schedule::new(INTERVAL);
         let a = key(1);
-        let (mut now, utc) = (Instant::now(), Utc::now());
-        s.new_pass(&[failing(&a, utc)], now);
-        s.probing(&a, now);
-        s.revived(&a, utc + chrono::Duration::seconds(1));
+        let (mut s, mut now, utc) = revived_once(&a);
         // Healthy (not a candidate) for the whole span: forgotten.
         for _ in 0..MAX_SPACING {
             now += INTERVAL;
