@@ -745,7 +745,7 @@ fn every_operation_documents_its_scope_errors_and_examples() {
                 if status >= 400 {
                     assert_eq!(
                         example["error"]["type"],
-                        if status == 405 || status == 400 {
+                        if matches!(status, 400 | 405 | 408) {
                             "invalid_request"
                         } else {
                             match status {
