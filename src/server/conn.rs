@@ -12,10 +12,13 @@
 use super::{ConnInfo, Handler};
 use crate::http::{Body, BoxError};
 use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use http_body::Frame;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -77,7 +80,31 @@ pub async fn serve<I, H>(
     });
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
-    let mut closing = false;
+    // The watchdog sits in its own waker's slot: a wake-up of the
+    // connection (several per request, one per streamed chunk) polls the
+    // connection only, and the watchdog runs when its own timer or the
+    // shutdown signal wakes it.
+    let mut watchdog = FuturesUnordered::new();
+    watchdog.push(close_when_due(activity, idle_timeout, shutdown));
+    let result = std::future::poll_fn(|cx| {
+        if let Poll::Ready(Some(())) = watchdog.poll_next_unpin(cx) {
+            conn.as_mut().graceful_shutdown();
+        }
+        conn.as_mut().poll(cx)
+    })
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Resolves when the connection should close gracefully: on `shutdown`, or
+/// once it has been idle for `idle_timeout`.
+async fn close_when_due(
+    activity: Arc<Activity>,
+    idle_timeout: Duration,
+    shutdown: CancellationToken,
+) {
     loop {
         // With a request open the connection is busy, whatever the stream
         // does; look again one period later.
@@ -87,22 +114,12 @@ pub async fn serve<I, H>(
             activity.idle_deadline(idle_timeout)
         };
         tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
-                }
-                return;
-            }
-            _ = shutdown.cancelled(), if !closing => {
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            _ = tokio::time::sleep_until(deadline), if !closing => {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(deadline) => {
                 let idle = activity.open_requests.load(Ordering::Relaxed) == 0
                     && activity.idle_deadline(idle_timeout) <= Instant::now();
                 if idle {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
+                    return;
                 }
             }
         }
