@@ -381,6 +381,26 @@ async fn each_provider_kind_gets_its_key_and_never_the_clients_credentials() {
 }
 
 #[tokio::test]
+async fn an_azure_deployment_below_a_base_path_is_the_answers_model() {
+    let mock = MockUpstream::start().await;
+    let base = format!("{}/apim", mock.url);
+    let gw = gateway_with(provider("azure", "azure_openai", &base, ""), "").await;
+    let a = post_with(
+        &gw,
+        "/azure/openai/deployments/gpt4o/chat/completions?api-version=2024-06-01",
+        &json!({"messages": [{"role": "user", "content": "hi"}]}),
+        &[],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(
+        mock.last().path_and_query,
+        "/apim/openai/deployments/gpt4o/chat/completions?api-version=2024-06-01"
+    );
+    assert_eq!(a.json()["model"], "gpt4o");
+}
+
+#[tokio::test]
 async fn credentials_are_swapped_toward_an_https_provider_too() {
     let ca = TestCa::new("keyrouter test upstream CA");
     let dir = tempfile::tempdir().unwrap();

@@ -131,7 +131,7 @@ impl ProxyApi {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         let body = self.bodies.read(body, declared).await?;
-        let peek = peek::peek_request(provider.kind, &parts.headers, routed.upstream.path(), &body);
+        let peek = peek::peek_request(provider.kind, &parts.headers, routed.rest(), &body);
 
         let mut tried: Vec<Arc<PoolKey>> = Vec::new();
         let mut last: Option<(ProxyError, bool)> = None;
