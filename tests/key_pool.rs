@@ -4,6 +4,7 @@
 
 mod common;
 
+use chrono::Utc;
 use common::records::{active_record, openai_provider};
 use keyrouter::keys::pool::KeyPool;
 use keyrouter::keys::{KeyEvent, KeyStatus, Vault};
@@ -109,5 +110,35 @@ fn a_refusal_that_stores_nothing_lets_the_store_rule_again() {
     // The write for this refusal stores nothing: the store rules again.
     pool.settled(&a.id, Instant::now());
     pool.reload(std::slice::from_ref(&a), &vault);
+    assert_eq!(ids(&pool), ["key_test000001"]);
+}
+
+#[test]
+fn a_held_key_keeps_its_cooldown_and_returns_once_its_refusal_is_dealt_with() {
+    let vault = vault();
+    let pool = KeyPool::new(&[openai_provider()]);
+    let a = active_record(1, &vault);
+    pool.reload(std::slice::from_ref(&a), &vault);
+    let until = Utc::now() + chrono::Duration::seconds(30);
+    pool.suspend("openai", &a.id, KeyEvent::RateLimited { until });
+    let cooling = |pool: &KeyPool| pool.snapshot("openai").unwrap().cooling.len();
+    assert_eq!(cooling(&pool), 1);
+    // An operator's label change lands first: the key stays out, and its
+    // cooldown still counts (429 with Retry-After, not 503).
+    let mut relabelled = a.clone();
+    relabelled.revision = 3;
+    pool.apply(&relabelled, &vault);
+    assert!(ids(&pool).is_empty());
+    assert_eq!(cooling(&pool), 1);
+    // The refusal's transition (revision 2) arrives late and changes
+    // nothing; its write ends, and the store (which moved on to revision
+    // 3, active) rules again.
+    let mut cooling_down = a.clone();
+    cooling_down.status = KeyStatus::CoolingDown { until };
+    cooling_down.revision = 2;
+    pool.apply(&cooling_down, &vault);
+    // (The write began after the refusal.)
+    pool.settled(&a.id, Instant::now());
+    pool.reload(std::slice::from_ref(&relabelled), &vault);
     assert_eq!(ids(&pool), ["key_test000001"]);
 }

@@ -119,7 +119,13 @@ impl Health {
     pub fn record(app: &Arc<App>, key: &KeyId, event: KeyEvent) {
         match app.health.writing.entry(key.clone()) {
             dashmap::Entry::Occupied(mut waiting) => {
-                waiting.insert(Some(event));
+                // A recovery noticed meanwhile (a cooldown over, a probe)
+                // does not replace a refusal waiting to be stored: the
+                // refusal is the newer news about the key.
+                let queued_refusal = waiting.get().is_some_and(|e| e.is_refusal());
+                if event.is_refusal() || !queued_refusal {
+                    waiting.insert(Some(event));
+                }
                 return;
             }
             dashmap::Entry::Vacant(slot) => {
@@ -163,21 +169,22 @@ impl Health {
 
 /// Reads the key, applies the transition and writes it with its audit event;
 /// retries on concurrent writes and, with backoff, while the store is down.
-/// When nothing is stored, the pool stops holding the key out on the strength
-/// of a refusal whose transition will not come.
+/// Then the pool stops holding the key out for the refusals this write dealt
+/// with, whether a transition was stored or not.
 async fn persist(app: &Arc<App>, id: &KeyId, event: KeyEvent) {
-    let started = tokio::time::Instant::now();
+    let started = std::time::Instant::now();
     let mut backoff = MIN_BACKOFF;
     loop {
         match try_persist(app, id, event).await {
-            Ok(Stored::Yes) => return,
-            Ok(Stored::Nothing) => return app.pool.settled(id, started.into_std()),
+            // Stored or not, the refusals made before this write began are
+            // dealt with: the pool follows the store for them again.
+            Ok(()) => return app.pool.settled(id, started),
             Err(StoreError::Stale) => continue,
             Err(e) => {
                 let e = app.store_failed("update_key", e);
                 if started.elapsed() > PERSIST_GIVE_UP {
                     tracing::error!(key_id = %id, error = %e, "key transition could not be stored; giving up");
-                    return app.pool.settled(id, started.into_std());
+                    return app.pool.settled(id, started);
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -186,25 +193,19 @@ async fn persist(app: &Arc<App>, id: &KeyId, event: KeyEvent) {
     }
 }
 
-/// Whether a transition was written.
-enum Stored {
-    Yes,
-    Nothing,
-}
-
-async fn try_persist(app: &Arc<App>, id: &KeyId, event: KeyEvent) -> Result<Stored, StoreError> {
+async fn try_persist(app: &Arc<App>, id: &KeyId, event: KeyEvent) -> Result<(), StoreError> {
     let Some(current) = app.store.get_key(id).await? else {
-        return Ok(Stored::Nothing);
+        return Ok(());
     };
     let Ok(next_status) = transition(current.status, event) else {
         // Already moved on (another replica, an operator): nothing to do.
-        return Ok(Stored::Nothing);
+        return Ok(());
     };
     let (from, to) = (current.status.state(), next_status.state());
     if from == to {
         // A second 429 for a key that is already resting: the first
         // cooldown stands, and no transition happened.
-        return Ok(Stored::Nothing);
+        return Ok(());
     }
     let audit = AuditEvent::new(EventKind::KeyStateChanged, Actor::Router, id.as_str())
         .transition(from, to)
@@ -226,5 +227,5 @@ async fn try_persist(app: &Arc<App>, id: &KeyId, event: KeyEvent) -> Result<Stor
     );
     app.pool.apply(&next, &app.vault);
     let _ = app.refresh_key_gauges().await;
-    Ok(Stored::Yes)
+    Ok(())
 }

@@ -236,9 +236,11 @@ impl KeyPool {
         );
         slot.rcu(|current| {
             let mut next = current.without(&record.id);
-            if refused_at.is_none()
-                && let Some(e) = entry(record, *kind, &current.keys, vault)
-            {
+            if refused_at.is_some() {
+                // Still held out: a cooldown the refusal started still counts.
+                let cooling = current.cooling.iter().find(|(id, _)| id == &record.id);
+                next.cooling.extend(cooling.cloned());
+            } else if let Some(e) = entry(record, *kind, &current.keys, vault) {
                 next.keys.push(e);
             }
             if let Some(until) = record.status.cooldown_until() {
@@ -252,8 +254,7 @@ impl KeyPool {
     /// transition is stored (a rate-limited key joins the cooling list). A
     /// key that is no longer in the pool (revoked meanwhile) stays out.
     /// Reloads (and writes that leave it usable) keep it out until the
-    /// stored transition is applied, or [`KeyPool::settled`] says none will
-    /// be.
+    /// write that deals with the refusal ends ([`KeyPool::settled`]).
     pub fn suspend(&self, provider_id: &str, id: &KeyId, event: KeyEvent) {
         let Some((_, slot)) = self.providers.get(provider_id) else {
             return;
@@ -283,9 +284,10 @@ impl KeyPool {
         });
     }
 
-    /// The refusals of `id` up to `until` will not be stored (the key had
-    /// moved on, or the store stayed unreachable): unless it was refused
-    /// again since, the store's view of the key rules again.
+    /// The refusals of `id` made before `until` are dealt with: their
+    /// transition is stored, or none will be (the key had moved on, the
+    /// store stayed unreachable). Unless the key was refused again since,
+    /// the store's view of it rules again.
     pub fn settled(&self, id: &KeyId, until: Instant) {
         if let Some(a) = self.ahead().get_mut(id)
             && a.refused_at.is_some_and(|at| at <= until)

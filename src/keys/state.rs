@@ -106,6 +106,15 @@ pub enum KeyEvent {
 }
 
 impl KeyEvent {
+    /// A provider's refusal of the key (which the router holds the key out
+    /// for until it is stored).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            KeyEvent::RateLimited { .. } | KeyEvent::QuotaExhausted | KeyEvent::Rejected
+        )
+    }
+
     /// The audit record's `reason` for a transition caused by this event.
     pub fn reason(&self) -> &'static str {
         match self {
