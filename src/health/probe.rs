@@ -11,7 +11,8 @@
 //! next request, and is probed back again. Each such relapse doubles the
 //! spacing of that key's probes, up to [`MAX_SPACING`] intervals, so a key
 //! that cannot serve stops flapping (and filling the audit log) at every
-//! interval; a key that stays healthy for that long starts afresh.
+//! interval; a key whose probe is refused outright (401, 402, 403), or that
+//! stays healthy for that long, is probed every interval again.
 
 use super::Health;
 use crate::app::App;
@@ -127,7 +128,11 @@ async fn probe_pass(
             }
             Ok(resp) => {
                 tracing::debug!(key_id = %record.id, status = resp.status().as_u16(), "probe refused");
-                schedule.refused(&record.id);
+                // Refused outright (not a passing 429 or 5xx): the key is
+                // failing, not flapping.
+                if matches!(resp.status().as_u16(), 401..=403) {
+                    schedule.refused(&record.id);
+                }
             }
             Err(e) => tracing::debug!(key_id = %record.id, error = e.as_str(), "probe failed"),
         }
