@@ -16,7 +16,8 @@ use common::answer::Answer;
 use common::mock_upstream::{Behaviour, MockUpstream, key_fragment};
 use common::{TestGateway, sign_jwt};
 use keyrouter::audit::EventKind;
-use keyrouter::keys::KeyState;
+use keyrouter::health::Health;
+use keyrouter::keys::{KeyEvent, KeyState};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
@@ -959,6 +960,32 @@ async fn client_tokens_are_checked_limited_and_never_forwarded() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn a_refusal_waiting_to_be_stored_is_not_replaced_by_a_recovery() {
+    const KEY: &str = "sk-router-queued-refusal-0TTTT";
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "", "").await;
+    let id = register(&gw, KEY, json!({})).await;
+    let key = keyrouter::keys::KeyId::parse(&id).unwrap();
+    let app = gw.app();
+    // Three reports before the first write can run (nothing awaits in
+    // between): a 429 being written, an exhausted quota waiting behind it,
+    // and a cooldown seen ending meanwhile.
+    let until = Utc::now() + chrono::Duration::seconds(60);
+    Health::record(app, &key, KeyEvent::RateLimited { until });
+    Health::record(app, &key, KeyEvent::QuotaExhausted);
+    Health::record(app, &key, KeyEvent::CooldownOver);
+    gw.wait_for_key_state(&id, KeyState::Exhausted, TRANSITION)
+        .await;
+    assert_eq!(
+        transitions(&gw, &id).await,
+        [
+            router_event("active", "cooling_down", "upstream_rate_limited"),
+            router_event("cooling_down", "exhausted", "upstream_quota_exhausted"),
+        ]
+    );
 }
 
 // ---------------------------------------------------------------------------
