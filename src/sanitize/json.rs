@@ -388,13 +388,9 @@ fn write_object(members: &Members, kind: Kind, rw: &Rewrite, out: &mut Vec<u8>, 
         }
         first = false;
         match key {
-            // Borrowed means written without escapes in the document: its
-            // bytes are the member name's JSON text as it is.
-            Cow::Borrowed(name) => {
-                out.push(b'"');
-                out.extend_from_slice(name.as_bytes());
-                out.push(b'"');
-            }
+            // Borrowed means written without escapes in the document: no
+            // need to look for characters to escape.
+            Cow::Borrowed(name) => write_quoted(out, name),
             Cow::Owned(name) => write_str(out, name),
         }
         out.push(b':');
@@ -472,13 +468,18 @@ fn write_new_id(out: &mut Vec<u8>, raw: &RawValue, suffix: &str) {
     out.push(b'"');
 }
 
+/// Writes `s`, which needs no escapes, between quotes.
+fn write_quoted(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
+}
+
 /// Writes `s` as a JSON string. Names and ids almost never need escapes,
 /// so they are copied as they are when they need none.
 fn write_str(out: &mut Vec<u8>, s: &str) {
     if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
+        write_quoted(out, s);
     } else {
         serde_json::to_writer(out, s).expect("a str always serializes into a Vec");
     }
