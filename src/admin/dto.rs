@@ -1019,23 +1019,12 @@ mod tests {
     fn sample_key() -> KeyRecord {
         let t = DateTime::from_timestamp(1_795_429_800, 123_456_000).unwrap();
         KeyRecord {
-            id: KeyId::parse("key_7f3k2m9q").unwrap(),
-            provider_id: "openai".into(),
-            label: None,
-            status: crate::keys::KeyStatus::Active,
-            state_reason: None,
-            limits: Limits::default(),
-            weight: 1,
-            fingerprint: "sha256:9c1d44e0".into(),
             metadata: BTreeMap::from([("owner".into(), "team-a".into())]),
-            created_at: t,
-            updated_at: t,
-            state_changed_at: t,
-            revision: 1,
             sealed: Some(crate::keys::SealedMaterial::from_token(
                 "gAAAAAtoken".into(),
             )),
             material_hash: Some("abcdef".into()),
+            ..KeyRecord::sample("key_7f3k2m9q", t)
         }
     }
 

@@ -263,8 +263,7 @@ fn probe_uri(p: &ProviderConfig) -> Result<Uri, http::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::{KeyStatus, Limits};
-    use std::collections::BTreeMap;
+    use crate::keys::KeyStatus;
 
     const INTERVAL: Duration = Duration::from_secs(10);
 
@@ -275,21 +274,8 @@ mod tests {
     /// `id`, exhausted since `since`.
     fn failing(id: &KeyId, since: DateTime<Utc>) -> KeyRecord {
         KeyRecord {
-            id: id.clone(),
-            provider_id: "openai".into(),
-            label: None,
             status: KeyStatus::Exhausted,
-            state_reason: None,
-            limits: Limits::default(),
-            weight: 1,
-            fingerprint: "sha256:00000000".into(),
-            metadata: BTreeMap::new(),
-            created_at: since,
-            updated_at: since,
-            state_changed_at: since,
-            revision: 1,
-            sealed: None,
-            material_hash: None,
+            ..KeyRecord::sample(id.as_str(), since)
         }
     }
 

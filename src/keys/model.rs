@@ -97,3 +97,28 @@ pub struct KeyRecord {
     /// so the same material may be registered again.
     pub material_hash: Option<String>,
 }
+
+#[cfg(test)]
+impl KeyRecord {
+    /// An active `openai` key at revision 1 for unit tests, every time set
+    /// to `at`, with no material.
+    pub(crate) fn sample(id: &str, at: DateTime<Utc>) -> KeyRecord {
+        KeyRecord {
+            id: KeyId::parse(id).expect("a well-formed key id"),
+            provider_id: "openai".into(),
+            label: None,
+            status: KeyStatus::Active,
+            state_reason: None,
+            limits: Limits::default(),
+            weight: 1,
+            fingerprint: "sha256:9c1d44e0".into(),
+            metadata: BTreeMap::new(),
+            created_at: at,
+            updated_at: at,
+            state_changed_at: at,
+            revision: 1,
+            sealed: None,
+            material_hash: None,
+        }
+    }
+}
