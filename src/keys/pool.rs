@@ -158,15 +158,16 @@ impl KeyPool {
             .iter()
             .map(|(provider_id, (kind, slot))| {
                 let current = slot.load();
+                let previous = by_id(&current.keys);
                 let mine = records
                     .iter()
                     .filter(|r| &r.provider_id == provider_id)
-                    .map(|r| (r, entry(r, *kind, &current.keys, vault)))
+                    .map(|r| (r, entry(r, *kind, previous.get(&r.id).copied(), vault)))
                     .collect();
                 (slot, mine)
             })
             .collect();
-        let by_id: HashMap<&KeyId, &KeyRecord> = records.iter().map(|r| (&r.id, r)).collect();
+        let read: HashMap<&KeyId, &KeyRecord> = records.iter().map(|r| (&r.id, r)).collect();
 
         let mut ahead = self.ahead();
         let now = Instant::now();
@@ -174,15 +175,14 @@ impl KeyPool {
         // Whether this replica holds something newer for `id` than the read.
         let is_ahead = |id: &KeyId| {
             ahead.get(id).is_some_and(|a| {
-                a.refused_at.is_some() || by_id.get(id).is_none_or(|r| r.revision < a.revision)
+                a.refused_at.is_some() || read.get(id).is_none_or(|r| r.revision < a.revision)
             })
         };
         for (slot, mine) in built {
             let current = slot.load();
             // An entry published meanwhile for the same revision is the one
             // requests hold counters in.
-            let published: HashMap<&KeyId, &Arc<PoolKey>> =
-                current.keys.iter().map(|k| (&k.id, k)).collect();
+            let published = by_id(&current.keys);
             let fresh = || mine.iter().filter(|(r, _)| !is_ahead(&r.id));
             let keys = fresh()
                 .filter_map(|(r, e)| match published.get(&r.id) {
@@ -240,8 +240,9 @@ impl KeyPool {
                 // Still held out: a cooldown the refusal started still counts.
                 let cooling = current.cooling.iter().find(|(id, _)| id == &record.id);
                 next.cooling.extend(cooling.cloned());
-            } else if let Some(e) = entry(record, *kind, &current.keys, vault) {
-                next.keys.push(e);
+            } else {
+                let previous = current.keys.iter().find(|k| k.id == record.id);
+                next.keys.extend(entry(record, *kind, previous, vault));
             }
             if let Some(until) = record.status.cooldown_until() {
                 next.cooling.push((record.id.clone(), until));
@@ -297,17 +298,24 @@ impl KeyPool {
     }
 }
 
-/// The pool entry for a record, if the key is active and its material opens.
+/// A provider's entries by key id, so a reload finds each key's previous
+/// entry without a search per key.
+fn by_id(keys: &[Arc<PoolKey>]) -> HashMap<&KeyId, &Arc<PoolKey>> {
+    keys.iter().map(|k| (&k.id, k)).collect()
+}
+
+/// The pool entry for a record, if the key is active and its material opens;
+/// `previous` (the key's entry now, if any) is reused when its revision is
+/// the record's, and otherwise hands its counters on.
 fn entry(
     record: &KeyRecord,
     kind: ProviderKind,
-    current: &[Arc<PoolKey>],
+    previous: Option<&Arc<PoolKey>>,
     vault: &Vault,
 ) -> Option<Arc<PoolKey>> {
     if record.status.state() != KeyState::Active {
         return None;
     }
-    let previous = current.iter().find(|k| k.id == record.id);
     if let Some(same) = previous.filter(|k| k.revision == record.revision) {
         return Some(same.clone());
     }
