@@ -5,11 +5,18 @@
 # keyrouter's ratios; then streaming time-to-first-byte (direct vs keyrouter)
 # and keyrouter's peak RSS with KEYS registered keys. Each run also reports
 # the CPU time (user + system) the serving process spent per request: the
-# mock's for direct, the proxy's own (mock excluded) for nginx and keyrouter.
+# mock's for direct, the proxy's own (mock excluded) for nginx and keyrouter;
+# and the share of the machine's CPU time the hypervisor took meanwhile
+# (steal), which makes runs on a busy host slower and noisier.
 #
-# On a machine with 2+ cores the load generator runs on CPU 0 and the servers
-# (mock upstream, nginx or keyrouter) share CPU 1, as in the reference
-# measurements. Knobs: ROUNDS (3), DURATION (10s), CONNS (64), KEYS (1000),
+# LAYOUT picks how the processes share the machine's cores:
+#   split (default on 2+ cores): the load generator runs on CPU 0 and the
+#     servers (mock upstream, nginx or keyrouter) share CPU 1; nginx runs one
+#     worker and keyrouter one worker thread.
+#   shared: nothing is pinned; load generator, mock and proxy share every
+#     core, nginx runs one worker per core and keyrouter one worker thread
+#     per core (its default).
+# Other knobs: ROUNDS (3), DURATION (10s), CONNS (64), KEYS (1000),
 # LIMITS (unset; "on" registers every key with rpm/tpm/max_concurrent limits
 # high enough never to refuse, so the limiter's cost is measured).
 set -euo pipefail
@@ -27,10 +34,23 @@ UP_PORT=19000 NG_PORT=19001 KR_PORT=19002 KR_ADMIN=19003 KR_OPS=19004
 command -v wrk >/dev/null || { echo "wrk is not installed (Debian: apt-get install wrk)" >&2; exit 1; }
 command -v curl >/dev/null || { echo "curl is not installed" >&2; exit 1; }
 
+for port in $UP_PORT $NG_PORT $KR_PORT $KR_ADMIN $KR_OPS; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "port $port is in use: stop what listens there first" >&2; exit 1
+  fi
+done
+
 cargo build --release --features load-bench --bin keyrouter --bin keyrouter-mock-upstream
 BIN="$TARGET_DIR/release"
 
-if [ "$(nproc)" -ge 2 ]; then LOADCPU="taskset -c 0"; SRVCPU="taskset -c 1"; else LOADCPU=""; SRVCPU=""; fi
+LAYOUT=${LAYOUT:-split}
+[ "$(nproc)" -ge 2 ] || LAYOUT=shared
+case $LAYOUT in
+  split) LOADCPU="taskset -c 0"; SRVCPU="taskset -c 1"; WORKERS=1 ;;
+  shared) LOADCPU=""; SRVCPU=""; WORKERS=$(nproc) ;;
+  *) echo "LAYOUT must be split or shared" >&2; exit 1 ;;
+esac
+echo "layout: $LAYOUT ($WORKERS proxy worker(s))"
 WORK=$(mktemp -d)
 chmod 755 "$WORK"
 PIDS=()
@@ -69,7 +89,7 @@ level = "warn"
 EOF
 ADMIN_KEY="bench-admin-key-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 KEYROUTER_FERNET_KEYS="$("$BIN/keyrouter" gen-fernet-key)" KEYROUTER_ADMIN_API_KEY="$ADMIN_KEY" \
-  TOKIO_WORKER_THREADS=1 $SRVCPU "$BIN/keyrouter" serve --config "$WORK/keyrouter.toml" 2>"$WORK/keyrouter.log" &
+  TOKIO_WORKER_THREADS=$WORKERS $SRVCPU "$BIN/keyrouter" serve --config "$WORK/keyrouter.toml" 2>"$WORK/keyrouter.log" &
 KR_PID=$!
 PIDS+=($KR_PID)
 wait_http "http://127.0.0.1:$KR_OPS/readyz"
@@ -92,7 +112,7 @@ NGINX=$(command -v nginx || true)
 if [ -z "$NGINX" ] && [ -x /usr/sbin/nginx ]; then NGINX=/usr/sbin/nginx; fi
 if [ -n "$NGINX" ]; then
   USER_LINE=""; [ "$(id -u)" = 0 ] && USER_LINE="user root;"
-  { echo "$USER_LINE"; sed -e "s#@DIR@#$WORK#g" -e "s#@NGINX_PORT@#$NG_PORT#g" -e "s#@UPSTREAM_PORT@#$UP_PORT#g" benches/load/nginx.conf; } > "$WORK/nginx.conf"
+  { echo "$USER_LINE"; sed -e "s#@DIR@#$WORK#g" -e "s#@NGINX_PORT@#$NG_PORT#g" -e "s#@UPSTREAM_PORT@#$UP_PORT#g" -e "s#@WORKERS@#$WORKERS#g" benches/load/nginx.conf; } > "$WORK/nginx.conf"
   $SRVCPU "$NGINX" -p "$WORK" -c "$WORK/nginx.conf" &
   NG_PID=$!
   PIDS+=($NG_PID)
@@ -119,6 +139,8 @@ pids_of() {
     keyrouter) echo "$KR_PID" ;;
   esac
 }
+# The machine's CPU time taken by the hypervisor, and all CPU time, in ticks.
+cpu_steal() { awk '$1=="cpu" {t=0; for (i=2; i<=NF; i++) t+=$i; print $9, t}' /proc/stat; }
 cpu_ticks() { for p in $(pids_of "$1"); do awk '{print $14 + $15}' "/proc/$p/stat"; done | awk '{t += $1} END {print t + 0}'; }
 TICKS_PER_S=$(getconf CLK_TCK)
 
@@ -132,8 +154,11 @@ for t in $TARGETS; do $LOADCPU wrk -t1 -c"$CONNS" -d2s -s benches/load/chat.lua 
 for r in $(seq 1 "$ROUNDS"); do
   for t in $TARGETS; do
     ticks=$(cpu_ticks "$t")
+    read -r steal0 all0 < <(cpu_steal)
     out=$($LOADCPU wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s benches/load/chat.lua "$(url_of "$t")")
     ticks=$(( $(cpu_ticks "$t") - ticks ))
+    read -r steal1 all1 < <(cpu_steal)
+    steal=$(awk -v s=$((steal1 - steal0)) -v a=$((all1 - all0)) 'BEGIN {printf "%.0f", a ? 100 * s / a : 0}')
     requests=$(echo "$out" | awk '/requests in/ {print $1}')
     cpu=$(awk -v t="$ticks" -v hz="$TICKS_PER_S" -v n="$requests" 'BEGIN {printf "%.1f", n ? t / hz / n * 1e6 : 0}')
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
@@ -141,7 +166,7 @@ for r in $(seq 1 "$ROUNDS"); do
     p99=$(echo "$out" | awk '$1=="99%" {print $2}' | to_ms)
     non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
     echo "$t $rps $p50 $p99 $cpu" >> "$RESULTS"
-    printf 'round %d %-9s %10.0f req/s  p50 %7.3f ms  p99 %7.3f ms  cpu %5.1f us/req %s\n' "$r" "$t" "$rps" "$p50" "$p99" "$cpu" "${non2xx:+ NON-2XX: $non2xx}"
+    printf 'round %d %-9s %10.0f req/s  p50 %7.3f ms  p99 %7.3f ms  cpu %5.1f us/req  steal %3d%%%s\n' "$r" "$t" "$rps" "$p50" "$p99" "$cpu" "$steal" "${non2xx:+  NON-2XX: $non2xx}"
   done
 done
 
