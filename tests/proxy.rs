@@ -12,8 +12,8 @@ use common::answer::{Answer, assert_error_shape};
 use common::mock_upstream::{
     ANTHROPIC_ID, ANTHROPIC_MODEL, FILE_ID, FINE_TUNED_MODEL, FINE_TUNING_JOB_ID,
     GEMINI_MODEL_VERSION, GEMINI_RESPONSE_ID, LEAKED_KEY, MODEL_OWNER_USER, MockUpstream,
-    ORGANIZATION, PROVIDER_HEADERS, PROVIDER_ID, PROVIDER_MODEL, Received, STREAM_DECORATION,
-    file_object,
+    OLLAMA_MODEL, ORGANIZATION, PROVIDER_HEADERS, PROVIDER_ID, PROVIDER_MODEL, Received,
+    STREAM_DECORATION, file_object,
 };
 use common::tls::TestCa;
 use serde_json::{Value, json};
@@ -1154,6 +1154,75 @@ async fn stream_comments_lose_their_text_and_event_ids_go() {
         assert_eq!(comments, 7, "{}", a.text);
         assert!(lines.iter().all(|l| !l.starts_with(':') || *l == ":"));
         assert_eq!(lines.iter().filter(|l| **l == "retry: 3000").count(), 1);
+    }
+}
+
+#[tokio::test]
+async fn ollama_native_answers_get_the_asked_model_and_count_tokens() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway_with(provider("ollama", "openai_compatible", &mock.url, ""), "").await;
+    gw.register_key("ollama", "ollama-key-0123456789").await;
+    let asked = |stream: Option<bool>| {
+        let mut body =
+            json!({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]});
+        if let Some(s) = stream {
+            body["stream"] = s.into();
+        }
+        body
+    };
+    // Ollama streams unless told not to; every line gets the asked model.
+    for (path, text_of) in [
+        ("/ollama/api/chat", "/message/content"),
+        ("/ollama/api/generate", "/response"),
+    ] {
+        let a = post(&gw, path, &asked(None)).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        assert_eq!(a.header("content-type"), Some("application/x-ndjson"));
+        assert!(!a.text.contains(OLLAMA_MODEL), "{}", a.text);
+        let lines: Vec<Value> = a
+            .text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3, "{}", a.text);
+        let text: String = lines
+            .iter()
+            .filter_map(|l| l.pointer(text_of)?.as_str())
+            .collect();
+        assert_eq!(text, "Hello world");
+        assert!(lines.iter().all(|l| l["model"] == "llama3.2"), "{}", a.text);
+        assert_eq!(lines[2]["done"], true);
+        assert_eq!(
+            (
+                lines[2]["prompt_eval_count"].clone(),
+                lines[2]["eval_count"].clone()
+            ),
+            (json!(26), json!(2))
+        );
+    }
+    let whole = post(&gw, "/ollama/api/chat", &asked(Some(false))).await;
+    assert_eq!(whole.status, 200, "{}", whole.text);
+    assert_eq!(whole.json()["model"], "llama3.2");
+    assert_eq!(whole.json()["message"]["content"], "Hello world");
+    let embed = post(
+        &gw,
+        "/ollama/api/embed",
+        &json!({"model": "all-minilm", "input": "hi"}),
+    )
+    .await;
+    assert_eq!(embed.status, 200, "{}", embed.text);
+    assert_eq!(embed.json()["model"], "all-minilm");
+    assert!(!embed.text.contains(OLLAMA_MODEL), "{}", embed.text);
+
+    // Three answers of 26 + 2 tokens, and the embedding's 8.
+    for (kind, tokens) in [("prompt", 3.0 * 26.0 + 8.0), ("completion", 3.0 * 2.0)] {
+        eventually_metric(
+            &gw,
+            "keyrouter_tokens_total",
+            &[("provider", "ollama"), ("kind", kind)],
+            tokens,
+        )
+        .await;
     }
 }
 

@@ -9,6 +9,10 @@
 //! - a Gemini `generateContent` answer gets a keyrouter `responseId`, the
 //!   requested model as `modelVersion`, and its `usageMetadata` counted;
 //! - an embeddings list gets the requested `model` (its items carry no id);
+//! - an Ollama native answer (`/api/chat`, `/api/generate`, `/api/embed`:
+//!   untyped, with a `done` flag or a `prompt_eval_count`) gets the
+//!   requested `model` (it carries no id), and its token counts
+//!   (`prompt_eval_count`, `eval_count`) are counted;
 //! - a resource (any other `object`: a model, file, batch, fine-tuning job,
 //!   assistant, thread, run, ...) keeps its `id` and `model`, which the
 //!   client reuses in later calls (`gpt-4o`, `file-abc`, `ftjob-abc`); a
@@ -60,14 +64,16 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Reads the counts of a `usage` / `usageMetadata` object, whose members
-    /// are already split (the object is walked for output anyway).
+    /// Reads the counts of a `usage` / `usageMetadata` object (or of an
+    /// Ollama answer, which carries them among its own members), whose
+    /// members are already split (the object is walked for output anyway).
     fn absorb(&mut self, members: &Members) {
         let count = |name: &str| members.get(name).and_then(|v| v.get().parse::<u64>().ok());
         // OpenAI, Anthropic and Gemini spellings of the same counts.
         let prompt = count("prompt_tokens")
             .or_else(|| count("input_tokens"))
-            .or_else(|| count("promptTokenCount"));
+            .or_else(|| count("promptTokenCount"))
+            .or_else(|| count("prompt_eval_count"));
         // Gemini's thinking tokens are output tokens apart from the answer's
         // (billed as output; OpenAI's `completion_tokens` include its
         // reasoning tokens the same way).
@@ -77,7 +83,8 @@ impl Usage {
         };
         let completion = count("completion_tokens")
             .or_else(|| count("output_tokens"))
-            .or(gemini_output);
+            .or(gemini_output)
+            .or_else(|| count("eval_count"));
         self.prompt = self.prompt.max(prompt.unwrap_or(0));
         self.completion = self.completion.max(completion.unwrap_or(0));
     }
@@ -187,6 +194,9 @@ enum Kind {
     Gemini,
     /// An embeddings list: requested `model`, `usage` counted; no id.
     Embeddings,
+    /// An Ollama native answer: requested `model`, the counts among its
+    /// own members counted (and dropped with `strip_usage`); no id.
+    Ollama,
     /// A list of resources (`object: "list"`): each item of `data` is walked.
     List,
     /// A resource (any other `object`): `id` and `model` kept, and its
@@ -232,6 +242,14 @@ impl Kind {
         ];
         if members.0.iter().any(|(k, _)| gemini.contains(&k.as_ref())) {
             return Kind::Gemini;
+        }
+        // Nor do Ollama's native answers: a stream line or answer has a
+        // `done` flag, an embeddings answer the prompt's count.
+        let done_flag = members
+            .get("done")
+            .is_some_and(|d| matches!(d.get(), "true" | "false"));
+        if done_flag || members.get("prompt_eval_count").is_some() {
+            return Kind::Ollama;
         }
         Kind::Other
     }
@@ -352,9 +370,9 @@ fn member<'r>(
         (Kind::Answer, "id") => Member::NewId(raw),
         // Gemini ids have no type prefix to keep.
         (Kind::Gemini, "responseId") => Member::Text(rw.id_suffix),
-        (Kind::Answer | Kind::Embeddings, "model") | (Kind::Gemini, "modelVersion") => {
-            rw.model.map_or(Member::Dropped, Member::Text)
-        }
+        (Kind::Answer | Kind::Embeddings | Kind::Ollama, "model")
+        | (Kind::Gemini, "modelVersion") => rw.model.map_or(Member::Dropped, Member::Text),
+        (Kind::Ollama, "prompt_eval_count" | "eval_count") if rw.strip_usage => Member::Dropped,
         (Kind::Answer | Kind::Embeddings | Kind::Other, "usage")
         | (Kind::Gemini, "usageMetadata") => {
             if rw.strip_usage {
@@ -376,6 +394,10 @@ fn member<'r>(
 /// Writes an object's members, each as [`member`] decides, straight into
 /// `out` (no buffer per member).
 fn write_object(members: &Members, kind: Kind, rw: &Rewrite, out: &mut Vec<u8>, usage: &mut Usage) {
+    if kind == Kind::Ollama {
+        // Its counts are members of the answer itself, not of a `usage`.
+        usage.absorb(members);
+    }
     out.push(b'{');
     let mut first = true;
     for (key, raw) in &members.0 {
@@ -791,6 +813,58 @@ mod tests {
         assert_eq!(run(&block, Some("m"), false).0, block);
         let item = json!({"type": "response.output_item.added", "output_index": 0, "item": {"id": "fc_01", "type": "function_call", "call_id": "call_1"}});
         assert_eq!(run(&item, Some("m"), false).0, item);
+    }
+
+    #[test]
+    fn ollama_native_answers_get_the_asked_model_and_count_tokens() {
+        let token = json!({
+            "model": "llama3.2:3b-instruct-q4_K_M", "created_at": "2026-11-23T10:30:00.1Z",
+            "message": {"role": "assistant", "content": "Hel"}, "done": false
+        });
+        let (v, usage) = run(&token, Some("llama3.2"), false);
+        assert_eq!(v["model"], "llama3.2");
+        assert_eq!(v["message"], token["message"]);
+        assert_eq!(v["done"], false);
+        assert_eq!(usage, Usage::default());
+
+        let last = json!({
+            "model": "llama3.2:3b-instruct-q4_K_M", "created_at": "2026-11-23T10:30:00.2Z",
+            "response": "", "done": true, "done_reason": "stop", "context": [1, 2, 3],
+            "total_duration": 4883583458u64, "prompt_eval_count": 26, "eval_count": 282
+        });
+        let counted = Usage {
+            prompt: 26,
+            completion: 282,
+        };
+        let (v, usage) = run(&last, Some("llama3.2"), false);
+        assert_eq!(v["model"], "llama3.2");
+        assert_eq!(
+            (v["prompt_eval_count"].clone(), v["eval_count"].clone()),
+            (json!(26), json!(282))
+        );
+        assert_eq!(v["context"], last["context"]);
+        assert_eq!(v["total_duration"], last["total_duration"]);
+        assert_eq!(usage, counted);
+
+        // Counted all the same when the counts leave the answer.
+        let (v, usage) = run(&last, Some("llama3.2"), true);
+        assert!(
+            v.get("prompt_eval_count").is_none() && v.get("eval_count").is_none(),
+            "{v}"
+        );
+        assert_eq!(usage, counted);
+
+        let embed = json!({
+            "model": "all-minilm:l6-v2", "embeddings": [[0.1, -0.2]], "prompt_eval_count": 8
+        });
+        let (v, usage) = run(&embed, Some("all-minilm"), false);
+        assert_eq!(v["model"], "all-minilm");
+        assert_eq!(v["embeddings"], embed["embeddings"]);
+        assert_eq!(usage.prompt, 8);
+
+        // A `done` that is not a flag is someone else's member.
+        let other = json!({"model": "kept", "done": "yes"});
+        assert_eq!(run(&other, Some("asked"), false).0, other);
     }
 
     #[test]

@@ -25,6 +25,9 @@
 //!   lines, a `retry:` hint;
 //! - `x-mock-lines: ndjson` (or `jsonl`) answers the chat stream as JSON
 //!   lines (`application/x-ndjson` or `application/jsonl`);
+//! - Ollama's native API (`/api/chat`, `/api/generate`, `/api/embed`)
+//!   answers as Ollama does: JSON lines unless the body says
+//!   `"stream":false`;
 //! - `x-mock-stream-error: 1` ends a chat or message stream, after its
 //!   first event, with an error event quoting the served key's start and
 //!   end ([`key_edges_message`]);
@@ -195,6 +198,8 @@ pub const ANTHROPIC_MODEL: &str = "claude-3-5-sonnet-20241022";
 /// The Gemini model version and response id in the mock's answers.
 pub const GEMINI_MODEL_VERSION: &str = "gemini-1.5-pro-002";
 pub const GEMINI_RESPONSE_ID: &str = "mAitaLmkHPPlzPROVIDERID";
+/// The model tag an Ollama server names in its native answers.
+pub const OLLAMA_MODEL: &str = "llama3.2:3b-instruct-q4_K_M";
 /// The mock's 400 message quotes this key-like string.
 pub const LEAKED_KEY: &str = "sk-proj-LEAKEDKEY0123456789abcdef";
 
@@ -626,6 +631,24 @@ fn answer_for(
     let stream = contains(b"\"stream\":true") || contains(b"\"stream\": true");
     let path = parts.uri.path();
     let anthropic = path.ends_with("/messages");
+    if let Some(endpoint) = path.strip_prefix("/api/") {
+        let streamed_lines = !(contains(b"\"stream\":false") || contains(b"\"stream\": false"));
+        return match endpoint {
+            "embed" => json(ollama_embed().to_string().into()),
+            "chat" | "generate" if streamed_lines => streamed(
+                "application/x-ndjson",
+                ollama_lines(endpoint == "generate"),
+                pacing,
+                streams,
+            ),
+            "chat" | "generate" => json(
+                ollama_answer(endpoint == "generate", "Hello world")
+                    .to_string()
+                    .into(),
+            ),
+            _ => error_response(StatusCode::NOT_FOUND, false),
+        };
+    }
     match (path, stream) {
         (p, true) if p.ends_with("/chat/completions") => sse(openai_chunks(), pacing, streams),
         (p, true) if p.ends_with("/messages") => sse(anthropic_events(), pacing, streams),
@@ -928,6 +951,58 @@ pub fn json_lines() -> Vec<String> {
         last.pop();
     }
     lines
+}
+
+/// An Ollama native chat (or, with `generate`, generate) answer carrying
+/// `text`; with an empty text, a stream's first line before the last.
+fn ollama_line(generate: bool, text: &str, done: bool) -> serde_json::Value {
+    let mut line = serde_json::json!({
+        "model": OLLAMA_MODEL, "created_at": "2026-11-23T10:30:00.123456789Z", "done": done
+    });
+    if generate {
+        line["response"] = text.into();
+    } else {
+        line["message"] = serde_json::json!({"role": "assistant", "content": text});
+    }
+    line
+}
+
+/// The whole answer: the last line of a stream, with its counts.
+fn ollama_answer(generate: bool, text: &str) -> serde_json::Value {
+    let mut last = ollama_line(generate, text, true);
+    for (k, v) in [
+        ("done_reason", serde_json::json!("stop")),
+        ("total_duration", 4883583458u64.into()),
+        ("load_duration", 1334875.into()),
+        ("prompt_eval_count", 26.into()),
+        ("prompt_eval_duration", 342546000.into()),
+        ("eval_count", 2.into()),
+        ("eval_duration", 4535599000u64.into()),
+    ] {
+        last[k] = v;
+    }
+    if generate {
+        last["context"] = serde_json::json!([128006, 882, 128007]);
+    }
+    last
+}
+
+/// An Ollama native stream: a line per word, then the last line (empty
+/// text, the counts).
+pub fn ollama_lines(generate: bool) -> Vec<String> {
+    let words = ["Hello", " world"].map(|w| ollama_line(generate, w, false));
+    words
+        .iter()
+        .chain([&ollama_answer(generate, "")])
+        .map(|line| format!("{line}\n"))
+        .collect()
+}
+
+fn ollama_embed() -> serde_json::Value {
+    serde_json::json!({
+        "model": OLLAMA_MODEL, "embeddings": [[0.010071029, -0.0017594862, 0.05007221]],
+        "total_duration": 14143917, "load_duration": 1019500, "prompt_eval_count": 8
+    })
 }
 
 /// The message of the mock's stream error events: it quotes the first six
