@@ -1224,6 +1224,28 @@ async fn ollama_native_answers_get_the_asked_model_and_count_tokens() {
         )
         .await;
     }
+
+    // With `strip_usage` the counts leave the answer and are still counted.
+    let stripping = gateway_with(
+        provider("ollama", "openai_compatible", &mock.url, ""),
+        "[sanitize]\nstrip_usage = true\n",
+    )
+    .await;
+    stripping
+        .register_key("ollama", "ollama-key-0123456789")
+        .await;
+    let a = post(&stripping, "/ollama/api/chat", &asked(None)).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let last: Value = serde_json::from_str(a.text.lines().last().unwrap()).unwrap();
+    assert_eq!(last["done"], true, "{}", a.text);
+    assert!(!a.text.contains("eval_count"), "{}", a.text);
+    eventually_metric(
+        &stripping,
+        "keyrouter_tokens_total",
+        &[("provider", "ollama"), ("kind", "prompt")],
+        26.0,
+    )
+    .await;
 }
 
 #[tokio::test]

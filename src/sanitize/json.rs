@@ -10,9 +10,9 @@
 //!   requested model as `modelVersion`, and its `usageMetadata` counted;
 //! - an embeddings list gets the requested `model` (its items carry no id);
 //! - an Ollama native answer (`/api/chat`, `/api/generate`, `/api/embed`:
-//!   untyped, with a `done` flag or a `prompt_eval_count`) gets the
-//!   requested `model` (it carries no id), and its token counts
-//!   (`prompt_eval_count`, `eval_count`) are counted;
+//!   untyped, naming its `model`, with `created_at` and a `done` flag or
+//!   with `embeddings`) gets the requested `model` (it carries no id), and
+//!   its token counts (`prompt_eval_count`, `eval_count`) are counted;
 //! - a resource (any other `object`: a model, file, batch, fine-tuning job,
 //!   assistant, thread, run, ...) keeps its `id` and `model`, which the
 //!   client reuses in later calls (`gpt-4o`, `file-abc`, `ftjob-abc`); a
@@ -54,7 +54,8 @@ pub struct Rewrite<'a> {
     pub key: Option<&'a Secret>,
 }
 
-/// Token counts seen in `usage` members. Streams report counts in several
+/// Token counts seen in `usage` members (Gemini's `usageMetadata`, an
+/// Ollama answer's own counts). Streams report counts in several
 /// events (Anthropic: input in `message_start`, cumulative output in
 /// `message_delta`), so each count keeps its largest value.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -243,12 +244,22 @@ impl Kind {
         if members.0.iter().any(|(k, _)| gemini.contains(&k.as_ref())) {
             return Kind::Gemini;
         }
-        // Nor do Ollama's native answers: a stream line or answer has a
-        // `done` flag, an embeddings answer the prompt's count.
-        let done_flag = members
-            .get("done")
-            .is_some_and(|d| matches!(d.get(), "true" | "false"));
-        if done_flag || members.get("prompt_eval_count").is_some() {
+        // Nor do Ollama's native answers, which always name their model: a
+        // chat or generate answer (or stream line) has its `created_at` and
+        // `done` flag, an embeddings answer its `embeddings`. (A Google
+        // long-running operation has a `done` flag too, but neither of the
+        // others.)
+        let has = |name: &str, opening: &str| {
+            members
+                .get(name)
+                .is_some_and(|v| v.get().starts_with(opening))
+        };
+        let done_flag = matches!(
+            members.get("done").map(RawValue::get),
+            Some("true" | "false")
+        );
+        let generated = done_flag && has("created_at", "\"");
+        if has("model", "\"") && (generated || has("embeddings", "[")) {
             return Kind::Ollama;
         }
         Kind::Other
@@ -373,7 +384,7 @@ fn member<'r>(
         (Kind::Answer | Kind::Embeddings | Kind::Ollama, "model")
         | (Kind::Gemini, "modelVersion") => rw.model.map_or(Member::Dropped, Member::Text),
         (Kind::Ollama, "prompt_eval_count" | "eval_count") if rw.strip_usage => Member::Dropped,
-        (Kind::Answer | Kind::Embeddings | Kind::Other, "usage")
+        (Kind::Answer | Kind::Embeddings | Kind::Ollama | Kind::Other, "usage")
         | (Kind::Gemini, "usageMetadata") => {
             if rw.strip_usage {
                 // Counted all the same: limits and metrics need the tokens.
@@ -861,10 +872,43 @@ mod tests {
         assert_eq!(v["model"], "all-minilm");
         assert_eq!(v["embeddings"], embed["embeddings"]);
         assert_eq!(usage.prompt, 8);
+        // Servers that send no count are still recognised.
+        let uncounted = json!({"model": "all-minilm:l6-v2", "embeddings": [[0.1]]});
+        assert_eq!(
+            run(&uncounted, Some("all-minilm"), false).0["model"],
+            "all-minilm"
+        );
 
+        // A `usage` in such an answer is handled as in any other.
+        let with_usage = json!({
+            "model": "m:tag", "created_at": "t", "done": true,
+            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "system_fingerprint": "fp"}
+        });
+        let (v, usage) = run(&with_usage, Some("m"), false);
+        assert_eq!(
+            v["usage"],
+            json!({"prompt_tokens": 5, "completion_tokens": 3})
+        );
+        assert_eq!((usage.prompt, usage.completion), (5, 3));
+        let (v, usage) = run(&with_usage, Some("m"), true);
+        assert!(v.get("usage").is_none(), "{v}");
+        assert_eq!((usage.prompt, usage.completion), (5, 3));
+    }
+
+    #[test]
+    fn look_alikes_of_ollama_answers_are_not_taken_for_them() {
         // A `done` that is not a flag is someone else's member.
-        let other = json!({"model": "kept", "done": "yes"});
+        let other = json!({"model": "kept", "created_at": "t", "done": "yes"});
         assert_eq!(run(&other, Some("asked"), false).0, other);
+        // A Google long-running operation: its `response` is walked as
+        // before (the nested answer loses the provider's details).
+        let operation = json!({
+            "name": "models/veo-2.0/operations/op1", "done": true,
+            "response": {"generatedSamples": [], "project_id": "p-1", "x_debug": 1}
+        });
+        let (v, _) = run(&operation, Some("asked"), false);
+        assert_eq!(v["name"], operation["name"]);
+        assert_eq!(v["response"], json!({"generatedSamples": []}));
     }
 
     #[test]
