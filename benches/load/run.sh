@@ -14,8 +14,8 @@
 #     servers (mock upstream, nginx or keyrouter) share CPU 1; nginx runs one
 #     worker and keyrouter one worker thread.
 #   shared: nothing is pinned; load generator, mock and proxy share every
-#     core, nginx runs one worker per core and keyrouter one worker thread
-#     per core (its default).
+#     core, nginx runs one worker and keyrouter one worker thread per core
+#     (as `nproc` counts them).
 # Other knobs: ROUNDS (3), DURATION (10s), CONNS (64), KEYS (1000),
 # LIMITS (unset; "on" registers every key with rpm/tpm/max_concurrent limits
 # high enough never to refuse, so the limiter's cost is measured).
@@ -34,22 +34,28 @@ UP_PORT=19000 NG_PORT=19001 KR_PORT=19002 KR_ADMIN=19003 KR_OPS=19004
 command -v wrk >/dev/null || { echo "wrk is not installed (Debian: apt-get install wrk)" >&2; exit 1; }
 command -v curl >/dev/null || { echo "curl is not installed" >&2; exit 1; }
 
+LAYOUT=${LAYOUT:-split}
+case $LAYOUT in
+  split | shared) ;;
+  *) echo "LAYOUT must be split or shared" >&2; exit 1 ;;
+esac
+if [ "$LAYOUT" = split ] && [ "$(nproc)" -lt 2 ]; then
+  echo "one core only: LAYOUT=shared"; LAYOUT=shared
+fi
+
+cargo build --release --features load-bench --bin keyrouter --bin keyrouter-mock-upstream
+BIN="$TARGET_DIR/release"
+
+case $LAYOUT in
+  split) LOADCPU="taskset -c 0"; SRVCPU="taskset -c 1"; WORKERS=1 ;;
+  shared) LOADCPU=""; SRVCPU=""; WORKERS=$(nproc) ;;
+esac
 for port in $UP_PORT $NG_PORT $KR_PORT $KR_ADMIN $KR_OPS; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port is in use: stop what listens there first" >&2; exit 1
   fi
 done
 
-cargo build --release --features load-bench --bin keyrouter --bin keyrouter-mock-upstream
-BIN="$TARGET_DIR/release"
-
-LAYOUT=${LAYOUT:-split}
-[ "$(nproc)" -ge 2 ] || LAYOUT=shared
-case $LAYOUT in
-  split) LOADCPU="taskset -c 0"; SRVCPU="taskset -c 1"; WORKERS=1 ;;
-  shared) LOADCPU=""; SRVCPU=""; WORKERS=$(nproc) ;;
-  *) echo "LAYOUT must be split or shared" >&2; exit 1 ;;
-esac
 echo "layout: $LAYOUT ($WORKERS proxy worker(s))"
 WORK=$(mktemp -d)
 chmod 755 "$WORK"
@@ -140,7 +146,8 @@ pids_of() {
   esac
 }
 # The machine's CPU time taken by the hypervisor, and all CPU time, in ticks.
-cpu_steal() { awk '$1=="cpu" {t=0; for (i=2; i<=NF; i++) t+=$i; print $9, t}' /proc/stat; }
+# (user to steal; guest time is counted in user and nice already)
+cpu_steal() { awk '$1=="cpu" {t=0; for (i=2; i<=9; i++) t+=$i; print $9, t}' /proc/stat; }
 cpu_ticks() { for p in $(pids_of "$1"); do awk '{print $14 + $15}' "/proc/$p/stat"; done | awk '{t += $1} END {print t + 0}'; }
 TICKS_PER_S=$(getconf CLK_TCK)
 
