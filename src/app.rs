@@ -13,6 +13,7 @@ use crate::metrics::Metrics;
 use crate::ops::OpsApi;
 use crate::proxy::ProxyApi;
 use crate::server::tls::{CertStore, TlsListener};
+use crate::server::workers::{self, Workers};
 use crate::server::{self, ServeOptions, TlsSource};
 use crate::store::mongo::MongoStore;
 use crate::store::sqlite::SqliteStore;
@@ -40,6 +41,8 @@ pub enum InitError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Upstream(#[from] crate::proxy::upstream::UpstreamInitError),
+    #[error("server.workers: cannot start the proxy threads: {0}")]
+    Workers(std::io::ErrorKind),
 }
 
 /// Shared state of every listener and background task.
@@ -156,6 +159,7 @@ pub struct Running {
     pub app: Arc<App>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
+    proxy: Workers,
     audit_writer: AuditWriter,
 }
 
@@ -196,7 +200,10 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
     });
     let ready = app.reload_pool().await.is_ok() && app.refresh_key_gauges().await.is_ok();
     app.ready.store(ready, Ordering::Relaxed);
-    let proxy = Arc::new(ProxyApi::new(app.clone())?);
+    // One handler per proxy thread: each holds its own upstream clients.
+    let proxies = (0..app.config.server.workers)
+        .map(|_| ProxyApi::new(app.clone()).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()?;
 
     let addr = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
     let (admin_addr, ops_addr, proxy_addr) = (
@@ -205,8 +212,8 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
         addr(&listeners.proxy),
     );
     let s = &app.config.server;
+    let slots = || Arc::new(tokio::sync::Semaphore::new(s.max_connections));
     let opts = ServeOptions {
-        max_connections: s.max_connections,
         header_read_timeout: s.header_read_timeout,
         idle_timeout: s.idle_timeout,
         shutdown_drain: s.shutdown_drain,
@@ -219,6 +226,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
         listeners.admin,
         tls_for(TlsListener::Admin),
         Arc::new(AdminApi::new(app.clone())),
+        slots(),
         opts,
         shutdown.clone(),
     ));
@@ -227,17 +235,22 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
         listeners.ops,
         None,
         Arc::new(OpsApi::new(app.clone())),
+        slots(),
         opts,
         shutdown.clone(),
     ));
-    tasks.spawn(server::serve(
+    let proxy = Workers::start(
         "proxy",
         listeners.proxy,
-        tls_for(TlsListener::Proxy),
-        proxy,
-        opts,
-        shutdown.clone(),
-    ));
+        proxies,
+        workers::Shared {
+            tls: tls_for(TlsListener::Proxy),
+            slots: slots(),
+            opts,
+            shutdown: shutdown.clone(),
+        },
+    )
+    .map_err(|e| InitError::Workers(e.kind()))?;
     tasks.spawn(refresh_pool(app.clone(), shutdown.clone()));
     for p in &app.config.providers {
         if let Some(interval) = p.probe_interval {
@@ -258,6 +271,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
         app,
         shutdown,
         tasks,
+        proxy,
         audit_writer,
     })
 }
@@ -331,6 +345,7 @@ impl Running {
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
+        self.proxy.join().await;
         let drain = self.app.config.server.shutdown_drain;
         self.audit_writer.drain(drain).await;
     }

@@ -12,9 +12,9 @@
 # LAYOUT picks how the processes share the machine's cores:
 #   split (default on 2+ cores): the load generator runs on CPU 0 and the
 #     servers (mock upstream, nginx or keyrouter) share CPU 1; nginx runs one
-#     worker and keyrouter one worker thread.
+#     worker and keyrouter one proxy thread.
 #   shared: nothing is pinned; load generator, mock and proxy share every
-#     core, nginx runs one worker and keyrouter one worker thread per core
+#     core, nginx runs one worker and keyrouter one proxy thread per core
 #     (as `nproc` counts them).
 # Other knobs: ROUNDS (3), DURATION (10s), CONNS (64), KEYS (1000),
 # LIMITS (unset; "on" registers every key with rpm/tpm/max_concurrent limits
@@ -95,7 +95,7 @@ level = "warn"
 EOF
 ADMIN_KEY="bench-admin-key-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 KEYROUTER_FERNET_KEYS="$("$BIN/keyrouter" gen-fernet-key)" KEYROUTER_ADMIN_API_KEY="$ADMIN_KEY" \
-  TOKIO_WORKER_THREADS=$WORKERS $SRVCPU "$BIN/keyrouter" serve --config "$WORK/keyrouter.toml" 2>"$WORK/keyrouter.log" &
+  KEYROUTER_SERVER__WORKERS=$WORKERS $SRVCPU "$BIN/keyrouter" serve --config "$WORK/keyrouter.toml" 2>"$WORK/keyrouter.log" &
 KR_PID=$!
 PIDS+=($KR_PID)
 wait_http "http://127.0.0.1:$KR_OPS/readyz"

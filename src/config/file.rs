@@ -35,6 +35,7 @@ pub struct RawServer {
     pub max_body_bytes: Option<u64>,
     pub max_buffered_body_bytes: Option<u64>,
     pub max_connections: Option<u32>,
+    pub workers: Option<u32>,
     pub header_read_timeout: Option<String>,
     pub body_read_timeout: Option<String>,
     pub upstream_connect_timeout: Option<String>,

@@ -61,6 +61,9 @@ pub struct ServerConfig {
     /// Open connections per listener; further connections wait in the
     /// kernel's backlog instead of exhausting memory or file descriptors.
     pub max_connections: usize,
+    /// Threads serving the proxy listener, each with its own runtime and
+    /// upstream connections (see `server::workers`).
+    pub workers: usize,
     pub header_read_timeout: Duration,
     /// Time a client has to send a request's whole body, counted from when
     /// the gateway starts reading it (408 after it).
@@ -217,6 +220,9 @@ pub struct AdminAuth {
 
 /// Largest `server.max_buffered_body_bytes` accepted (64 GiB).
 const MAX_BUFFERED_BODY_BYTES: u64 = 64 * 1024 * 1024 * 1024;
+
+/// Most proxy threads accepted: far more than any machine's cores.
+const MAX_WORKERS: u32 = 1024;
 
 /// Minimum length of the admin API key and the JWT secrets.
 pub const MIN_SECRET_LEN: usize = 32;
@@ -394,6 +400,15 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             None => 10_000,
             Some(n @ 1..) => n as usize,
             Some(0) => return Err(bad("server.max_connections must be at least 1")),
+        },
+        workers: match s.workers {
+            None => std::thread::available_parallelism().map_or(1, usize::from),
+            Some(n @ 1..=MAX_WORKERS) => n as usize,
+            Some(_) => {
+                return Err(bad(format!(
+                    "server.workers must be between 1 and {MAX_WORKERS}"
+                )));
+            }
         },
         header_read_timeout: duration("server.header_read_timeout", s.header_read_timeout, 10)?,
         body_read_timeout: duration("server.body_read_timeout", s.body_read_timeout, 60)?,

@@ -37,6 +37,8 @@ fn defaults_are_pinned() {
     assert_eq!(c.server.max_buffered_body_bytes, 256 * 1024 * 1024);
     assert_eq!(c.server.body_read_timeout, Duration::from_secs(60));
     assert_eq!(c.server.upstream_read_timeout, Duration::from_secs(300));
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    assert_eq!(c.server.workers, cores);
     assert!(
         matches!(c.store, StoreConfig::Sqlite { ref path } if path == Path::new("data/keyrouter.db"))
     );
@@ -171,6 +173,18 @@ fn unknown_and_mistyped_settings_are_named() {
         err("[server]\nidle_timeout = \"soon\"", &e)
             .contains("server.idle_timeout must be a duration")
     );
+}
+
+#[test]
+fn proxy_threads_are_between_one_and_the_cap() {
+    let c = load("[server]\nworkers = 3", &env(&[])).unwrap();
+    assert_eq!(c.server.workers, 3);
+    let c = load("", &env(&[("KEYROUTER_SERVER__WORKERS", "1")])).unwrap();
+    assert_eq!(c.server.workers, 1);
+    for bad in ["0", "1025"] {
+        let msg = err(&format!("[server]\nworkers = {bad}"), &env(&[]));
+        assert_eq!(msg, "server.workers must be between 1 and 1024");
+    }
 }
 
 #[test]

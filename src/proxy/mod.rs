@@ -70,6 +70,8 @@ struct ProviderRuntime {
     metrics: Arc<ProviderMetrics>,
 }
 
+/// The proxy's handler; one per proxy thread (`server::workers`), so that
+/// each thread has its own upstream clients and connection pools.
 pub struct ProxyApi {
     app: Arc<App>,
     routes: RouteTable,

@@ -4,6 +4,7 @@
 
 mod conn;
 pub mod tls;
+pub mod workers;
 
 use crate::http::Body;
 use hyper::body::Incoming;
@@ -42,10 +43,14 @@ pub trait Handler: Send + Sync + 'static {
 /// reload); `None` serves plain HTTP.
 pub type TlsSource = Option<(Arc<tls::CertStore>, tls::TlsListener)>;
 
-/// Connection limits and timeouts of one listener.
+/// The open connections a listener allows (`server.max_connections`), one
+/// permit each, shared by every thread that serves the listener: further
+/// connections wait in the kernel's backlog.
+pub type ConnectionSlots = Arc<Semaphore>;
+
+/// Timeouts of one listener.
 #[derive(Clone, Copy, Debug)]
 pub struct ServeOptions {
-    pub max_connections: usize,
     /// Also bounds the TLS handshake.
     pub header_read_timeout: Duration,
     /// A connection with no open request and no bytes moving for this long
@@ -61,11 +66,11 @@ pub async fn serve<H: Handler>(
     listener: TcpListener,
     tls: TlsSource,
     handler: Arc<H>,
+    slots: ConnectionSlots,
     opts: ServeOptions,
     shutdown: CancellationToken,
 ) {
     let connections = TaskTracker::new();
-    let permits = Arc::new(Semaphore::new(opts.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -82,7 +87,7 @@ pub async fn serve<H: Handler>(
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
         };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::http::full;
+use crate::server::workers::{self, Workers};
 use hyper::{Request, Response};
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,7 +25,6 @@ async fn start(idle: Duration) -> (SocketAddr, CancellationToken, tokio::task::J
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let opts = ServeOptions {
-        max_connections: 16,
         header_read_timeout: Duration::from_secs(5),
         idle_timeout: idle,
         shutdown_drain: Duration::from_secs(5),
@@ -34,6 +34,7 @@ async fn start(idle: Duration) -> (SocketAddr, CancellationToken, tokio::task::J
         listener,
         None,
         Arc::new(Sleepy),
+        Arc::new(Semaphore::new(16)),
         opts,
         shutdown.clone(),
     ));
@@ -95,4 +96,128 @@ async fn shutdown_lets_open_requests_finish_and_stops_accepting() {
         .unwrap()
         .unwrap();
     assert!(TcpStream::connect(addr).await.is_err());
+}
+
+/// Answers with the name of the thread that served the request, after the
+/// delay given in the path (`/sleep/300`).
+struct WhichThread;
+
+impl Handler for WhichThread {
+    async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+        let answer = Sleepy.handle(req, conn).await;
+        let name = std::thread::current().name().unwrap_or("").to_owned();
+        answer.map(|_| full(name))
+    }
+}
+
+async fn start_workers(threads: usize, slots: usize) -> (SocketAddr, Workers, CancellationToken) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let shared = workers::Shared {
+        tls: None,
+        slots: Arc::new(Semaphore::new(slots)),
+        opts: ServeOptions {
+            header_read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            shutdown_drain: Duration::from_secs(5),
+        },
+        shutdown: shutdown.clone(),
+    };
+    let handlers = (0..threads).map(|_| Arc::new(WhichThread)).collect();
+    let workers = Workers::start("test", listener, handlers, shared).unwrap();
+    (addr, workers, shutdown)
+}
+
+/// The body of a response read by [`request`].
+fn body_of(response: &str) -> &str {
+    response.split("\r\n\r\n").nth(1).unwrap_or("")
+}
+
+#[tokio::test]
+async fn each_thread_serves_connections_and_a_connection_stays_on_its_thread() {
+    let (addr, _workers, _shutdown) = start_workers(2, 64).await;
+    let mut seen = std::collections::HashSet::new();
+    // Connections opened together, each kept busy for a moment so that the
+    // other thread is the one free to take the next.
+    for _ in 0..10 {
+        let rounds = (0..8).map(|_| async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let first = request(&mut s, "/sleep/20").await;
+            let second = request(&mut s, "/").await;
+            assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+            assert_eq!(body_of(&first), body_of(&second), "the connection moved");
+            body_of(&first).to_owned()
+        });
+        seen.extend(futures_util::future::join_all(rounds).await);
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    let mut names: Vec<_> = seen.into_iter().collect();
+    names.sort();
+    assert_eq!(names, ["keyrouter-test-0", "keyrouter-test-1"]);
+}
+
+#[tokio::test]
+async fn connection_slots_are_shared_by_every_thread() {
+    let (addr, _workers, _shutdown) = start_workers(3, 2).await;
+    let mut busy = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        busy.push(tokio::spawn(
+            async move { request(&mut s, "/sleep/600").await },
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Both slots are taken: a third connection waits in the backlog, on
+    // whichever thread would take it, until a slot is free.
+    let started = Instant::now();
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    assert!(request(&mut third, "/").await.starts_with("HTTP/1.1 200"));
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "served after {:?}, while both slots were held",
+        started.elapsed()
+    );
+    for b in busy {
+        assert!(b.await.unwrap().starts_with("HTTP/1.1 200"));
+    }
+}
+
+#[tokio::test]
+async fn shutdown_lets_every_thread_finish_its_requests_then_stops_them() {
+    let (addr, mut workers, shutdown) = start_workers(2, 64).await;
+    let mut pending = Vec::new();
+    for _ in 0..6 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        pending.push(tokio::spawn(
+            async move { request(&mut s, "/sleep/400").await },
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    shutdown.cancel();
+    for p in pending {
+        assert!(p.await.unwrap().starts_with("HTTP/1.1 200"));
+    }
+    tokio::time::timeout(Duration::from_secs(5), workers.join())
+        .await
+        .expect("the threads stopped");
+    assert!(TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
+async fn dropping_the_workers_stops_them() {
+    let (addr, workers, _shutdown) = start_workers(2, 64).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    assert!(request(&mut s, "/").await.starts_with("HTTP/1.1 200"));
+    drop(workers);
+    let closed = async {
+        while TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("the listener closed");
 }
