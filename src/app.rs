@@ -201,9 +201,10 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
     let ready = app.reload_pool().await.is_ok() && app.refresh_key_gauges().await.is_ok();
     app.ready.store(ready, Ordering::Relaxed);
     // One handler per proxy thread: each holds its own upstream clients.
-    let proxies = (0..app.config.server.workers)
-        .map(|_| ProxyApi::new(app.clone()).map(Arc::new))
-        .collect::<Result<Vec<_>, _>>()?;
+    let proxies = ProxyApi::per_thread(&app, app.config.server.workers)?
+        .into_iter()
+        .map(Arc::new)
+        .collect();
 
     let addr = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
     let (admin_addr, ops_addr, proxy_addr) = (

@@ -1476,9 +1476,11 @@ async fn a_client_trickling_its_body_gets_408_and_is_disconnected() {
 #[tokio::test]
 async fn bodies_beyond_the_shared_memory_budget_get_503_until_memory_frees() {
     let mock = MockUpstream::start().await;
+    // Two proxy threads: the budget is the listener's, whichever thread
+    // serves a connection.
     let gw = gateway(
         &mock,
-        "[server]\nmax_body_bytes = 1024\nmax_buffered_body_bytes = 1024",
+        "[server]\nmax_body_bytes = 1024\nmax_buffered_body_bytes = 1024\nworkers = 2",
     )
     .await;
     let addr = gw.running.proxy_addr;

@@ -84,7 +84,17 @@ pub struct ProxyApi {
 }
 
 impl ProxyApi {
-    pub fn new(app: Arc<App>) -> Result<Self, UpstreamInitError> {
+    /// One handler for each of `threads` proxy threads. Each has its own
+    /// upstream clients; they share the memory budget for request bodies
+    /// (and everything in [`App`]).
+    pub fn per_thread(app: &Arc<App>, threads: usize) -> Result<Vec<Self>, UpstreamInitError> {
+        let bodies = BodyReader::new(&app.config.server);
+        (0..threads)
+            .map(|_| Self::new(app.clone(), bodies.clone()))
+            .collect()
+    }
+
+    fn new(app: Arc<App>, bodies: BodyReader) -> Result<Self, UpstreamInitError> {
         let cfg = &app.config;
         let providers = cfg
             .providers
@@ -103,7 +113,7 @@ impl ProxyApi {
         Ok(ProxyApi {
             routes: RouteTable::new(&cfg.providers),
             cors: Cors::new(&cfg.server.cors_origins),
-            bodies: BodyReader::new(&cfg.server),
+            bodies,
             client_auth: match &cfg.client_auth {
                 ClientAuthConfig::None => None,
                 ClientAuthConfig::Jwt { secret } => Some(ClientAuth::new(secret)),

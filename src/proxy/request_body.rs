@@ -26,7 +26,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Reads request bodies within the configured bounds; one per listener.
+/// Reads request bodies within the configured bounds. Clones share the
+/// memory budget: one budget for the whole proxy listener.
+#[derive(Clone)]
 pub struct BodyReader {
     max_bytes: usize,
     timeout: Duration,

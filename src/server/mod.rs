@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -70,44 +70,104 @@ pub async fn serve<H: Handler>(
     opts: ServeOptions,
     shutdown: CancellationToken,
 ) {
-    let connections = TaskTracker::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(opts.header_read_timeout)
-        .max_buf_size(64 * 1024);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .max_concurrent_streams(256);
-    let builder = Arc::new(builder);
+    let connections = Connections::new(name, handler, tls, opts, shutdown.clone());
+    while let Some(accepted) = accept(name, &listener, &slots, &shutdown).await {
+        connections.serve(accepted);
+    }
+    drop(listener);
+    connections.drain().await;
+}
 
+/// A connection taken from a listener, with the slot it holds until it
+/// closes.
+pub struct Accepted {
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: OwnedSemaphorePermit,
+}
+
+/// Waits for a free slot, then for the next connection; `None` once
+/// `shutdown` fires. A connection waits in the kernel's backlog while every
+/// slot is taken.
+async fn accept(
+    name: &'static str,
+    listener: &TcpListener,
+    slots: &ConnectionSlots,
+    shutdown: &CancellationToken,
+) -> Option<Accepted> {
+    let slot = tokio::select! {
+        _ = shutdown.cancelled() => return None,
+        p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+    };
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok((stream, peer)) => return Some(Accepted { stream, peer, slot }),
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(listener = name, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
                 }
             },
-        };
+        }
+    }
+}
+
+/// The open connections of one listener on one runtime: each is served by
+/// its own task, and all are drained together on shutdown.
+struct Connections<H> {
+    name: &'static str,
+    tasks: TaskTracker,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    handler: Arc<H>,
+    tls: TlsSource,
+    opts: ServeOptions,
+    shutdown: CancellationToken,
+}
+
+impl<H: Handler> Connections<H> {
+    fn new(
+        name: &'static str,
+        handler: Arc<H>,
+        tls: TlsSource,
+        opts: ServeOptions,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(opts.header_read_timeout)
+            .max_buf_size(64 * 1024);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .max_concurrent_streams(256);
+        Connections {
+            name,
+            tasks: TaskTracker::new(),
+            builder: Arc::new(builder),
+            handler,
+            tls,
+            opts,
+            shutdown,
+        }
+    }
+
+    /// Serves one connection (TLS handshake first when configured) on the
+    /// current runtime.
+    fn serve(&self, accepted: Accepted) {
+        let Accepted { stream, peer, slot } = accepted;
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let builder = builder.clone();
-        let tls = tls.clone();
-        let shutdown = shutdown.clone();
-        connections.spawn(async move {
-            let _permit = permit;
+        let (name, opts) = (self.name, self.opts);
+        let handler = self.handler.clone();
+        let builder = self.builder.clone();
+        let tls = self.tls.clone();
+        let shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            let _slot = slot;
             match tls {
                 None => {
                     let info = ConnInfo { peer, tls: false };
@@ -132,16 +192,20 @@ pub async fn serve<H: Handler>(
             }
         });
     }
-    drop(listener);
-    connections.close();
-    if tokio::time::timeout(opts.shutdown_drain, connections.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            listener = name,
-            "drain time ran out; closing remaining connections"
-        );
+
+    /// Gives the open connections `shutdown_drain` to finish their
+    /// requests (they close gracefully once `shutdown` fired).
+    async fn drain(self) {
+        self.tasks.close();
+        if tokio::time::timeout(self.opts.shutdown_drain, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                listener = self.name,
+                "drain time ran out; closing remaining connections"
+            );
+        }
     }
 }
 

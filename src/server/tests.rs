@@ -135,28 +135,31 @@ fn body_of(response: &str) -> &str {
 }
 
 #[tokio::test]
-async fn each_thread_serves_connections_and_a_connection_stays_on_its_thread() {
+async fn connections_are_dealt_to_the_threads_in_turn_and_stay_there() {
     let (addr, _workers, _shutdown) = start_workers(2, 64).await;
-    let mut seen = std::collections::HashSet::new();
-    // Connections opened together, each kept busy for a moment so that the
-    // other thread is the one free to take the next.
-    for _ in 0..10 {
-        let rounds = (0..8).map(|_| async move {
-            let mut s = TcpStream::connect(addr).await.unwrap();
-            let first = request(&mut s, "/sleep/20").await;
-            let second = request(&mut s, "/").await;
-            assert!(first.starts_with("HTTP/1.1 200"), "{first}");
-            assert_eq!(body_of(&first), body_of(&second), "the connection moved");
-            body_of(&first).to_owned()
-        });
-        seen.extend(futures_util::future::join_all(rounds).await);
-        if seen.len() == 2 {
-            break;
-        }
+    let mut served = std::collections::HashMap::<String, usize>::new();
+    let mut open = Vec::new();
+    for _ in 0..6 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let first = request(&mut s, "/").await;
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        *served.entry(body_of(&first).to_owned()).or_default() += 1;
+        open.push((s, body_of(&first).to_owned()));
     }
-    let mut names: Vec<_> = seen.into_iter().collect();
-    names.sort();
-    assert_eq!(names, ["keyrouter-test-0", "keyrouter-test-1"]);
+    let mut counts: Vec<_> = served.into_iter().collect();
+    counts.sort();
+    assert_eq!(
+        counts,
+        [
+            ("keyrouter-test-0".to_owned(), 3),
+            ("keyrouter-test-1".to_owned(), 3)
+        ]
+    );
+    // Later requests on a connection are served by the same thread.
+    for (s, thread) in &mut open {
+        let again = request(s, "/sleep/10").await;
+        assert_eq!(body_of(&again), thread.as_str());
+    }
 }
 
 #[tokio::test]

@@ -11,19 +11,23 @@
 //! connection, its requests and the upstream connections they use stay on
 //! one thread from accept to close: each thread has its own handler and so
 //! its own upstream connection pools. The key pool, limiter and metrics are
-//! shared by all threads, as before.
+//! shared by all threads.
 //!
-//! All threads accept from the one listening socket (each polls its own
-//! handle of it), so a second process cannot bind the same port unnoticed,
-//! and a thread that is busy is slower to accept than an idle one, which
-//! spreads new connections toward idle threads. A connection never moves
-//! once accepted: long-lived busy connections can load threads unevenly,
-//! which clients with a pool of connections (as SDKs keep) even out.
+//! One acceptor task (on the runtime that started the workers) takes the
+//! connections and hands them to the threads in turn. Threads racing to
+//! accept from one socket would not spread them: the thread already running
+//! wins every race against threads woken from their poll, and can end up
+//! with every connection. Kernel-level spreading (`SO_REUSEPORT`) would let
+//! a second process bind the same port unnoticed. A connection never moves
+//! once handed over, so a few very busy long-lived connections can load
+//! threads unevenly; clients that keep a pool of connections (as SDKs do)
+//! even this out.
 
-use super::{ConnectionSlots, Handler, ServeOptions, TlsSource, serve};
+use super::{Accepted, ConnectionSlots, Connections, Handler, ServeOptions, TlsSource, accept};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// The threads serving one listener. Dropping it stops them as `shutdown`
@@ -31,8 +35,8 @@ use tokio_util::sync::CancellationToken;
 pub struct Workers {
     /// Fires with `shutdown`, or when this is dropped.
     stop: CancellationToken,
-    /// Each closes when its thread has stopped serving and dropped its
-    /// runtime (and with it every connection task left).
+    /// Each closes when its thread has drained its connections and dropped
+    /// its runtime (and with it every task left).
     stopped: Vec<oneshot::Receiver<()>>,
 }
 
@@ -44,49 +48,79 @@ pub struct Shared {
     pub shutdown: CancellationToken,
 }
 
+/// A connection on its way from the acceptor to a thread: out of the
+/// acceptor's runtime, not yet in the thread's.
+struct Handoff {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    slot: OwnedSemaphorePermit,
+}
+
 impl Workers {
     /// Serves `listener` with one thread per handler until `shutdown`
-    /// fires (then each thread drains its connections as [`serve`] does).
-    /// Must be called within a Tokio runtime (the listener's).
+    /// fires; then the acceptor stops and each thread drains its
+    /// connections. Must be called within a Tokio runtime, which runs the
+    /// acceptor.
     pub fn start<H: Handler>(
         name: &'static str,
         listener: TcpListener,
         handlers: Vec<Arc<H>>,
         shared: Shared,
     ) -> std::io::Result<Self> {
-        let socket = listener.into_std()?;
         // Built first: if a later thread cannot start, dropping this stops
         // the ones already started.
         let mut workers = Workers {
             stop: shared.shutdown.child_token(),
             stopped: Vec::with_capacity(handlers.len()),
         };
+        let mut threads = Vec::with_capacity(handlers.len());
         for (i, handler) in handlers.into_iter().enumerate() {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            // Registered with the thread's runtime here, so that a failure
-            // fails the start rather than one thread.
-            let listener = {
-                let _entered = runtime.enter();
-                TcpListener::from_std(socket.try_clone()?)?
-            };
-            let (done, rx) = oneshot::channel::<()>();
-            let (tls, slots, opts, shutdown) = (
-                shared.tls.clone(),
-                shared.slots.clone(),
-                shared.opts,
-                workers.stop.clone(),
-            );
+            let (handoff, mut incoming) = mpsc::unbounded_channel::<Handoff>();
+            let (done, stopped) = oneshot::channel::<()>();
+            let (tls, opts, shutdown) = (shared.tls.clone(), shared.opts, workers.stop.clone());
             std::thread::Builder::new()
                 .name(format!("keyrouter-{name}-{i}"))
                 .spawn(move || {
-                    runtime.block_on(serve(name, listener, tls, handler, slots, opts, shutdown));
+                    runtime.block_on(async move {
+                        let connections = Connections::new(name, handler, tls, opts, shutdown);
+                        // Ends when the acceptor stops (and drops its sender).
+                        while let Some(Handoff { stream, peer, slot }) = incoming.recv().await {
+                            match TcpStream::from_std(stream) {
+                                Ok(stream) => connections.serve(Accepted { stream, peer, slot }),
+                                Err(e) => {
+                                    tracing::warn!(listener = name, error = %e, "cannot take over a connection");
+                                }
+                            }
+                        }
+                        connections.drain().await;
+                    });
                     drop(runtime);
                     drop(done);
                 })?;
-            workers.stopped.push(rx);
+            threads.push(handoff);
+            workers.stopped.push(stopped);
         }
+        let (slots, stop) = (shared.slots, workers.stop.clone());
+        tokio::spawn(async move {
+            // Round-robin: connection n goes to thread n mod threads.
+            for thread in threads.iter().cycle() {
+                let Some(Accepted { stream, peer, slot }) =
+                    accept(name, &listener, &slots, &stop).await
+                else {
+                    break;
+                };
+                match stream.into_std() {
+                    // A thread that is gone has stopped: so is everything.
+                    Ok(stream) => drop(thread.send(Handoff { stream, peer, slot })),
+                    Err(e) => {
+                        tracing::warn!(listener = name, error = %e, "cannot hand over a connection")
+                    }
+                }
+            }
+        });
         Ok(workers)
     }
 
