@@ -42,7 +42,7 @@ pub enum InitError {
     #[error(transparent)]
     Upstream(#[from] crate::proxy::upstream::UpstreamInitError),
     #[error("server.workers: cannot start the proxy threads: {0}")]
-    Workers(std::io::ErrorKind),
+    Workers(std::io::Error),
 }
 
 /// Shared state of every listener and background task.
@@ -189,7 +189,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
 
     let app = Arc::new(App {
         pool: KeyPool::new(&config.providers),
-        health: Health::default(),
+        health: Health::new(tokio::runtime::Handle::current()),
         limiter: Limiter::new(&config.rate_limit, &metrics).await,
         config,
         store,
@@ -251,7 +251,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
             shutdown: shutdown.clone(),
         },
     )
-    .map_err(|e| InitError::Workers(e.kind()))?;
+    .map_err(InitError::Workers)?;
     tasks.spawn(refresh_pool(app.clone(), shutdown.clone()));
     for p in &app.config.providers {
         if let Some(interval) = p.probe_interval {

@@ -30,7 +30,6 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Router-side bookkeeping of key health.
-#[derive(Default)]
 pub struct Health {
     /// Keys with a transition being written, and the latest event that
     /// arrived meanwhile: a burst of 429s on one key starts one write, not
@@ -38,6 +37,11 @@ pub struct Health {
     writing: DashMap<KeyId, Option<KeyEvent>>,
     /// Consecutive rate-limit cooldowns per key, for the doubling.
     streaks: DashMap<KeyId, Streak>,
+    /// Where transitions are written: the gateway's main runtime, not the
+    /// proxy thread whose request noticed the refusal (a write must not
+    /// wait behind that thread's requests, nor stop when that thread stops
+    /// on shutdown before the others).
+    writer: tokio::runtime::Handle,
 }
 
 #[derive(Clone, Copy)]
@@ -68,6 +72,15 @@ impl Verdict {
 }
 
 impl Health {
+    /// Transitions are written on `writer`.
+    pub fn new(writer: tokio::runtime::Handle) -> Self {
+        Health {
+            writing: DashMap::new(),
+            streaks: DashMap::new(),
+            writer,
+        }
+    }
+
     /// The cooldown for a 429: the provider's `Retry-After` when given, else
     /// the configured base, doubled for each repeat (a 429 arriving within
     /// `cooldown_max` of the previous cooldown's end) up to `cooldown_max`.
@@ -132,9 +145,10 @@ impl Health {
                 slot.insert(None);
             }
         }
+        let writer = app.health.writer.clone();
         let app = app.clone();
         let key = key.clone();
-        tokio::spawn(async move {
+        writer.spawn(async move {
             let mut next = Some(event);
             while let Some(event) = next {
                 app.metrics.audit_pending.inc();

@@ -198,6 +198,12 @@ struct Inner {
     /// Makes permit ids unique across replicas.
     replica: String,
     next_permit: AtomicU64,
+    /// The runtime that built the backend (the gateway's main one). Every
+    /// call runs there, whichever proxy thread asks: the connection, and
+    /// the task the client library starts for each reconnect, then live on
+    /// a runtime that is never busy serving requests and that outlives the
+    /// proxy threads on shutdown.
+    runtime: tokio::runtime::Handle,
 }
 
 impl RedisBackend {
@@ -235,6 +241,7 @@ impl RedisBackend {
             fallback: metrics.rate_limit_fallback.clone(),
             replica: crate::ids::random_token(12),
             next_permit: AtomicU64::new(0),
+            runtime: tokio::runtime::Handle::current(),
         };
         inner.ping().await;
         RedisBackend {
@@ -317,7 +324,7 @@ impl Inner {
             .arg(r.max_concurrent.unwrap_or(0))
             .arg(r.member.unwrap_or(""))
             .arg(LEASE_MS);
-        match self.call::<(u64, u64, u64)>(&invocation).await {
+        match self.call::<(u64, u64, u64)>(invocation).await {
             Some((0, 0, window)) => Remote::Granted(window),
             Some((wait, full, _)) => Remote::Limited(Limited {
                 window_wait_ms: wait,
@@ -344,24 +351,36 @@ impl Inner {
                     .is_ok())
     }
 
-    /// One call, bounded by [`CALL_TIMEOUT`], with the outcome recorded.
-    async fn call<T: FromRedisValue>(&self, invocation: &ScriptInvocation<'_>) -> Option<T> {
+    /// One call on the backend's runtime, bounded by [`CALL_TIMEOUT`], with
+    /// the outcome recorded.
+    async fn call<T: FromRedisValue + Send + 'static>(
+        &self,
+        invocation: ScriptInvocation<'static>,
+    ) -> Option<T> {
         let Some(conn) = &self.conn else {
             self.failed("invalid URL");
             return None;
         };
         let mut conn = conn.clone();
-        match tokio::time::timeout(CALL_TIMEOUT, invocation.invoke_async(&mut conn)).await {
-            Ok(Ok(value)) => {
+        let call = self.runtime.spawn(async move {
+            tokio::time::timeout(CALL_TIMEOUT, invocation.invoke_async(&mut conn)).await
+        });
+        match call.await {
+            Ok(Ok(Ok(value))) => {
                 self.succeeded();
                 Some(value)
             }
-            Ok(Err(e)) => {
+            Ok(Ok(Err(e))) => {
                 self.failed(e.category());
                 None
             }
-            Err(_) => {
+            Ok(Err(_)) => {
                 self.failed("timeout");
+                None
+            }
+            // The main runtime is shutting down.
+            Err(_) => {
+                self.failed("shutdown");
                 None
             }
         }
@@ -426,9 +445,9 @@ pub(super) struct RemotePermit {
 }
 
 impl RemotePermit {
-    /// Sends the release from a spawned task. Outside a Tokio runtime (or if
-    /// the call fails) the slot frees itself when its lease ends and the
-    /// estimate stands.
+    /// Sends the release from a task on the backend's runtime. If the call
+    /// fails the slot frees itself when its lease ends and the estimate
+    /// stands.
     pub(super) fn release(self, actual_tokens: u64) {
         let correction = i128::from(actual_tokens) - i128::from(self.estimate);
         let correction =
@@ -437,9 +456,7 @@ impl RemotePermit {
         if window.is_none() && self.member.is_none() {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
+        let runtime = self.inner.runtime.clone();
         runtime.spawn(async move {
             let mut invocation = RELEASE.prepare_invoke();
             invocation
@@ -450,7 +467,7 @@ impl RemotePermit {
             // Releases go out even while Redis rests: they are bounded by
             // the permits it granted before, and a lost one only delays a
             // slot until its lease ends.
-            let _: Option<i64> = self.inner.call(&invocation).await;
+            let _: Option<i64> = self.inner.call(invocation).await;
         });
     }
 }

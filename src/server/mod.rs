@@ -1,6 +1,8 @@
 //! Listeners: accept → (TLS) → HTTP/1.1 or h2 → handler, with bounded
-//! connections, timeouts and graceful shutdown. The same loop serves the
-//! proxy, admin and ops listeners; only the handler differs.
+//! connections, timeouts and graceful shutdown. The admin and ops listeners
+//! are served by [`serve`]; the proxy listener by [`workers`], whose threads
+//! serve connections the same way ([`Connections`]). Only the handler
+//! differs.
 
 mod conn;
 pub mod tls;

@@ -5,6 +5,7 @@ use super::*;
 use crate::http::full;
 use crate::server::workers::{self, Workers};
 use hyper::{Request, Response};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -99,18 +100,45 @@ async fn shutdown_lets_open_requests_finish_and_stops_accepting() {
 }
 
 /// Answers with the name of the thread that served the request, after the
-/// delay given in the path (`/sleep/300`).
-struct WhichThread;
+/// delay given in the path (`/sleep/300`); counts the requests that arrived.
+#[derive(Default)]
+struct WhichThread {
+    arrived: AtomicUsize,
+}
 
 impl Handler for WhichThread {
     async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+        self.arrived.fetch_add(1, Ordering::SeqCst);
         let answer = Sleepy.handle(req, conn).await;
         let name = std::thread::current().name().unwrap_or("").to_owned();
         answer.map(|_| full(name))
     }
 }
 
-async fn start_workers(threads: usize, slots: usize) -> (SocketAddr, Workers, CancellationToken) {
+/// Proxy-style threads serving a fresh listener; the handlers are returned
+/// too, so a test can see requests arrive and threads let go of them.
+struct Started {
+    addr: SocketAddr,
+    workers: Workers,
+    shutdown: CancellationToken,
+    handlers: Vec<Arc<WhichThread>>,
+}
+
+impl Started {
+    fn arrived(&self) -> usize {
+        self.handlers
+            .iter()
+            .map(|h| h.arrived.load(Ordering::SeqCst))
+            .sum()
+    }
+
+    /// Every thread has stopped: none holds its handler any more.
+    fn all_stopped(&self) -> bool {
+        self.handlers.iter().all(|h| Arc::strong_count(h) == 1)
+    }
+}
+
+async fn start_workers(threads: usize, slots: usize) -> Started {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
@@ -124,9 +152,25 @@ async fn start_workers(threads: usize, slots: usize) -> (SocketAddr, Workers, Ca
         },
         shutdown: shutdown.clone(),
     };
-    let handlers = (0..threads).map(|_| Arc::new(WhichThread)).collect();
-    let workers = Workers::start("test", listener, handlers, shared).unwrap();
-    (addr, workers, shutdown)
+    let handlers: Vec<_> = (0..threads)
+        .map(|_| Arc::new(WhichThread::default()))
+        .collect();
+    let workers = Workers::start("test", listener, handlers.clone(), shared).unwrap();
+    Started {
+        addr,
+        workers,
+        shutdown,
+        handlers,
+    }
+}
+
+/// Polls `done` every 10 ms for up to 5 s.
+async fn eventually(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// The body of a response read by [`request`].
@@ -136,11 +180,11 @@ fn body_of(response: &str) -> &str {
 
 #[tokio::test]
 async fn connections_are_dealt_to_the_threads_in_turn_and_stay_there() {
-    let (addr, _workers, _shutdown) = start_workers(2, 64).await;
+    let started = start_workers(2, 64).await;
     let mut served = std::collections::HashMap::<String, usize>::new();
     let mut open = Vec::new();
     for _ in 0..6 {
-        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut s = TcpStream::connect(started.addr).await.unwrap();
         let first = request(&mut s, "/").await;
         assert!(first.starts_with("HTTP/1.1 200"), "{first}");
         *served.entry(body_of(&first).to_owned()).or_default() += 1;
@@ -164,63 +208,78 @@ async fn connections_are_dealt_to_the_threads_in_turn_and_stay_there() {
 
 #[tokio::test]
 async fn connection_slots_are_shared_by_every_thread() {
-    let (addr, _workers, _shutdown) = start_workers(3, 2).await;
+    let started = start_workers(3, 2).await;
+    let addr = started.addr;
+    // Two connections, dealt to two different threads, take both slots
+    // until their clients close them.
     let mut busy = Vec::new();
     for _ in 0..2 {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        busy.push(tokio::spawn(
-            async move { request(&mut s, "/sleep/600").await },
-        ));
+        busy.push(tokio::spawn(async move {
+            let answer = request(&mut s, "/sleep/500").await;
+            (answer, Instant::now())
+        }));
     }
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    // Both slots are taken: a third connection waits in the backlog, on
-    // whichever thread would take it, until a slot is free.
-    let started = Instant::now();
+    eventually("both busy requests arrived", || started.arrived() == 2).await;
+    // A third connection waits in the backlog, though the third thread is
+    // free, until one of them closes.
     let mut third = TcpStream::connect(addr).await.unwrap();
-    assert!(request(&mut third, "/").await.starts_with("HTTP/1.1 200"));
-    assert!(
-        started.elapsed() >= Duration::from_millis(300),
-        "served after {:?}, while both slots were held",
-        started.elapsed()
-    );
+    let answer = request(&mut third, "/").await;
+    let answered = Instant::now();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let mut closed = Vec::new();
     for b in busy {
-        assert!(b.await.unwrap().starts_with("HTTP/1.1 200"));
+        let (answer, at) = b.await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        closed.push(at);
     }
+    let first_closed = closed.into_iter().min().unwrap();
+    assert!(
+        answered >= first_closed,
+        "the third connection was served while both slots were held"
+    );
 }
 
 #[tokio::test]
 async fn shutdown_lets_every_thread_finish_its_requests_then_stops_them() {
-    let (addr, mut workers, shutdown) = start_workers(2, 64).await;
+    let mut started = start_workers(2, 64).await;
+    let addr = started.addr;
     let mut pending = Vec::new();
     for _ in 0..6 {
         let mut s = TcpStream::connect(addr).await.unwrap();
         pending.push(tokio::spawn(
-            async move { request(&mut s, "/sleep/400").await },
+            async move { request(&mut s, "/sleep/300").await },
         ));
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    shutdown.cancel();
+    eventually("every request arrived", || started.arrived() == 6).await;
+    started.shutdown.cancel();
     for p in pending {
         assert!(p.await.unwrap().starts_with("HTTP/1.1 200"));
     }
-    tokio::time::timeout(Duration::from_secs(5), workers.join())
+    tokio::time::timeout(Duration::from_secs(5), started.workers.join())
         .await
         .expect("the threads stopped");
+    assert!(started.all_stopped(), "a thread still holds its handler");
     assert!(TcpStream::connect(addr).await.is_err());
 }
 
 #[tokio::test]
 async fn dropping_the_workers_stops_them() {
-    let (addr, workers, _shutdown) = start_workers(2, 64).await;
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    assert!(request(&mut s, "/").await.starts_with("HTTP/1.1 200"));
+    let Started {
+        addr,
+        workers,
+        handlers,
+        shutdown: _shutdown,
+    } = start_workers(2, 64).await;
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    assert!(request(&mut idle, "/").await.starts_with("HTTP/1.1 200"));
     drop(workers);
-    let closed = async {
-        while TcpStream::connect(addr).await.is_ok() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), closed)
-        .await
-        .expect("the listener closed");
+    // The idle connection is closed, and both threads let go of their
+    // handlers.
+    assert!(closed_after(&mut idle).await < Duration::from_secs(5));
+    eventually("both threads stopped", || {
+        handlers.iter().all(|h| Arc::strong_count(h) == 1)
+    })
+    .await;
+    assert!(TcpStream::connect(addr).await.is_err());
 }

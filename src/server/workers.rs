@@ -75,15 +75,18 @@ impl Workers {
         };
         let mut threads = Vec::with_capacity(handlers.len());
         for (i, handler) in handlers.into_iter().enumerate() {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let runtime = Unstarted(Some(
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?,
+            ));
             let (handoff, mut incoming) = mpsc::unbounded_channel::<Handoff>();
             let (done, stopped) = oneshot::channel::<()>();
             let (tls, opts, shutdown) = (shared.tls.clone(), shared.opts, workers.stop.clone());
             std::thread::Builder::new()
                 .name(format!("keyrouter-{name}-{i}"))
                 .spawn(move || {
+                    let runtime = runtime.take();
                     runtime.block_on(async move {
                         let connections = Connections::new(name, handler, tls, opts, shutdown);
                         // Ends when the acceptor stops (and drops its sender).
@@ -136,5 +139,25 @@ impl Workers {
 impl Drop for Workers {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// A thread's runtime until the thread takes it. If the thread cannot be
+/// started, the runtime is dropped inside the async start-up, where a plain
+/// drop (which waits for its blocking tasks) is not allowed: it is shut
+/// down without waiting instead (it never ran anything).
+struct Unstarted(Option<tokio::runtime::Runtime>);
+
+impl Unstarted {
+    fn take(mut self) -> tokio::runtime::Runtime {
+        self.0.take().expect("a runtime is taken once")
+    }
+}
+
+impl Drop for Unstarted {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
     }
 }
