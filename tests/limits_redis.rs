@@ -22,8 +22,10 @@ use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use test_redis::{plain, redis_url, unique_prefix};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KEY_ID: &str = "key_sharedtest01";
 
@@ -490,4 +492,95 @@ async fn the_redis_url_is_never_logged() {
     assert!(text.contains("KEYROUTER_REDIS_URL"), "{text}");
     assert!(!text.contains("hunter"), "{text}");
     assert!(!text.contains("127.0.0.1"), "{text}");
+}
+
+/// A TCP relay in front of the Redis at `url` that, while `slow` is set,
+/// holds every read from the limiter for `delay` before passing it on: a
+/// Redis that answers late. Returns the URL to reach Redis through it.
+async fn slow_relay(url: &str, slow: Arc<AtomicBool>, delay: Duration) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a redis URL");
+    let (auth, host) = rest
+        .rsplit_once('@')
+        .map_or((String::new(), rest), |(a, h)| (format!("{a}@"), h));
+    let (addr, path) = host.split_once('/').unwrap_or((host, ""));
+    let target = if addr.contains(':') {
+        addr.to_owned()
+    } else {
+        format!("{addr}:6379")
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                continue;
+            };
+            let slow = slow.clone();
+            let (mut from_client, mut to_server) = (client, server);
+            tokio::spawn(async move {
+                let (mut client_read, mut client_write) = from_client.split();
+                let (mut server_read, mut server_write) = to_server.split();
+                let upstream = async {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = client_read.read(&mut buf).await?;
+                        if n == 0 {
+                            return Ok::<_, std::io::Error>(());
+                        }
+                        if slow.load(Ordering::SeqCst) {
+                            tokio::time::sleep(delay).await;
+                        }
+                        server_write.write_all(&buf[..n]).await?;
+                    }
+                };
+                let downstream = tokio::io::copy(&mut server_read, &mut client_write);
+                let _ = tokio::join!(upstream, downstream);
+            });
+        }
+    });
+    format!("{scheme}://{auth}{relay}/{path}")
+}
+
+#[tokio::test]
+async fn a_slot_granted_after_the_caller_gave_up_is_given_back() {
+    let url = redis_url();
+    let mut conn = plain(&url).await;
+    away_from_window_edge(&mut conn).await;
+    let prefix = unique_prefix("late");
+    let slow = Arc::new(AtomicBool::new(false));
+    let relayed = slow_relay(&url, slow.clone(), Duration::from_millis(600)).await;
+    let a = Replica::new(&relayed, &prefix, OnBackendError::Local).await;
+    let l = limits(Some(1000), None, Some(1));
+
+    // Redis answers after the caller's timeout: the request is decided in
+    // this process, and the grant Redis makes later ...
+    slow.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let permit = a.acquire(&l, 0).await.expect("decided locally");
+    assert!(
+        started.elapsed() < Duration::from_millis(550),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(a.fallback(), 1);
+    slow.store(false, Ordering::SeqCst);
+
+    // ... does happen (the request is counted in the rpm window), but its
+    // slot is given back at once instead of being held for its lease.
+    let slots = format!("{prefix}:key:{KEY_ID}:inflight");
+    let rpm = format!("{prefix}:key:{KEY_ID}:rpm:*");
+    eventually(
+        Duration::from_secs(5),
+        "the late grant is given back",
+        || {
+            let mut conn = conn.clone();
+            let (slots, rpm) = (slots.clone(), rpm.clone());
+            async move {
+                sum_of(&mut conn, &rpm).await == 1
+                    && conn.zcard::<_, u64>(&slots).await.unwrap() == 0
+            }
+        },
+    )
+    .await;
+    drop(permit);
 }

@@ -23,8 +23,9 @@
 //!   slots of a replica that crashed without releasing free themselves.
 //! - `{prefix}:client:{id}:rpm:{window}`: client windows, as for keys.
 //!
-//! Unavailability: every call is bounded by [`CALL_TIMEOUT`], so a hung
-//! Redis cannot stall a request. After a failure Redis is left alone for
+//! Unavailability: a request waits at most [`CALL_TIMEOUT`] for Redis, so a
+//! hung Redis cannot stall it; a slot or tokens that Redis grants after the
+//! request stopped waiting are given back. After a failure Redis is left alone for
 //! [`RETRY_EVERY_MS`]; then one request probes it while the others keep to the
 //! fallback. Going down logs one warning and coming back one info line; the
 //! URL (which may hold a password) is never logged.
@@ -40,9 +41,14 @@ use redis::{FromRedisValue, Script, ScriptInvocation};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
+use tokio::sync::oneshot;
 
 /// The longest a decision may wait for Redis before it is decided without.
 const CALL_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// How long a call goes on after its caller stopped waiting, so that a
+/// grant that arrives late is given back rather than left to its lease.
+const LATE_REPLY_WAIT: Duration = Duration::from_secs(5);
 
 /// How long (ms) after a failure Redis is tried again.
 const RETRY_EVERY_MS: u64 = 1_000;
@@ -201,7 +207,7 @@ struct Inner {
     /// The runtime that built the backend (the gateway's main one). Every
     /// call runs there, whichever proxy thread asks: the connection, and
     /// the task the client library starts for each reconnect, then live on
-    /// a runtime that is never busy serving requests and that outlives the
+    /// a runtime that serves no proxied requests and that outlives the
     /// proxy threads on shutdown.
     runtime: tokio::runtime::Handle,
 }
@@ -217,6 +223,9 @@ impl RedisBackend {
     ) -> RedisBackend {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            // The library's own bound on an answer: long enough for a late
+            // answer to arrive and be given back (callers wait far less).
+            .set_response_timeout(Some(LATE_REPLY_WAIT))
             // Each failed call triggers one reconnect; the pace of calls
             // (at most one per `RETRY_EVERY_MS` while down) is the pace of retries.
             .set_number_of_retries(0);
@@ -311,7 +320,7 @@ struct Request<'a> {
 impl Inner {
     /// Runs [`ACQUIRE_LUA`] unless Redis is resting after a failure; on
     /// success, the window id the tokens went into.
-    async fn decide(&self, base: &str, r: Request<'_>) -> Remote<u64> {
+    async fn decide(self: &Arc<Self>, base: &str, r: Request<'_>) -> Remote<u64> {
         if !self.may_try(now_ms()) {
             return Remote::Unavailable;
         }
@@ -324,7 +333,22 @@ impl Inner {
             .arg(r.max_concurrent.unwrap_or(0))
             .arg(r.member.unwrap_or(""))
             .arg(LEASE_MS);
-        match self.call::<(u64, u64, u64)>(invocation).await {
+        // A grant that arrives after the caller stopped waiting is given
+        // back: its slot would otherwise stay taken for a whole lease.
+        let (base, tokens, tpm) = (base.to_owned(), r.tokens, r.tpm.is_some());
+        let member = r.member.map(str::to_owned);
+        let undo = move |(wait, full, window): (u64, u64, u64)| {
+            let granted = wait == 0 && full == 0;
+            (granted && (tpm || member.is_some())).then(|| {
+                release_invocation(
+                    &base,
+                    tpm.then_some(window),
+                    -i64::try_from(tokens).unwrap_or(i64::MAX),
+                    member.as_deref(),
+                )
+            })
+        };
+        match self.call::<(u64, u64, u64)>(invocation, undo).await {
             Some((0, 0, window)) => Remote::Granted(window),
             Some((wait, full, _)) => Remote::Limited(Limited {
                 window_wait_ms: wait,
@@ -351,36 +375,56 @@ impl Inner {
                     .is_ok())
     }
 
-    /// One call on the backend's runtime, bounded by [`CALL_TIMEOUT`], with
-    /// the outcome recorded.
-    async fn call<T: FromRedisValue + Send + 'static>(
-        &self,
+    /// One call, made on the backend's runtime. The caller waits at most
+    /// [`CALL_TIMEOUT`]; the call itself goes on for up to [`LATE_REPLY_WAIT`]
+    /// so that what it took in Redis can be given back (`undo`'s script)
+    /// when its answer comes after the caller stopped waiting, timed out or
+    /// dropped.
+    async fn call<T>(
+        self: &Arc<Self>,
         invocation: ScriptInvocation<'static>,
-    ) -> Option<T> {
+        undo: impl FnOnce(T) -> Option<ScriptInvocation<'static>> + Send + 'static,
+    ) -> Option<T>
+    where
+        T: FromRedisValue + Send + 'static,
+    {
         let Some(conn) = &self.conn else {
             self.failed("invalid URL");
             return None;
         };
         let mut conn = conn.clone();
-        let call = self.runtime.spawn(async move {
-            tokio::time::timeout(CALL_TIMEOUT, invocation.invoke_async(&mut conn)).await
+        let inner = Arc::clone(self);
+        let (reply, answer) = oneshot::channel();
+        self.runtime.spawn(async move {
+            let outcome =
+                tokio::time::timeout(LATE_REPLY_WAIT, invocation.invoke_async::<T>(&mut conn))
+                    .await;
+            let value = match outcome {
+                Ok(Ok(value)) => {
+                    inner.succeeded();
+                    value
+                }
+                // Recorded here only while the caller waits: a caller that
+                // timed out has recorded that already.
+                Ok(Err(e)) if !reply.is_closed() => return inner.failed(e.category()),
+                Err(_) if !reply.is_closed() => return inner.failed("timeout"),
+                _ => return,
+            };
+            if let Err(value) = reply.send(value)
+                && let Some(release) = undo(value)
+            {
+                let _ =
+                    tokio::time::timeout(LATE_REPLY_WAIT, release.invoke_async::<i64>(&mut conn))
+                        .await;
+            }
         });
-        match call.await {
-            Ok(Ok(Ok(value))) => {
-                self.succeeded();
-                Some(value)
-            }
-            Ok(Ok(Err(e))) => {
-                self.failed(e.category());
-                None
-            }
-            Ok(Err(_)) => {
-                self.failed("timeout");
-                None
-            }
-            // The main runtime is shutting down.
+        match tokio::time::timeout(CALL_TIMEOUT, answer).await {
+            Ok(Ok(value)) => Some(value),
+            // Failed (and recorded by the call), or the gateway is shutting
+            // down and the call never ran.
+            Ok(Err(_)) => None,
             Err(_) => {
-                self.failed("shutdown");
+                self.failed("timeout");
                 None
             }
         }
@@ -456,18 +500,30 @@ impl RemotePermit {
         if window.is_none() && self.member.is_none() {
             return;
         }
+        let invocation = release_invocation(&self.base, window, correction, self.member.as_deref());
         let runtime = self.inner.runtime.clone();
         runtime.spawn(async move {
-            let mut invocation = RELEASE.prepare_invoke();
-            invocation
-                .key(&self.base)
-                .arg(window.map(|w| w.to_string()).unwrap_or_default())
-                .arg(correction)
-                .arg(self.member.as_deref().unwrap_or(""));
             // Releases go out even while Redis rests: they are bounded by
             // the permits it granted before, and a lost one only delays a
             // slot until its lease ends.
-            let _: Option<i64> = self.inner.call(invocation).await;
+            let _: Option<i64> = self.inner.call(invocation, |_| None).await;
         });
     }
+}
+
+/// [`RELEASE_LUA`] for the permit `member` (if any) of the key `base`,
+/// correcting the tokens reserved in `window` (if any) by `correction`.
+fn release_invocation(
+    base: &str,
+    window: Option<u64>,
+    correction: i64,
+    member: Option<&str>,
+) -> ScriptInvocation<'static> {
+    let mut invocation = RELEASE.prepare_invoke();
+    invocation
+        .key(base)
+        .arg(window.map(|w| w.to_string()).unwrap_or_default())
+        .arg(correction)
+        .arg(member.unwrap_or(""));
+    invocation
 }

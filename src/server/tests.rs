@@ -100,15 +100,20 @@ async fn shutdown_lets_open_requests_finish_and_stops_accepting() {
 }
 
 /// Answers with the name of the thread that served the request, after the
-/// delay given in the path (`/sleep/300`); counts the requests that arrived.
-#[derive(Default)]
+/// delay given in the path (`/sleep/300`), or once the test opens the gate
+/// (`/hold`); counts the requests that arrived.
 struct WhichThread {
     arrived: AtomicUsize,
+    /// One permit lets one held request through.
+    gate: Arc<Semaphore>,
 }
 
 impl Handler for WhichThread {
     async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         self.arrived.fetch_add(1, Ordering::SeqCst);
+        if req.uri().path() == "/hold" {
+            self.gate.acquire().await.unwrap().forget();
+        }
         let answer = Sleepy.handle(req, conn).await;
         let name = std::thread::current().name().unwrap_or("").to_owned();
         answer.map(|_| full(name))
@@ -122,6 +127,7 @@ struct Started {
     workers: Workers,
     shutdown: CancellationToken,
     handlers: Vec<Arc<WhichThread>>,
+    gate: Arc<Semaphore>,
 }
 
 impl Started {
@@ -152,8 +158,14 @@ async fn start_workers(threads: usize, slots: usize) -> Started {
         },
         shutdown: shutdown.clone(),
     };
+    let gate = Arc::new(Semaphore::new(0));
     let handlers: Vec<_> = (0..threads)
-        .map(|_| Arc::new(WhichThread::default()))
+        .map(|_| {
+            Arc::new(WhichThread {
+                arrived: AtomicUsize::new(0),
+                gate: gate.clone(),
+            })
+        })
         .collect();
     let workers = Workers::start("test", listener, handlers.clone(), shared).unwrap();
     Started {
@@ -161,6 +173,7 @@ async fn start_workers(threads: usize, slots: usize) -> Started {
         workers,
         shutdown,
         handlers,
+        gate,
     }
 }
 
@@ -211,33 +224,31 @@ async fn connection_slots_are_shared_by_every_thread() {
     let started = start_workers(3, 2).await;
     let addr = started.addr;
     // Two connections, dealt to two different threads, take both slots
-    // until their clients close them.
+    // while their requests are held.
     let mut busy = Vec::new();
     for _ in 0..2 {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        busy.push(tokio::spawn(async move {
-            let answer = request(&mut s, "/sleep/500").await;
-            (answer, Instant::now())
-        }));
+        busy.push(tokio::spawn(async move { request(&mut s, "/hold").await }));
     }
     eventually("both busy requests arrived", || started.arrived() == 2).await;
     // A third connection waits in the backlog, though the third thread is
-    // free, until one of them closes.
-    let mut third = TcpStream::connect(addr).await.unwrap();
-    let answer = request(&mut third, "/").await;
-    let answered = Instant::now();
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let mut closed = Vec::new();
-    for b in busy {
-        let (answer, at) = b.await.unwrap();
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        closed.push(at);
-    }
-    let first_closed = closed.into_iter().min().unwrap();
+    // free, ...
+    let third = tokio::spawn(async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        request(&mut s, "/").await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        answered >= first_closed,
+        !third.is_finished(),
         "the third connection was served while both slots were held"
     );
+    assert_eq!(started.arrived(), 2);
+    // ... until one of them is done and closed.
+    started.gate.add_permits(2);
+    for b in busy {
+        assert!(b.await.unwrap().starts_with("HTTP/1.1 200"));
+    }
+    assert!(third.await.unwrap().starts_with("HTTP/1.1 200"));
 }
 
 #[tokio::test]
@@ -247,12 +258,18 @@ async fn shutdown_lets_every_thread_finish_its_requests_then_stops_them() {
     let mut pending = Vec::new();
     for _ in 0..6 {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        pending.push(tokio::spawn(
-            async move { request(&mut s, "/sleep/300").await },
-        ));
+        pending.push(tokio::spawn(async move { request(&mut s, "/hold").await }));
     }
     eventually("every request arrived", || started.arrived() == 6).await;
     started.shutdown.cancel();
+    // No new connections while the open requests are still held ...
+    eventually("the listener closed", || {
+        std::net::TcpStream::connect(addr).is_err()
+    })
+    .await;
+    assert!(pending.iter().all(|p| !p.is_finished()));
+    // ... and every open request still gets its answer.
+    started.gate.add_permits(6);
     for p in pending {
         assert!(p.await.unwrap().starts_with("HTTP/1.1 200"));
     }
@@ -260,7 +277,6 @@ async fn shutdown_lets_every_thread_finish_its_requests_then_stops_them() {
         .await
         .expect("the threads stopped");
     assert!(started.all_stopped(), "a thread still holds its handler");
-    assert!(TcpStream::connect(addr).await.is_err());
 }
 
 #[tokio::test]
@@ -270,6 +286,7 @@ async fn dropping_the_workers_stops_them() {
         workers,
         handlers,
         shutdown: _shutdown,
+        ..
     } = start_workers(2, 64).await;
     let mut idle = TcpStream::connect(addr).await.unwrap();
     assert!(request(&mut idle, "/").await.starts_with("HTTP/1.1 200"));

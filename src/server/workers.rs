@@ -9,9 +9,10 @@
 //! are freed on another thread than the one that allocated them, and a
 //! thread preempted by the OS holds up work queued behind it. Here a
 //! connection, its requests and the upstream connections they use stay on
-//! one thread from accept to close: each thread has its own handler and so
-//! its own upstream connection pools. The key pool, limiter and metrics are
-//! shared by all threads.
+//! one thread from hand-over to close: each thread has its own handler and
+//! so its own upstream connection pools. The key pool, limiter and metrics
+//! are shared by all threads; Redis limiter calls and key state writes run
+//! on the main runtime.
 //!
 //! One acceptor task (on the runtime that started the workers) takes the
 //! connections and hands them to the threads in turn. Threads racing to
