@@ -25,10 +25,10 @@
 //!
 //! Unavailability: a request waits at most [`CALL_TIMEOUT`] for Redis, so a
 //! hung Redis cannot stall it; a slot or tokens that Redis grants after the
-//! request stopped waiting are given back. After a failure Redis is left alone for
-//! [`RETRY_EVERY_MS`]; then one request probes it while the others keep to the
-//! fallback. Going down logs one warning and coming back one info line; the
-//! URL (which may hold a password) is never logged.
+//! request stopped waiting are given back. After a failure Redis is left
+//! alone for [`RETRY_EVERY_MS`]; then one request probes it while the others
+//! keep to the fallback. Going down logs one warning and coming back one
+//! info line; the URL (which may hold a password) is never logged.
 
 use super::Limited;
 use super::local::now_ms;
