@@ -19,7 +19,7 @@ use crate::app::App;
 use crate::config::{ProviderConfig, ProviderKind};
 use crate::keys::pool::credential_header;
 use crate::keys::{KeyEvent, KeyId, KeyRecord, KeyState};
-use crate::proxy::upstream::Upstream;
+use crate::proxy::upstream::{self, Upstream};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http::{HeaderMap, Method, Uri};
@@ -37,8 +37,8 @@ pub async fn run(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let upstream = match Upstream::new(&provider, &app.config.server) {
-        Ok(u) => u,
+    let upstream = match upstream::tls_config(&provider) {
+        Ok(tls) => Upstream::new(&provider, &app.config.server, tls),
         Err(e) => {
             tracing::error!(error = %e, "probes disabled");
             return;

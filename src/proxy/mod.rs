@@ -89,28 +89,35 @@ impl ProxyApi {
     /// (and everything in [`App`]).
     pub fn per_thread(app: &Arc<App>, threads: usize) -> Result<Vec<Self>, UpstreamInitError> {
         let bodies = BodyReader::new(&app.config.server);
-        (0..threads)
-            .map(|_| Self::new(app.clone(), bodies.clone()))
-            .collect()
+        // Each provider's TLS settings, read once and shared by the threads.
+        let tls = app
+            .config
+            .providers
+            .iter()
+            .map(upstream::tls_config)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((0..threads)
+            .map(|_| Self::new(app.clone(), bodies.clone(), &tls))
+            .collect())
     }
 
-    fn new(app: Arc<App>, bodies: BodyReader) -> Result<Self, UpstreamInitError> {
+    /// `tls` holds the TLS settings of each configured provider, in order.
+    fn new(app: Arc<App>, bodies: BodyReader, tls: &[rustls::ClientConfig]) -> Self {
         let cfg = &app.config;
         let providers = cfg
             .providers
             .iter()
-            .map(|p| {
-                Ok(ProviderRuntime {
-                    id: Arc::from(p.id.as_str()),
-                    kind: p.kind,
-                    policy: p.policy,
-                    retry_budget: p.retry_budget,
-                    upstream: Upstream::new(p, &cfg.server)?,
-                    metrics: Arc::new(app.metrics.provider(&p.id)),
-                })
+            .zip(tls)
+            .map(|(p, tls)| ProviderRuntime {
+                id: Arc::from(p.id.as_str()),
+                kind: p.kind,
+                policy: p.policy,
+                retry_budget: p.retry_budget,
+                upstream: Upstream::new(p, &cfg.server, tls.clone()),
+                metrics: Arc::new(app.metrics.provider(&p.id)),
             })
-            .collect::<Result<_, UpstreamInitError>>()?;
-        Ok(ProxyApi {
+            .collect();
+        ProxyApi {
             routes: RouteTable::new(&cfg.providers),
             cors: Cors::new(&cfg.server.cors_origins),
             bodies,
@@ -120,7 +127,7 @@ impl ProxyApi {
             },
             providers,
             app,
-        })
+        }
     }
 
     /// The inner path: every stage in order, failing with a [`ProxyError`].

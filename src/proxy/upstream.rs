@@ -38,24 +38,33 @@ pub struct Upstream {
 #[error("providers: {0}: upstream_ca_path holds no usable CA certificate")]
 pub struct UpstreamInitError(pub String);
 
-impl Upstream {
-    pub fn new(p: &ProviderConfig, server: &ServerConfig) -> Result<Self, UpstreamInitError> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(ca) = &p.upstream_ca_path {
-            let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(ca)
-                .and_then(|it| it.collect::<Result<_, _>>())
-                .map_err(|_| UpstreamInitError(p.id.clone()))?;
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(UpstreamInitError(p.id.clone()));
-            }
+/// A provider's TLS client settings: the webpki roots plus its
+/// `upstream_ca_path`. Built once per provider for all proxy threads: their
+/// clients get clones, which share the root store and the TLS session
+/// cache.
+pub fn tls_config(p: &ProviderConfig) -> Result<rustls::ClientConfig, UpstreamInitError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(ca) = &p.upstream_ca_path {
+        let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(ca)
+            .and_then(|it| it.collect::<Result<_, _>>())
+            .map_err(|_| UpstreamInitError(p.id.clone()))?;
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(UpstreamInitError(p.id.clone()));
         }
-        let tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
+    }
+    Ok(
+        rustls::ClientConfig::builder_with_provider(crypto_provider())
             .with_safe_default_protocol_versions()
             .expect("ring supports the default TLS versions")
             .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_no_client_auth(),
+    )
+}
+
+impl Upstream {
+    pub fn new(p: &ProviderConfig, server: &ServerConfig, tls: rustls::ClientConfig) -> Self {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -73,12 +82,12 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
             .build(connector);
-        Ok(Upstream {
+        Upstream {
             client,
             kind: p.kind,
             first_byte_timeout: server.upstream_first_byte_timeout,
             read_timeout: server.upstream_read_timeout,
-        })
+        }
     }
 
     /// Sends one attempt and waits for the response headers; from then on
