@@ -511,15 +511,14 @@ async fn slow_relay(url: &str, slow: Arc<AtomicBool>, delay: Duration) -> String
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let relay = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else {
                 continue;
             };
             let slow = slow.clone();
-            let (mut from_client, mut to_server) = (client, server);
             tokio::spawn(async move {
-                let (mut client_read, mut client_write) = from_client.split();
-                let (mut server_read, mut server_write) = to_server.split();
+                let (mut client_read, mut client_write) = client.split();
+                let (mut server_read, mut server_write) = server.split();
                 let upstream = async {
                     let mut buf = vec![0u8; 16 * 1024];
                     loop {

@@ -186,6 +186,17 @@ async fn eventually(what: &str, done: impl Fn() -> bool) {
     }
 }
 
+/// `n` connections, each with one request held at the gate; their answers
+/// once the gate lets them through.
+async fn held(addr: SocketAddr, n: usize) -> Vec<tokio::task::JoinHandle<String>> {
+    let mut pending = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        pending.push(tokio::spawn(async move { request(&mut s, "/hold").await }));
+    }
+    pending
+}
+
 /// The body of a response read by [`request`].
 fn body_of(response: &str) -> &str {
     response.split("\r\n\r\n").nth(1).unwrap_or("")
@@ -225,11 +236,7 @@ async fn connection_slots_are_shared_by_every_thread() {
     let addr = started.addr;
     // Two connections, dealt to two different threads, take both slots
     // while their requests are held.
-    let mut busy = Vec::new();
-    for _ in 0..2 {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        busy.push(tokio::spawn(async move { request(&mut s, "/hold").await }));
-    }
+    let busy = held(addr, 2).await;
     eventually("both busy requests arrived", || started.arrived() == 2).await;
     // A third connection waits in the backlog, though the third thread is
     // free, ...
@@ -255,11 +262,7 @@ async fn connection_slots_are_shared_by_every_thread() {
 async fn shutdown_lets_every_thread_finish_its_requests_then_stops_them() {
     let mut started = start_workers(2, 64).await;
     let addr = started.addr;
-    let mut pending = Vec::new();
-    for _ in 0..6 {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        pending.push(tokio::spawn(async move { request(&mut s, "/hold").await }));
-    }
+    let pending = held(addr, 6).await;
     eventually("every request arrived", || started.arrived() == 6).await;
     started.shutdown.cancel();
     // No new connections while the open requests are still held ...
