@@ -342,12 +342,17 @@ async fn maintenance(app: Arc<App>, certs: Option<Arc<CertStore>>, shutdown: Can
 
 impl Running {
     /// Graceful stop: listeners stop accepting, open requests get the drain
-    /// time, then queued audit events are written.
+    /// time; then key state changes being written and queued audit events
+    /// get the drain time again, together.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
         self.proxy.join().await;
         let drain = self.app.config.server.shutdown_drain;
-        self.audit_writer.drain(drain).await;
+        let deadline = tokio::time::Instant::now() + drain;
+        self.app.health.drain(deadline).await;
+        self.audit_writer
+            .drain(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await;
     }
 }

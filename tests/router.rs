@@ -988,6 +988,77 @@ async fn a_refusal_waiting_to_be_stored_is_not_replaced_by_a_recovery() {
     );
 }
 
+/// A key state change still being written when the gateway stops gracefully
+/// is stored before the stop returns; a store that stays away holds the stop
+/// up for the drain time only.
+#[tokio::test]
+async fn a_key_state_change_being_written_at_shutdown_is_stored_before_the_stop_returns() {
+    const KEY: &str = "sk-router-shutdown-write-0VVVV";
+    // Drain time for open requests, then for pending writes.
+    const DRAIN: Duration = Duration::from_secs(2);
+    for store_comes_back in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let mock = MockUpstream::start().await;
+        let gw = TestGateway::builder()
+            .providers(&openai(&mock.url, ""))
+            .state_dir(dir.path())
+            .toml("[server]\nshutdown_drain = \"2s\"\n")
+            .start()
+            .await;
+        let id = register(&gw, KEY, json!({})).await;
+        mock.script(KEY, Behaviour::Unauthorized);
+        // Another process holds the database's write lock: the transition
+        // waits for it.
+        let other = rusqlite::Connection::open(dir.path().join("keyrouter.db")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        chat(&gw).await.error(503, "no_available_key");
+
+        let app = gw.app().clone();
+        let started = Instant::now();
+        let stopping = tokio::spawn(gw.stop());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !stopping.is_finished(),
+            "the stop did not wait for the key's state change"
+        );
+        if store_comes_back {
+            other.execute_batch("COMMIT").unwrap();
+        }
+        stopping.await.unwrap();
+        let took = started.elapsed();
+        assert!(
+            took < DRAIN + Duration::from_millis(800),
+            "the stop took {took:?}"
+        );
+        if !store_comes_back {
+            assert!(took >= DRAIN, "the stop gave up after {took:?}");
+            continue;
+        }
+        let key = app
+            .store
+            .get_key(&keyrouter::keys::KeyId::parse(&id).unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(key.status.state(), KeyState::Invalid);
+        let filter = keyrouter::store::AuditFilter {
+            resource: Some(id.clone()),
+            ..Default::default()
+        };
+        let page = keyrouter::store::PageRequest {
+            limit: 10,
+            cursor: None,
+        };
+        let events = app.store.list_audit(&filter, &page).await.unwrap().items;
+        assert!(
+            events
+                .iter()
+                .any(|e| e.event == EventKind::KeyStateChanged && e.to == Some(KeyState::Invalid)),
+            "no transition in the audit log: {events:?}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 10. Probes
 

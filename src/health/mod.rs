@@ -23,6 +23,7 @@ use chrono::{DateTime, Utc};
 use dashmap::DashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::task::TaskTracker;
 
 /// How long a transition keeps being retried while the store is unreachable.
 pub(crate) const PERSIST_GIVE_UP: Duration = Duration::from_secs(600);
@@ -42,6 +43,9 @@ pub struct Health {
     /// wait behind that thread's requests, nor stop when that thread stops
     /// on shutdown before the others).
     writer: tokio::runtime::Handle,
+    /// The writes under way, which a graceful stop waits for: what a
+    /// provider said about a key just before the stop is not lost.
+    writes: TaskTracker,
 }
 
 #[derive(Clone, Copy)]
@@ -78,6 +82,24 @@ impl Health {
             writing: DashMap::new(),
             streaks: DashMap::new(),
             writer,
+            writes: TaskTracker::new(),
+        }
+    }
+
+    /// Waits until every transition reported so far is written, or until
+    /// `deadline`: a write that keeps failing (the store away) is retried
+    /// for minutes, longer than a stop can wait. Called on shutdown, once
+    /// no request can report anything more.
+    pub async fn drain(&self, deadline: tokio::time::Instant) {
+        self.writes.close();
+        if tokio::time::timeout_at(deadline, self.writes.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                pending = self.writes.len(),
+                "key state changes were still being written when the drain time ran out"
+            );
         }
     }
 
@@ -145,10 +167,10 @@ impl Health {
                 slot.insert(None);
             }
         }
-        let writer = app.health.writer.clone();
+        let (writer, writes) = (&app.health.writer, app.health.writes.clone());
         let app = app.clone();
         let key = key.clone();
-        writer.spawn(async move {
+        let write = async move {
             let mut next = Some(event);
             while let Some(event) = next {
                 app.metrics.audit_pending.inc();
@@ -165,7 +187,8 @@ impl Health {
                     app.health.writing.get_mut(&key).and_then(|mut w| w.take())
                 };
             }
-        });
+        };
+        writes.spawn_on(write, writer);
     }
 
     /// Cooling-down keys whose cooldown has ended go back to active (called
