@@ -1,15 +1,29 @@
 //! One connection's life: HTTP/1.1 or h2 over the (TLS) stream, closed
-//! gracefully on shutdown or when it has been idle too long.
+//! gracefully on shutdown, when it has been idle too long, or when a
+//! client takes too long to send a request's headers.
 //!
-//! hyper has no idle timeout of its own, so the connection tracks how many
-//! requests are open (a guard travels with each response body) and when the
-//! last one ended. It is idle when no request is open and none ended within
-//! `idle_timeout`; a long generation that sends nothing for minutes is not
-//! idle. A client that opens a connection and trickles a request's headers
-//! is cut off by hyper's header read timeout instead, and one that trickles
-//! a proxied request's body by `server.body_read_timeout`.
+//! The connection tracks how many requests are open (a guard travels with
+//! each response body), when the last one ended, and when bytes of the next
+//! request began to arrive (its stream is watched). A watchdog closes it:
+//! - when its first request's headers are not in within
+//!   `header_read_timeout` of the connection's start;
+//! - on HTTP/1, when a later request's headers are not in within
+//!   `header_read_timeout` of their first byte (a client that trickles
+//!   headers);
+//! - when no request is open and none ended within `idle_timeout`. A long
+//!   generation that sends nothing for minutes is not idle.
+//!
+//! A client that trickles a proxied request's body is cut off by
+//! `server.body_read_timeout` instead.
+//!
+//! hyper's own header read timeout is not used: it also runs while a
+//! kept-alive connection waits for its next request, so it would close
+//! every such connection after `header_read_timeout`, long before
+//! `idle_timeout`; and it arms a runtime timer for every request, where
+//! the watchdog has one per connection, which wakes about once per
+//! timeout period.
 
-use super::{ConnInfo, Handler};
+use super::{ConnInfo, Handler, ServeOptions};
 use crate::http::{Body, BoxError};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -19,57 +33,128 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// Activity of one connection, shared by its requests and its watchdog.
+/// A moment that has not come (yet), among the millisecond offsets below.
+const NEVER: u64 = u64::MAX;
+
+/// Activity of one connection, shared by its requests, its stream and its
+/// watchdog. Moments are milliseconds after `opened`.
 struct Activity {
     opened: Instant,
-    /// Milliseconds after `opened` when the last request ended.
+    /// When the last request ended; `NEVER` before the first did.
     last_request_ms: AtomicU64,
+    /// When bytes began to arrive while no request was open (the head of
+    /// the next request); `NEVER` when none did since the last request
+    /// began.
+    head_started_ms: AtomicU64,
     open_requests: AtomicUsize,
+    /// The requests come over h2: bytes (pings, window updates) move with
+    /// no request open, so only the idle rule applies.
+    multiplexed: AtomicBool,
 }
 
 impl Activity {
-    fn request_ended(&self) {
-        let ms = self.opened.elapsed().as_millis() as u64;
-        self.last_request_ms.store(ms, Ordering::Relaxed);
+    fn new() -> Self {
+        Activity {
+            opened: Instant::now(),
+            last_request_ms: AtomicU64::new(NEVER),
+            head_started_ms: AtomicU64::new(NEVER),
+            open_requests: AtomicUsize::new(0),
+            multiplexed: AtomicBool::new(false),
+        }
     }
 
-    /// When the connection becomes idle if nothing happens meanwhile.
-    fn idle_deadline(&self, idle: Duration) -> Instant {
-        self.opened + Duration::from_millis(self.last_request_ms.load(Ordering::Relaxed)) + idle
+    fn now_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.opened + Duration::from_millis(ms)
+    }
+
+    fn request_started(&self, multiplexed: bool) {
+        self.open_requests.fetch_add(1, Ordering::Relaxed);
+        self.head_started_ms.store(NEVER, Ordering::Relaxed);
+        if multiplexed {
+            self.multiplexed.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn request_ended(&self) {
+        self.last_request_ms.store(self.now_ms(), Ordering::Relaxed);
+        // Released after the end is noted: a watchdog that sees no request
+        // open sees when the last one ended.
+        self.open_requests.fetch_sub(1, Ordering::Release);
+    }
+
+    /// The stream delivered bytes: with no request open, they begin the
+    /// next request's head (one clock read per request).
+    fn bytes_arrived(&self) {
+        if self.open_requests.load(Ordering::Relaxed) == 0
+            && self.head_started_ms.load(Ordering::Relaxed) == NEVER
+            && !self.multiplexed.load(Ordering::Relaxed)
+        {
+            self.head_started_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// When and how the connection is to close if nothing else happens;
+    /// `None` while a request is open.
+    fn due(&self, opts: &ServeOptions) -> Option<(Instant, Close)> {
+        if self.open_requests.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let last = self.last_request_ms.load(Ordering::Relaxed);
+        if last == NEVER {
+            return Some((self.opened + opts.header_read_timeout, Close::Now));
+        }
+        let head = self.head_started_ms.load(Ordering::Relaxed);
+        if head != NEVER && !self.multiplexed.load(Ordering::Relaxed) {
+            return Some((self.at(head) + opts.header_read_timeout, Close::Now));
+        }
+        Some((self.at(last) + opts.idle_timeout, Close::Gracefully))
     }
 }
 
-/// Serves one connection until the client closes it, it idles out, or
-/// `shutdown` fires (then open requests finish and the connection closes).
+/// How the watchdog closes a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Close {
+    /// Open requests finish, then it closes (h2 says goodbye first).
+    Gracefully,
+    /// At once: no request is open, and the client is late with a request's
+    /// headers (a graceful close would wait for them).
+    Now,
+}
+
+/// Serves one connection until the client closes it, the watchdog closes
+/// it, or `shutdown` fires (then open requests finish and the connection
+/// closes).
 pub async fn serve<I, H>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     info: ConnInfo,
     handler: Arc<H>,
-    idle_timeout: Duration,
+    opts: ServeOptions,
     shutdown: CancellationToken,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
 {
-    let activity = Arc::new(Activity {
-        opened: Instant::now(),
-        last_request_ms: AtomicU64::new(0),
-        open_requests: AtomicUsize::new(0),
-    });
+    let activity = Arc::new(Activity::new());
     let per_request = activity.clone();
-    let service = service_fn(move |req| {
+    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let handler = handler.clone();
-        let guard = RequestGuard::new(per_request.clone());
+        let multiplexed = req.version() == http::Version::HTTP_2;
+        let guard = RequestGuard::new(per_request.clone(), multiplexed);
         async move {
             let resp = handler.handle(req, info).await;
             Ok::<_, std::convert::Infallible>(resp.map(|body| Guarded {
@@ -78,6 +163,10 @@ pub async fn serve<I, H>(
             }))
         }
     });
+    let io = Watched {
+        io,
+        activity: activity.clone(),
+    };
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     // The watchdog sits in its own waker's slot: a wake-up of the
@@ -85,10 +174,15 @@ pub async fn serve<I, H>(
     // connection only, and the watchdog runs when its own timer or the
     // shutdown signal wakes it.
     let mut watchdog = FuturesUnordered::new();
-    watchdog.push(close_when_due(activity, idle_timeout, shutdown));
+    watchdog.push(close_when_due(activity, opts, shutdown));
     let result = std::future::poll_fn(|cx| {
-        if let Poll::Ready(Some(())) = watchdog.poll_next_unpin(cx) {
-            conn.as_mut().graceful_shutdown();
+        match watchdog.poll_next_unpin(cx) {
+            Poll::Ready(Some(Close::Gracefully)) => conn.as_mut().graceful_shutdown(),
+            Poll::Ready(Some(Close::Now)) => {
+                tracing::debug!(peer = %info.peer, "request headers not received in time; connection closed");
+                return Poll::Ready(Ok(()));
+            }
+            _ => {}
         }
         conn.as_mut().poll(cx)
     })
@@ -98,31 +192,81 @@ pub async fn serve<I, H>(
     }
 }
 
-/// Resolves when the connection should close gracefully: on `shutdown`, or
-/// once it has been idle for `idle_timeout`.
+/// Resolves when the connection should close, and how: gracefully on
+/// `shutdown`, else as [`Activity::due`] says. It looks at least once per
+/// `header_read_timeout` or `idle_timeout`, whichever is shorter, so a
+/// deadline that moved nearer meanwhile (a request ended, a head began to
+/// arrive) is never missed.
 async fn close_when_due(
     activity: Arc<Activity>,
-    idle_timeout: Duration,
+    opts: ServeOptions,
     shutdown: CancellationToken,
-) {
+) -> Close {
+    let period = opts.header_read_timeout.min(opts.idle_timeout);
     loop {
-        // With a request open the connection is busy, whatever the stream
-        // does; look again one period later.
-        let deadline = if activity.open_requests.load(Ordering::Relaxed) > 0 {
-            Instant::now() + idle_timeout
-        } else {
-            activity.idle_deadline(idle_timeout)
+        let now = Instant::now();
+        let look_again = now + period;
+        let wake = match activity.due(&opts) {
+            Some((at, close)) if at <= now => return close,
+            Some((at, _)) => at.min(look_again),
+            None => look_again,
         };
         tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep_until(deadline) => {
-                let idle = activity.open_requests.load(Ordering::Relaxed) == 0
-                    && activity.idle_deadline(idle_timeout) <= Instant::now();
-                if idle {
-                    return;
-                }
-            }
+            _ = shutdown.cancelled() => return Close::Gracefully,
+            _ = tokio::time::sleep_until(wake) => {}
         }
+    }
+}
+
+/// The connection's stream, telling its [`Activity`] when bytes arrive.
+struct Watched<I> {
+    io: I,
+    activity: Arc<Activity>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.bytes_arrived();
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -130,15 +274,14 @@ async fn close_when_due(
 struct RequestGuard(Arc<Activity>);
 
 impl RequestGuard {
-    fn new(activity: Arc<Activity>) -> Self {
-        activity.open_requests.fetch_add(1, Ordering::Relaxed);
+    fn new(activity: Arc<Activity>, multiplexed: bool) -> Self {
+        activity.request_started(multiplexed);
         RequestGuard(activity)
     }
 }
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        self.0.open_requests.fetch_sub(1, Ordering::Relaxed);
         self.0.request_ended();
     }
 }

@@ -53,10 +53,10 @@ pub type ConnectionSlots = Arc<Semaphore>;
 /// Timeouts of one listener.
 #[derive(Clone, Copy, Debug)]
 pub struct ServeOptions {
-    /// Also bounds the TLS handshake.
+    /// Time a client gets to send a request's headers (see `conn`); also
+    /// bounds the TLS handshake.
     pub header_read_timeout: Duration,
-    /// A connection with no open request and no bytes moving for this long
-    /// is closed.
+    /// A connection with no request open for this long is closed.
     pub idle_timeout: Duration,
     pub shutdown_drain: Duration,
 }
@@ -137,10 +137,10 @@ impl<H: Handler> Connections<H> {
         shutdown: CancellationToken,
     ) -> Self {
         let mut builder = auto::Builder::new(TokioExecutor::new());
+        // The header read timeout is the connection watchdog's (`conn`).
         builder
             .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(opts.header_read_timeout)
+            .header_read_timeout(None)
             .max_buf_size(64 * 1024);
         builder
             .http2()
@@ -173,7 +173,7 @@ impl<H: Handler> Connections<H> {
             match tls {
                 None => {
                     let info = ConnInfo { peer, tls: false };
-                    conn::serve(&builder, stream, info, handler, opts.idle_timeout, shutdown).await;
+                    conn::serve(&builder, stream, info, handler, opts, shutdown).await;
                 }
                 Some((certs, listener)) => {
                     let config = certs.config(listener);
@@ -181,15 +181,7 @@ impl<H: Handler> Connections<H> {
                         return;
                     };
                     let info = ConnInfo { peer, tls: true };
-                    conn::serve(
-                        &builder,
-                        tls_stream,
-                        info,
-                        handler,
-                        opts.idle_timeout,
-                        shutdown,
-                    )
-                    .await;
+                    conn::serve(&builder, tls_stream, info, handler, opts, shutdown).await;
                 }
             }
         });

@@ -22,11 +22,18 @@ impl Handler for Sleepy {
 }
 
 async fn start(idle: Duration) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
+    start_with(Duration::from_secs(5), idle).await
+}
+
+async fn start_with(
+    header_read: Duration,
+    idle: Duration,
+) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let opts = ServeOptions {
-        header_read_timeout: Duration::from_secs(5),
+        header_read_timeout: header_read,
         idle_timeout: idle,
         shutdown_drain: Duration::from_secs(5),
     };
@@ -71,6 +78,79 @@ async fn idle_keep_alive_connection_is_closed() {
     // Closed by the idle timeout, not by hyper's 5 s header read timeout.
     assert!(
         waited >= Duration::from_millis(200) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_waits_for_its_idle_timeout_not_the_header_read_timeout() {
+    let (addr, _shutdown, _task) =
+        start_with(Duration::from_millis(300), Duration::from_secs(3)).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    assert!(request(&mut s, "/").await.starts_with("HTTP/1.1 200"));
+    // Three header read timeouts with nothing to read: still open.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let answer = request(&mut s, "/").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+}
+
+/// Sends `head` a few bytes at a time, one piece every 100 ms, until the
+/// server closes the connection (or 5 s pass); returns how long that took
+/// from the first byte.
+async fn trickle_until_closed(stream: &mut TcpStream, head: &str) -> Duration {
+    let start = Instant::now();
+    for piece in head.as_bytes().chunks(3).cycle() {
+        if stream.write_all(piece).await.is_err() {
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf)).await {
+            Err(_) => {}
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => panic!("answered: {:?}", String::from_utf8_lossy(&buf[..n])),
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "never closed");
+    }
+    start.elapsed()
+}
+
+/// A head that never ends: header lines keep coming.
+const ENDLESS_HEAD: &str = "GET / HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaa\r\n";
+
+#[tokio::test]
+async fn headers_trickled_past_the_header_read_timeout_close_the_connection() {
+    let header_read = Duration::from_millis(400);
+    let (addr, _shutdown, _task) = start_with(header_read, Duration::from_secs(30)).await;
+
+    // A new connection: its first request's headers are due
+    // `header_read_timeout` after it opened.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let took = trickle_until_closed(&mut s, ENDLESS_HEAD).await;
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+
+    // A kept-alive one: from the first byte of the next request's head,
+    // however long the connection idled before it.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    assert!(request(&mut s, "/").await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let took = trickle_until_closed(&mut s, ENDLESS_HEAD).await;
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout() {
+    let (addr, _shutdown, _task) =
+        start_with(Duration::from_millis(300), Duration::from_secs(30)).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let waited = closed_after(&mut s).await;
+    assert!(
+        waited >= Duration::from_millis(200) && waited < Duration::from_millis(1500),
         "{waited:?}"
     );
 }
