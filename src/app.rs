@@ -252,18 +252,14 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
         },
     )
     .map_err(InitError::Workers)?;
-    tasks.spawn(refresh_pool(app.clone(), shutdown.clone()));
+    spawn_until(&mut tasks, &shutdown, refresh_pool(app.clone()));
     for p in &app.config.providers {
         if let Some(interval) = p.probe_interval {
-            tasks.spawn(health::probe::run(
-                app.clone(),
-                p.clone(),
-                interval,
-                shutdown.clone(),
-            ));
+            let probes = health::probe::run(app.clone(), p.clone(), interval);
+            spawn_until(&mut tasks, &shutdown, probes);
         }
     }
-    tasks.spawn(maintenance(app.clone(), certs, shutdown.clone()));
+    spawn_until(&mut tasks, &shutdown, maintenance(app.clone(), certs));
     tracing::info!(%proxy_addr, %admin_addr, %ops_addr, "keyrouter started");
     Ok(Running {
         admin_addr,
@@ -277,26 +273,37 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
     })
 }
 
+/// Spawns a background loop that ends with `shutdown` wherever it is: a
+/// store call or a probe under way is abandoned, not waited for, so a store
+/// that does not answer cannot hold up a stop.
+fn spawn_until(
+    tasks: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+    work: impl Future<Output = ()> + Send + 'static,
+) {
+    let shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        shutdown.run_until_cancelled(work).await;
+    });
+}
+
 /// How often the key pool is reloaded from the store: changes made through
 /// another replica reach this one within this interval (the contract allows
 /// 5 s).
 const POOL_REFRESH_INTERVAL: Duration = Duration::from_secs(2);
 
-async fn refresh_pool(app: Arc<App>, shutdown: CancellationToken) {
+async fn refresh_pool(app: Arc<App>) {
     let mut tick = tokio::time::interval(POOL_REFRESH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+        tick.tick().await;
         let ok = app.reload_pool().await.is_ok();
         app.ready.store(ok, Ordering::Relaxed);
     }
 }
 
 /// Gauges, certificate reload and audit retention, on one timer.
-async fn maintenance(app: Arc<App>, certs: Option<Arc<CertStore>>, shutdown: CancellationToken) {
+async fn maintenance(app: Arc<App>, certs: Option<Arc<CertStore>>) {
     let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
     let mut last_prune: Option<tokio::time::Instant> = None;
     #[cfg(unix)]
@@ -312,7 +319,6 @@ async fn maintenance(app: Arc<App>, certs: Option<Arc<CertStore>>, shutdown: Can
         #[cfg(not(unix))]
         let sighup = std::future::pending::<Option<()>>();
         tokio::select! {
-            _ = shutdown.cancelled() => return,
             _ = sighup => {
                 if let Some(c) = &certs {
                     c.reload();

@@ -27,16 +27,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-/// Probes `provider`'s exhausted and invalid keys every `interval` until
-/// `shutdown`.
-pub async fn run(
-    app: Arc<App>,
-    provider: ProviderConfig,
-    interval: Duration,
-    shutdown: CancellationToken,
-) {
+/// Probes `provider`'s exhausted and invalid keys every `interval`, for as
+/// long as it is polled.
+pub async fn run(app: Arc<App>, provider: ProviderConfig, interval: Duration) {
     let upstream = match upstream::tls_config(&provider) {
         Ok(tls) => Upstream::new(&provider, &app.config.server, tls),
         Err(e) => {
@@ -55,47 +49,28 @@ pub async fn run(
                     .filter(|r| matches!(r.status.state(), KeyState::Exhausted | KeyState::Invalid))
                     .collect();
                 schedule.new_pass(&candidates, Instant::now());
-                if !probe_pass(
-                    &app,
-                    &provider,
-                    &upstream,
-                    &mut schedule,
-                    candidates,
-                    &shutdown,
-                )
-                .await
-                {
-                    return;
-                }
+                probe_pass(&app, &provider, &upstream, &mut schedule, candidates).await;
             }
             // No pass this time; what the schedule knows is kept.
             Err(e) => {
                 app.store_failed("all_keys", e);
             }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep_until(pass_start + interval) => {}
-        }
+        tokio::time::sleep_until(pass_start + interval).await;
     }
 }
 
 /// Probes the due keys among `candidates`, spread over one interval.
-/// Returns false when `shutdown` fired.
 async fn probe_pass(
     app: &Arc<App>,
     provider: &ProviderConfig,
     upstream: &Upstream,
     schedule: &mut Schedule,
     candidates: Vec<KeyRecord>,
-    shutdown: &CancellationToken,
-) -> bool {
+) {
     let gap = schedule.interval / (candidates.len() as u32 + 1);
     for record in candidates {
-        tokio::select! {
-            _ = shutdown.cancelled() => return false,
-            _ = tokio::time::sleep(gap) => {}
-        }
+        tokio::time::sleep(gap).await;
         if !schedule.is_due(&record.id, Instant::now()) {
             continue;
         }
@@ -137,7 +112,6 @@ async fn probe_pass(
             Err(e) => tracing::debug!(key_id = %record.id, error = e.as_str(), "probe failed"),
         }
     }
-    true
 }
 
 /// The most intervals between two probes of a key that keeps relapsing.
