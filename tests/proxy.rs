@@ -1444,6 +1444,42 @@ async fn oversized_bodies_are_refused_with_and_without_content_length() {
     );
 }
 
+#[tokio::test]
+async fn a_body_refused_before_it_is_read_closes_the_connection_and_says_so() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "[server]\nmax_body_bytes = 1024").await;
+    let addr = gw.running.proxy_addr;
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // Announced larger than the limit, and only its start sent.
+    conn.write_all(format!("{}{{\"model\":", chat_head(addr, 4000)).as_bytes())
+        .await
+        .unwrap();
+    let reply = read_response(&mut conn).await;
+    reply.error(413, "payload_too_large");
+    assert_eq!(
+        reply.headers.get("connection").map(String::as_str),
+        Some("close")
+    );
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest))
+        .await
+        .expect("the connection stayed open")
+        .unwrap();
+
+    // A request without a body keeps its connection whatever the answer.
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    for _ in 0..2 {
+        conn.write_all(
+            format!("GET /nowhere/v1/models HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let reply = read_response(&mut conn).await;
+        reply.error(404, "not_found");
+        assert_eq!(reply.headers.get("connection"), None);
+    }
+}
+
 /// The head of a raw chat request announcing a body of `len` bytes.
 fn chat_head(addr: SocketAddr, len: usize) -> String {
     format!(

@@ -50,6 +50,24 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// Whether the request was refused before its body was read to the end:
+    /// routing, client checks and the body's own limits come first.
+    pub fn leaves_body_unread(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::UnknownRoute
+                | ProxyError::BadTarget
+                | ProxyError::BodyTooLarge
+                | ProxyError::BrokenRequestBody
+                | ProxyError::RequestBodyTimeout
+                | ProxyError::BodyBudgetExhausted
+                | ProxyError::ClientUnauthorized
+                | ProxyError::ProviderNotAllowed
+                | ProxyError::ClientRateLimited { .. }
+                | ProxyError::LimiterUnavailable
+        )
+    }
+
     /// The label this error carries in logs.
     pub fn as_str(&self) -> &'static str {
         match self {
