@@ -6,7 +6,8 @@
 //! each response body), when the last one ended, and when bytes of the next
 //! request began to arrive (its stream is watched). A watchdog closes it:
 //! - when its first request's headers are not in within
-//!   `header_read_timeout` of the connection's start;
+//!   `header_read_timeout` of the connection's start (an h2 connection,
+//!   known by its preface, may wait `idle_timeout` for its first request);
 //! - on HTTP/1, when a later request's headers are not in within
 //!   `header_read_timeout` of their first byte (a client that trickles
 //!   headers);
@@ -46,12 +47,17 @@ use tokio_util::sync::CancellationToken;
 /// A moment that has not come (yet), among the millisecond offsets below.
 const NEVER: u64 = u64::MAX;
 
+/// What an h2 connection begins with; HTTP/1 requests begin with a method.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
 /// Activity of one connection, shared by its requests, its stream and its
 /// watchdog. Moments are milliseconds after `opened`.
 struct Activity {
     opened: Instant,
-    /// When the last request ended; `NEVER` before the first did.
-    last_request_ms: AtomicU64,
+    /// When the last request ended, plus one; 0 before the first did. (So
+    /// that the latest end wins when h2 requests end at once on several
+    /// threads: `fetch_max`.)
+    last_request_end: AtomicU64,
     /// When bytes began to arrive while no request was open (the head of
     /// the next request); `NEVER` when none did since the last request
     /// began.
@@ -66,7 +72,7 @@ impl Activity {
     fn new() -> Self {
         Activity {
             opened: Instant::now(),
-            last_request_ms: AtomicU64::new(NEVER),
+            last_request_end: AtomicU64::new(0),
             head_started_ms: AtomicU64::new(NEVER),
             open_requests: AtomicUsize::new(0),
             multiplexed: AtomicBool::new(false),
@@ -90,19 +96,29 @@ impl Activity {
     }
 
     fn request_ended(&self) {
-        self.last_request_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.last_request_end
+            .fetch_max(self.now_ms() + 1, Ordering::Relaxed);
         // Released after the end is noted: a watchdog that sees no request
         // open sees when the last one ended.
         self.open_requests.fetch_sub(1, Ordering::Release);
     }
 
-    /// The stream delivered bytes: with no request open, they begin the
-    /// next request's head (one clock read per request).
-    fn bytes_arrived(&self) {
+    /// The stream delivered `data`: with no request open, it begins the
+    /// next request's head (one clock read per request). The connection's
+    /// very first bytes tell h2 (its preface) from HTTP/1.
+    fn bytes_arrived(&self, data: &[u8]) {
         if self.open_requests.load(Ordering::Relaxed) == 0
             && self.head_started_ms.load(Ordering::Relaxed) == NEVER
             && !self.multiplexed.load(Ordering::Relaxed)
         {
+            let first = self.last_request_end.load(Ordering::Relaxed) == 0;
+            if first
+                && data.len() >= 3
+                && H2_PREFACE.starts_with(&data[..data.len().min(H2_PREFACE.len())])
+            {
+                self.multiplexed.store(true, Ordering::Relaxed);
+                return;
+            }
             self.head_started_ms.store(self.now_ms(), Ordering::Relaxed);
         }
     }
@@ -113,15 +129,19 @@ impl Activity {
         if self.open_requests.load(Ordering::Acquire) > 0 {
             return None;
         }
-        let last = self.last_request_ms.load(Ordering::Relaxed);
-        if last == NEVER {
-            return Some((self.opened + opts.header_read_timeout, Close::Now));
-        }
+        let multiplexed = self.multiplexed.load(Ordering::Relaxed);
+        let last = match self.last_request_end.load(Ordering::Relaxed) {
+            // No request yet: an h2 client may connect ahead of its first
+            // request; HTTP/1 gets the header read timeout from the start.
+            0 if multiplexed => self.opened,
+            0 => return Some((self.opened + opts.header_read_timeout, Close::Now)),
+            end => self.at(end - 1),
+        };
         let head = self.head_started_ms.load(Ordering::Relaxed);
-        if head != NEVER && !self.multiplexed.load(Ordering::Relaxed) {
+        if head != NEVER && !multiplexed {
             return Some((self.at(head) + opts.header_read_timeout, Close::Now));
         }
-        Some((self.at(last) + opts.idle_timeout, Close::Gracefully))
+        Some((last + opts.idle_timeout, Close::Gracefully))
     }
 }
 
@@ -174,17 +194,28 @@ pub async fn serve<I, H>(
     // connection only, and the watchdog runs when its own timer or the
     // shutdown signal wakes it.
     let mut watchdog = FuturesUnordered::new();
-    watchdog.push(close_when_due(activity, opts, shutdown));
+    watchdog.push(close_when_due(activity.clone(), opts, Some(shutdown)));
+    // The connection is polled first: a head that arrived by the deadline
+    // is taken as a request, not cut off.
     let result = std::future::poll_fn(|cx| {
-        match watchdog.poll_next_unpin(cx) {
-            Poll::Ready(Some(Close::Gracefully)) => conn.as_mut().graceful_shutdown(),
-            Poll::Ready(Some(Close::Now)) => {
-                tracing::debug!(peer = %info.peer, "request headers not received in time; connection closed");
-                return Poll::Ready(Ok(()));
+        loop {
+            if let Poll::Ready(result) = conn.as_mut().poll(cx) {
+                return Poll::Ready(result);
             }
-            _ => {}
+            match watchdog.poll_next_unpin(cx) {
+                Poll::Ready(Some(Close::Gracefully)) => {
+                    conn.as_mut().graceful_shutdown();
+                    // Closing gracefully waits for a head under way: a late
+                    // one is still cut off.
+                    watchdog.push(close_when_due(activity.clone(), opts, None));
+                }
+                Poll::Ready(Some(Close::Now)) => {
+                    tracing::debug!(peer = %info.peer, "request headers not received in time; connection closed");
+                    return Poll::Ready(Ok(()));
+                }
+                _ => return Poll::Pending,
+            }
         }
-        conn.as_mut().poll(cx)
     })
     .await;
     if let Err(e) = result {
@@ -193,27 +224,33 @@ pub async fn serve<I, H>(
 }
 
 /// Resolves when the connection should close, and how: gracefully on
-/// `shutdown`, else as [`Activity::due`] says. It looks at least once per
-/// `header_read_timeout` or `idle_timeout`, whichever is shorter, so a
-/// deadline that moved nearer meanwhile (a request ended, a head began to
-/// arrive) is never missed.
+/// `shutdown`, else as [`Activity::due`] says. Without `shutdown` the
+/// connection is closing gracefully already, and only [`Close::Now`] is
+/// still looked for. It looks at least once per `header_read_timeout` or
+/// `idle_timeout`, whichever is shorter, so a deadline that moved nearer
+/// meanwhile (a request ended, a head began to arrive) is never missed.
 async fn close_when_due(
     activity: Arc<Activity>,
     opts: ServeOptions,
-    shutdown: CancellationToken,
+    shutdown: Option<CancellationToken>,
 ) -> Close {
     let period = opts.header_read_timeout.min(opts.idle_timeout);
     loop {
         let now = Instant::now();
         let look_again = now + period;
         let wake = match activity.due(&opts) {
-            Some((at, close)) if at <= now => return close,
-            Some((at, _)) => at.min(look_again),
-            None => look_again,
+            Some((at, close)) if at <= now && (close == Close::Now || shutdown.is_some()) => {
+                return close;
+            }
+            Some((at, _)) if at > now => at.min(look_again),
+            _ => look_again,
         };
-        tokio::select! {
-            _ = shutdown.cancelled() => return Close::Gracefully,
-            _ = tokio::time::sleep_until(wake) => {}
+        match &shutdown {
+            Some(shutdown) => tokio::select! {
+                _ = shutdown.cancelled() => return Close::Gracefully,
+                _ = tokio::time::sleep_until(wake) => {}
+            },
+            None => tokio::time::sleep_until(wake).await,
         }
     }
 }
@@ -234,7 +271,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
         if buf.filled().len() > before {
-            this.activity.bytes_arrived();
+            this.activity.bytes_arrived(&buf.filled()[before..]);
         }
         polled
     }

@@ -144,6 +144,45 @@ async fn headers_trickled_past_the_header_read_timeout_close_the_connection() {
 }
 
 #[tokio::test]
+async fn a_head_under_way_at_shutdown_is_still_cut_off_at_its_deadline() {
+    let (addr, shutdown, task) =
+        start_with(Duration::from_millis(300), Duration::from_secs(30)).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    shutdown.cancel();
+    let waited = closed_after(&mut s).await;
+    assert!(waited < Duration::from_millis(1500), "{waited:?}");
+    // The drain (5 s) did not have to run out.
+    tokio::time::timeout(Duration::from_secs(2), task)
+        .await
+        .expect("the listener waited for the late head")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_h2_connection_may_wait_its_idle_timeout_for_its_first_request() {
+    let (addr, _shutdown, _task) =
+        start_with(Duration::from_millis(300), Duration::from_secs(3)).await;
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let req = Request::get(format!("http://{addr}/"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send
+        .send_request(req)
+        .await
+        .expect("the h2 connection was dropped");
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
 async fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout() {
     let (addr, _shutdown, _task) =
         start_with(Duration::from_millis(300), Duration::from_secs(30)).await;
