@@ -50,21 +50,18 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    /// Whether the request was refused before its body was read to the end:
-    /// routing, client checks and the body's own limits come first.
-    pub fn leaves_body_unread(&self) -> bool {
+    /// Whether the request body was given up while it was being read: too
+    /// large, too slow, broken, or no memory for it. (A refusal before the
+    /// body is read at all, by routing or a client check, leaves hyper to
+    /// drain it, which it does when the body is already buffered, as a
+    /// small one usually is: that connection stays open.)
+    pub fn abandons_body(&self) -> bool {
         matches!(
             self,
-            ProxyError::UnknownRoute
-                | ProxyError::BadTarget
-                | ProxyError::BodyTooLarge
+            ProxyError::BodyTooLarge
                 | ProxyError::BrokenRequestBody
                 | ProxyError::RequestBodyTimeout
                 | ProxyError::BodyBudgetExhausted
-                | ProxyError::ClientUnauthorized
-                | ProxyError::ProviderNotAllowed
-                | ProxyError::ClientRateLimited { .. }
-                | ProxyError::LimiterUnavailable
         )
     }
 

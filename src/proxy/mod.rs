@@ -310,7 +310,7 @@ impl Handler for ProxyApi {
             return resp;
         }
         let origin = self.cors.allowed(req.headers()).cloned();
-        // An HTTP/1 connection whose request body is refused unread is
+        // An HTTP/1 connection whose request body was given up half read is
         // closed after the answer (hyper does not read the rest); the answer
         // says so, or the client could send its next request on it.
         let body_coming =
@@ -320,7 +320,7 @@ impl Handler for ProxyApi {
             Ok(resp) => resp,
             Err(e) => {
                 let label = e.as_str();
-                let closing = body_coming && e.leaves_body_unread();
+                let closing = body_coming && e.abandons_body();
                 let mut resp = GatewayError::from(e).into_response(id.as_str());
                 if closing {
                     resp.headers_mut().insert(
