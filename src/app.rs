@@ -349,16 +349,15 @@ async fn maintenance(app: Arc<App>, certs: Option<Arc<CertStore>>) {
 impl Running {
     /// Graceful stop: listeners stop accepting, open requests get the drain
     /// time; then key state changes being written and queued audit events
-    /// get the drain time again, together.
+    /// get the drain time again, side by side.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
         self.proxy.join().await;
         let drain = self.app.config.server.shutdown_drain;
-        let deadline = tokio::time::Instant::now() + drain;
-        self.app.health.drain(deadline).await;
-        self.audit_writer
-            .drain(deadline.saturating_duration_since(tokio::time::Instant::now()))
-            .await;
+        tokio::join!(
+            self.app.health.drain(tokio::time::Instant::now() + drain),
+            self.audit_writer.drain(drain),
+        );
     }
 }
