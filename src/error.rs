@@ -70,6 +70,9 @@ pub struct GatewayError {
     pub message: Cow<'static, str>,
     /// Whole seconds for `Retry-After` (429 and 503 answers).
     pub retry_after: Option<u64>,
+    /// The request body was given up half read: see
+    /// [`GatewayError::closing_connection`].
+    pub closes_connection: bool,
 }
 
 impl GatewayError {
@@ -79,6 +82,7 @@ impl GatewayError {
             status: kind.status(),
             message: message.into(),
             retry_after: None,
+            closes_connection: false,
         }
     }
 
@@ -123,6 +127,16 @@ impl GatewayError {
         self
     }
 
+    /// For an answer to a request whose body was given up half read (too
+    /// large, too slow, broken): hyper does not read the rest and closes an
+    /// HTTP/1 connection after the answer, so the answer says
+    /// `Connection: close`, or the client could send its next request on
+    /// that connection. (HTTP/2 drops the header; only the stream ends.)
+    pub fn closing_connection(mut self) -> Self {
+        self.closes_connection = true;
+        self
+    }
+
     /// The same kind with another status (405 is an `invalid_request`).
     pub fn with_status(mut self, status: StatusCode) -> Self {
         self.status = status;
@@ -148,6 +162,9 @@ impl GatewayError {
         );
         if let Some(secs) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.closes_connection {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }

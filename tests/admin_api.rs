@@ -703,6 +703,8 @@ async fn a_body_trickling_past_the_read_timeout_gets_408_and_a_closed_connection
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains(r#""type":"invalid_request""#), "{answer}");
+    // Said, so that a client does not send its next request on it.
+    assert!(answer.contains("connection: close\r\n"), "{answer}");
 
     // Nothing was registered, and the listener still serves.
     let keys = gw.get("/keys").send().await;

@@ -149,13 +149,15 @@ where
         Ok(Ok(bytes)) => Ok(Zeroizing::new(Vec::from(bytes))),
         Ok(Err(ReadBodyError::TooLarge)) => Err(GatewayError::invalid(
             "request body: must be at most 65536 bytes",
-        )),
+        )
+        .closing_connection()),
         Ok(Err(ReadBodyError::Broken(_))) => {
-            Err(GatewayError::invalid("request body: could not be read"))
+            Err(GatewayError::invalid("request body: could not be read").closing_connection())
         }
         Err(_) => Err(
             GatewayError::invalid("request body: did not arrive in time")
-                .with_status(StatusCode::REQUEST_TIMEOUT),
+                .with_status(StatusCode::REQUEST_TIMEOUT)
+                .closing_connection(),
         ),
     }
 }

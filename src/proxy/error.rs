@@ -50,21 +50,6 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    /// Whether the request body was given up while it was being read: too
-    /// large, too slow, broken, or no memory for it. (A refusal before the
-    /// body is read at all, by routing or a client check, leaves hyper to
-    /// drain it, which it does when the body is already buffered, as a
-    /// small one usually is: that connection stays open.)
-    pub fn abandons_body(&self) -> bool {
-        matches!(
-            self,
-            ProxyError::BodyTooLarge
-                | ProxyError::BrokenRequestBody
-                | ProxyError::RequestBodyTimeout
-                | ProxyError::BodyBudgetExhausted
-        )
-    }
-
     /// The label this error carries in logs.
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -109,13 +94,15 @@ impl From<ProxyError> for GatewayError {
             ProxyError::BodyTooLarge => GatewayError::new(
                 ErrorKind::PayloadTooLarge,
                 "The request body is larger than the gateway accepts.",
-            ),
+            )
+            .closing_connection(),
             ProxyError::BrokenRequestBody => {
-                GatewayError::invalid("The request body could not be read.")
+                GatewayError::invalid("The request body could not be read.").closing_connection()
             }
             ProxyError::RequestBodyTimeout => {
                 GatewayError::invalid("The request body did not arrive in time.")
                     .with_status(StatusCode::REQUEST_TIMEOUT)
+                    .closing_connection()
             }
             // The gateway's own capacity, not a limit of the client's or a
             // key's: the client is within every limit it was given, so
@@ -124,7 +111,8 @@ impl From<ProxyError> for GatewayError {
                 ErrorKind::InternalError,
                 "The gateway is receiving too many request bodies at once. Retry shortly.",
             )
-            .unavailable_retry_after(1),
+            .unavailable_retry_after(1)
+            .closing_connection(),
             ProxyError::ClientUnauthorized => GatewayError::unauthorized(),
             ProxyError::ProviderNotAllowed => {
                 GatewayError::forbidden("This client may not use this provider.")

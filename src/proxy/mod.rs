@@ -310,24 +310,12 @@ impl Handler for ProxyApi {
             return resp;
         }
         let origin = self.cors.allowed(req.headers()).cloned();
-        // An HTTP/1 connection whose request body was given up half read is
-        // closed after the answer (hyper does not read the rest); the answer
-        // says so, or the client could send its next request on it.
-        let body_coming =
-            req.version() <= http::Version::HTTP_11 && !http_body::Body::is_end_stream(req.body());
         let mut completion = None;
         let mut resp = match self.forward(req, &id, started, &mut completion).await {
             Ok(resp) => resp,
             Err(e) => {
                 let label = e.as_str();
-                let closing = body_coming && e.abandons_body();
-                let mut resp = GatewayError::from(e).into_response(id.as_str());
-                if closing {
-                    resp.headers_mut().insert(
-                        http::header::CONNECTION,
-                        http::HeaderValue::from_static("close"),
-                    );
-                }
+                let resp = GatewayError::from(e).into_response(id.as_str());
                 match completion.take() {
                     Some(mut c) => {
                         c.set_status(resp.status());
