@@ -10,6 +10,7 @@ use crate::keys::{Vault, rotate};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(name = "keyrouter", version, about = "LLM provider key router")]
@@ -84,11 +85,19 @@ where
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(f(cfg)) {
+    let outcome = runtime.block_on(f(cfg));
+    // Whatever still runs was given up by the graceful stop (a store call
+    // that did not answer in time): it gets a moment, not a wait as long
+    // as the store's own timeouts.
+    runtime.shutdown_timeout(EXIT_GRACE);
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }
 }
+
+/// How long work left over after a stop may hold up the exit.
+const EXIT_GRACE: Duration = Duration::from_secs(1);
 
 async fn serve(cfg: Config) -> Result<(), InitError> {
     let listeners = Listeners::bind(&cfg.server).await?;

@@ -22,11 +22,16 @@ struct Gateway {
 
 impl Gateway {
     fn start(dir: &Path, fernet: &str, level: &str) -> Gateway {
+        Self::start_draining(dir, fernet, level, "2s")
+    }
+
+    /// With `shutdown_drain = drain`.
+    fn start_draining(dir: &Path, fernet: &str, level: &str, drain: &str) -> Gateway {
         let config = dir.join("keyrouter.toml");
         std::fs::write(
             &config,
             format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nops_listen = \"127.0.0.1:0\"\nshutdown_drain = \"2s\"\n\
+                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nops_listen = \"127.0.0.1:0\"\nshutdown_drain = \"{drain}\"\n\
                  [store]\npath = \"{}\"\n[log]\nlevel = \"{level}\"\nformat = \"json\"\n",
                 dir.join("keyrouter.db").display()
             ),
@@ -73,7 +78,14 @@ impl Gateway {
     }
 
     /// SIGTERM, then wait for a clean exit.
-    fn stop(mut self) -> String {
+    fn stop(self) -> String {
+        self.stop_timed().0
+    }
+
+    /// SIGTERM, then wait for a clean exit; the logs, and how long the exit
+    /// took.
+    fn stop_timed(mut self) -> (String, Duration) {
+        let signalled = Instant::now();
         Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
@@ -87,9 +99,39 @@ impl Gateway {
             assert!(Instant::now() < deadline, "did not stop on SIGTERM");
             std::thread::sleep(Duration::from_millis(50));
         }
+        let took = signalled.elapsed();
         std::thread::sleep(Duration::from_millis(100));
-        self.logs.lock().unwrap().clone()
+        (self.logs.lock().unwrap().clone(), took)
     }
+}
+
+#[tokio::test]
+async fn a_store_that_does_not_answer_does_not_hold_up_the_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start_draining(dir.path(), &fernet_key(), "info", "500ms");
+    // Another process holds the database's write lock (5 s of waiting
+    // before SQLite gives up), and a registration waits for it.
+    let other = rusqlite::Connection::open(dir.path().join("keyrouter.db")).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let url = format!("{}/keys", gw.admin);
+    let waiting = tokio::spawn(async move {
+        let body = json!({"key_material": MATERIAL, "provider_id": "openai"});
+        let _ = client()
+            .post(url)
+            .header("x-api-key", ADMIN_KEY)
+            .json(&body)
+            .send()
+            .await;
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, took) = tokio::task::spawn_blocking(move || gw.stop_timed())
+        .await
+        .unwrap();
+    // The drain time, then a moment for what was given up; not SQLite's
+    // 5 s.
+    assert!(took < Duration::from_millis(3000), "the exit took {took:?}");
+    waiting.abort();
+    drop(other);
 }
 
 fn fernet_key() -> String {
