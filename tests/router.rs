@@ -1002,7 +1002,10 @@ async fn a_key_state_change_being_written_at_shutdown_is_stored_before_the_stop_
         let gw = TestGateway::builder()
             .providers(&openai(&mock.url, ""))
             .state_dir(dir.path())
-            .toml("[server]\nshutdown_drain = \"2s\"\n")
+            .toml(&format!(
+                "[server]\nshutdown_drain = \"{}s\"\n",
+                DRAIN.as_secs()
+            ))
             .start()
             .await;
         let id = register(&gw, KEY, json!({})).await;
@@ -1034,22 +1037,9 @@ async fn a_key_state_change_being_written_at_shutdown_is_stored_before_the_stop_
             assert!(took >= DRAIN, "the stop gave up after {took:?}");
             continue;
         }
-        let key = app
-            .store
-            .get_key(&keyrouter::keys::KeyId::parse(&id).unwrap())
-            .await
-            .unwrap()
-            .unwrap();
+        let key = common::stored_key(&app, &id).await;
         assert_eq!(key.status.state(), KeyState::Invalid);
-        let filter = keyrouter::store::AuditFilter {
-            resource: Some(id.clone()),
-            ..Default::default()
-        };
-        let page = keyrouter::store::PageRequest {
-            limit: 10,
-            cursor: None,
-        };
-        let events = app.store.list_audit(&filter, &page).await.unwrap().items;
+        let events = common::stored_events(&app, &id).await;
         assert!(
             events
                 .iter()

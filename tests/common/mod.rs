@@ -231,6 +231,31 @@ fn merge_toml(into: &mut toml::Table, from: toml::Table) {
     }
 }
 
+/// The key's record as `app`'s store holds it now (also after the gateway
+/// stopped).
+pub async fn stored_key(app: &App, id: &str) -> KeyRecord {
+    app.store
+        .get_key(&KeyId::parse(id).unwrap())
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("no key {id} in the store"))
+}
+
+/// Every audit event about `resource` in `app`'s store, oldest first.
+pub async fn stored_events(app: &App, resource: &str) -> Vec<AuditEvent> {
+    let filter = AuditFilter {
+        resource: Some(resource.to_owned()),
+        ..AuditFilter::default()
+    };
+    let page = PageRequest {
+        limit: 200,
+        cursor: None,
+    };
+    let mut events = app.store.list_audit(&filter, &page).await.unwrap().items;
+    events.reverse();
+    events
+}
+
 /// A started gateway.
 pub struct TestGateway {
     pub running: Running,
@@ -410,12 +435,7 @@ impl TestGateway {
     /// The key's record as the store holds it now (no request counted
     /// against the management API's rate limit).
     pub async fn key_record(&self, id: &str) -> KeyRecord {
-        self.app()
-            .store
-            .get_key(&KeyId::parse(id).unwrap())
-            .await
-            .unwrap()
-            .unwrap_or_else(|| panic!("no key {id} in the store"))
+        stored_key(self.app(), id).await
     }
 
     /// Waits until the store holds the key in `state`, polling every 20 ms
@@ -445,23 +465,7 @@ impl TestGateway {
     /// Every audit event about `resource`, oldest first, read from the store
     /// directly.
     pub async fn events_for(&self, resource: &str) -> Vec<AuditEvent> {
-        let filter = AuditFilter {
-            resource: Some(resource.to_owned()),
-            ..AuditFilter::default()
-        };
-        let page = PageRequest {
-            limit: 200,
-            cursor: None,
-        };
-        let mut events = self
-            .app()
-            .store
-            .list_audit(&filter, &page)
-            .await
-            .unwrap()
-            .items;
-        events.reverse();
-        events
+        stored_events(self.app(), resource).await
     }
 
     fn assert_nothing_secret(&self, text: &str) {
