@@ -1945,6 +1945,54 @@ async fn a_provider_400_keeps_its_message_without_key_material() {
     );
 }
 
+/// Key material glued to a name (`key=sk-…`) and account ids quoted in a
+/// kept provider message are scrubbed like free-standing ones.
+#[tokio::test]
+async fn a_kept_provider_message_loses_glued_keys_and_account_ids() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "").await;
+    for path in ["/openai/v1/chat/completions", "/anthropic/v1/messages"] {
+        for (quoted, secret) in [
+            ("key=sk-1234567890abcdef", "sk-"),
+            ("previous key=sk-proj-ab12...yz89 was rotated", "sk-"),
+            ("org-SECRETORG123", "SECRETORG"),
+            ("proj_abcdefgh1234", "abcdefgh1234"),
+        ] {
+            let a = post_with(&gw, path, &chat("gpt-4o"), &[("x-mock-echo", quoted)]).await;
+            let message = a.error(400, "invalid_request");
+            assert!(message.contains("[redacted]"), "{message}");
+            assert!(!a.text.contains(secret), "{secret} in {}", a.text);
+        }
+    }
+}
+
+/// A JSON body that does not parse (a provider cutting its answer short,
+/// yet ending the HTTP response cleanly) cannot be rewritten: the client
+/// gets a gateway error, never the provider's id or model snapshot.
+#[tokio::test]
+async fn a_json_body_that_does_not_parse_is_not_passed_on() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "").await;
+    let a = post_with(
+        &gw,
+        "/openai/v1/chat/completions",
+        &chat("gpt-4o"),
+        &[("x-mock-cut-json", "1")],
+    )
+    .await;
+    a.error(502, "upstream_error");
+    assert_no_provider_traces(&a.text);
+    assert_only_allowed_headers(&a);
+    eventually_metric(
+        &gw,
+        "keyrouter_requests_total",
+        &[("provider", "openai"), ("code", "502")],
+        1.0,
+    )
+    .await;
+    nothing_in_flight(&gw).await;
+}
+
 #[tokio::test]
 async fn stream_error_events_lose_the_served_keys_edges() {
     const SHORT_KEY: &str = "Zq7sh0rtK3y9";

@@ -1344,7 +1344,7 @@ async fn a_403_about_the_request_leaves_the_key_alone() {
                 .json(&chat_body()),
         )
         .await;
-        answer.error(403, "invalid_request");
+        answer.error(403, "forbidden");
     }
     assert_eq!(
         mock.received().len(),
@@ -1356,4 +1356,96 @@ async fn a_403_about_the_request_leaves_the_key_alone() {
         assert_eq!(gw.key_record(id).await.status.state(), KeyState::Active);
         assert_eq!(transitions(&gw, id).await, []);
     }
+}
+
+// ---------------------------------------------------------------------------
+// What a provider's error says about the key: its codes, not its words
+
+/// Providers quote the client's invalid input in their 400 messages. A
+/// client that sends the words providers use for a bad key or a spent
+/// balance gets the provider's refusal of its request; no key changes
+/// state and no other key is tried.
+#[tokio::test]
+async fn words_a_client_sends_cannot_get_keys_invalidated() {
+    const A: &str = "sk-router-echo-a-0000000AAAA";
+    const B: &str = "sk-router-echo-b-0000000BBBB";
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "retry_budget = 2", "").await;
+    let ids = [
+        register(&gw, A, json!({})).await,
+        register(&gw, B, json!({})).await,
+    ];
+    let echoed = [
+        "invalid_api_key",
+        "authentication_error",
+        "API_KEY_INVALID",
+        "insufficient_quota",
+        "Your credit balance is too low",
+        "Incorrect API key",
+    ];
+    for text in echoed {
+        let answer = send(
+            gw.client()
+                .post(gw.proxy_url("/openai/v1/chat/completions"))
+                .header("x-mock-echo", text)
+                .json(&chat_body()),
+        )
+        .await;
+        answer.error(400, "invalid_request");
+        let message = answer.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(message.contains(text), "{message}");
+    }
+    assert_eq!(
+        mock.received().len(),
+        echoed.len(),
+        "one attempt per request, no retries"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for id in &ids {
+        assert_eq!(gw.key_record(id).await.status.state(), KeyState::Active);
+        assert_eq!(transitions(&gw, id).await, []);
+    }
+}
+
+/// A 400 is about the key when the provider's own codes say so: Gemini's
+/// `API_KEY_INVALID`, Anthropic's spent balance. The request is served by
+/// another key, and the keys leave the rotation.
+#[tokio::test]
+async fn a_400_whose_codes_name_the_key_takes_it_out() {
+    const NOT_VALID: &str = "sk-router-notvalid-0000FFFF";
+    const SPENT: &str = "sk-router-spent-000000GGGG";
+    const GOOD: &str = "sk-router-fine-0000000HHHH";
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "retry_budget = 2", "").await;
+    let not_valid = register(&gw, NOT_VALID, json!({})).await;
+    let spent = register(&gw, SPENT, json!({})).await;
+    register(&gw, GOOD, json!({})).await;
+    mock.script(NOT_VALID, Behaviour::KeyNotValid);
+    mock.script(SPENT, Behaviour::CreditBalanceTooLow);
+    for _ in 0..10 {
+        let a = chat(&gw).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        assert!(!a.text.contains("credit balance"), "{}", a.text);
+        if mock.requests_for(NOT_VALID) > 0 && mock.requests_for(SPENT) > 0 {
+            break;
+        }
+    }
+    for (id, state, reason) in [
+        (&not_valid, KeyState::Invalid, "upstream_unauthorized"),
+        (&spent, KeyState::Exhausted, "upstream_quota_exhausted"),
+    ] {
+        let record = gw.wait_for_key_state(id, state, TRANSITION).await;
+        assert_eq!(record.state_reason.as_deref(), Some(reason));
+    }
+    let before = (mock.requests_for(NOT_VALID), mock.requests_for(SPENT));
+    for _ in 0..4 {
+        assert_eq!(chat(&gw).await.status, 200);
+    }
+    assert_eq!(
+        (mock.requests_for(NOT_VALID), mock.requests_for(SPENT)),
+        before
+    );
 }

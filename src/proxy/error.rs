@@ -144,7 +144,9 @@ impl From<ProxyError> for GatewayError {
             ),
             ProxyError::ProviderRefused { status, message } => {
                 let kind = match status {
+                    StatusCode::FORBIDDEN => ErrorKind::Forbidden,
                     StatusCode::NOT_FOUND => ErrorKind::NotFound,
+                    StatusCode::CONFLICT => ErrorKind::Conflict,
                     StatusCode::PAYLOAD_TOO_LARGE => ErrorKind::PayloadTooLarge,
                     _ => ErrorKind::InvalidRequest,
                 };
@@ -195,6 +197,22 @@ mod tests {
                 },
                 422,
                 "invalid_request",
+            ),
+            (
+                ProxyError::ProviderRefused {
+                    status: StatusCode::FORBIDDEN,
+                    message: None,
+                },
+                403,
+                "forbidden",
+            ),
+            (
+                ProxyError::ProviderRefused {
+                    status: StatusCode::CONFLICT,
+                    message: None,
+                },
+                409,
+                "conflict",
             ),
         ];
         for (e, status, kind) in cases {

@@ -13,8 +13,8 @@
 //!          pick key   policy over active keys, limits, permit        pick.rs
 //!          send       credentials swapped, identity encoding,        upstream.rs,
 //!                     body cut off when it stalls                    read_timeout.rs
-//!          classify   429/402/401 (and 400/403 naming the key)       respond.rs, health
-//!                     → key state + next key,
+//!          classify   429/402/401 (and 400/403 whose codes name      respond.rs,
+//!                     the key) → key state + next key,               provider_error.rs, health
 //!                     5xx/connect/timeout → next key
 //!        respond      headers allow-listed, JSON rewritten,          respond.rs, body.rs
 //!                     SSE and JSON lines streamed and rewritten,
@@ -32,6 +32,7 @@ pub mod error;
 mod outcome;
 mod peek;
 mod pick;
+mod provider_error;
 mod read_timeout;
 mod request_body;
 mod respond;

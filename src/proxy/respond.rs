@@ -6,13 +6,13 @@
 use super::body::{Mode, RewriteSpec, StreamBody};
 use super::error::ProxyError;
 use super::outcome::{Completion, End};
+use super::provider_error::ProviderError;
 use super::read_timeout::BodyStalled;
 use super::upstream::UpstreamBody;
 use crate::health::Verdict;
 use crate::http::{Body, ReadBodyError, full, read_limited};
 use crate::keys::pool::PoolKey;
-use crate::sanitize::json::{Usage, rewrite};
-use crate::sanitize::scrub;
+use crate::sanitize::json::{Unrewritten, Usage, rewrite};
 use crate::sanitize::stream::{Framing, StreamRewriter};
 use http::Response;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -24,8 +24,6 @@ use std::time::Duration;
 const MAX_JSON_BODY: usize = 256 * 1024 * 1024;
 /// Largest provider error body read for its message.
 const MAX_ERROR_BODY: usize = 64 * 1024;
-/// Longest provider message passed on.
-const MAX_MESSAGE_CHARS: usize = 1000;
 /// Time allowed for reading a provider's error body.
 const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -43,26 +41,6 @@ pub enum Answer {
     ProviderFault(ProxyError),
 }
 
-/// Markers of an answer about the key rather than the request: OpenAI,
-/// Anthropic and Gemini spell a bad or unauthorised key these ways (Gemini
-/// answers a bad key with 400).
-const KEY_MARKERS: [&[u8]; 6] = [
-    b"invalid_api_key",
-    b"API_KEY_INVALID",
-    b"authentication_error",
-    b"Incorrect API key",
-    b"API key not valid",
-    b"invalid x-api-key",
-];
-/// Markers of an exhausted balance or quota in a 400 or 429.
-const QUOTA_MARKERS: [&[u8]; 2] = [b"insufficient_quota", b"credit balance is too low"];
-
-fn mentions(body: &[u8], markers: &[&[u8]]) -> bool {
-    markers
-        .iter()
-        .any(|m| body.windows(m.len()).any(|w| w == *m))
-}
-
 async fn error_body(resp: Response<UpstreamBody>) -> bytes::Bytes {
     tokio::time::timeout(
         ERROR_BODY_TIMEOUT,
@@ -77,7 +55,7 @@ async fn error_body(resp: Response<UpstreamBody>) -> bytes::Bytes {
 /// Sorts a provider answer. Bodies of 400, 403 and 429 are read: a 403 is
 /// the key's fault only when it says so (a 403 about a resource the client
 /// named must not let a client invalidate keys at will), a 400 can be
-/// Gemini's bad key or Anthropic's empty balance, a 429 OpenAI's exhausted
+/// Gemini's bad key or Anthropic's spent balance, a 429 OpenAI's exhausted
 /// quota.
 pub async fn classify(resp: Response<UpstreamBody>, key: &PoolKey) -> Answer {
     let status = resp.status();
@@ -85,24 +63,22 @@ pub async fn classify(resp: Response<UpstreamBody>, key: &PoolKey) -> Answer {
         401 => Answer::KeyFault(Verdict::Rejected),
         402 => Answer::KeyFault(Verdict::QuotaExhausted),
         400 | 403 => {
-            let body = error_body(resp).await;
-            if mentions(&body, &KEY_MARKERS) {
-                Answer::KeyFault(Verdict::Rejected)
-            } else if mentions(&body, &QUOTA_MARKERS) {
-                Answer::KeyFault(Verdict::QuotaExhausted)
-            } else {
-                let message = (status.as_u16() == 400)
-                    .then(|| provider_message(&body, key))
-                    .flatten();
-                Answer::Refused(ProxyError::ProviderRefused { status, message })
+            let error = ProviderError::parse(&error_body(resp).await);
+            match error.about_key() {
+                Some(verdict) => Answer::KeyFault(verdict),
+                None => {
+                    let message = (status.as_u16() == 400)
+                        .then(|| error.client_message(key))
+                        .flatten();
+                    Answer::Refused(ProxyError::ProviderRefused { status, message })
+                }
             }
         }
         429 => {
             let wait = retry_after(resp.headers()).map(Duration::from_secs);
-            if mentions(&error_body(resp).await, &QUOTA_MARKERS) {
-                Answer::KeyFault(Verdict::QuotaExhausted)
-            } else {
-                Answer::KeyFault(Verdict::RateLimited { retry_after: wait })
+            match ProviderError::parse(&error_body(resp).await).about_key() {
+                Some(Verdict::QuotaExhausted) => Answer::KeyFault(Verdict::QuotaExhausted),
+                _ => Answer::KeyFault(Verdict::RateLimited { retry_after: wait }),
             }
         }
         504 => Answer::ProviderFault(ProxyError::UpstreamTimeout),
@@ -169,8 +145,15 @@ pub async fn respond(
             let mut usage = Usage::default();
             let mut rewritten = Vec::new();
             let body = match rewrite(&bytes, &spec.as_rewrite(), &mut rewritten, &mut usage) {
-                Some(_) => full(rewritten),
-                None => full(bytes),
+                Ok(_) => full(rewritten),
+                Err(Unrewritten::NotJson) => full(bytes),
+                Err(Unrewritten::Broken) => {
+                    // Cut short or garbled: it may name the provider's id
+                    // and model snapshot, and cannot be rewritten.
+                    tracing::warn!("the provider's JSON body does not parse; not passed on");
+                    *completion = Some(acct);
+                    return Err(ProxyError::UpstreamFailed);
+                }
             };
             acct.finish(End::Complete, usage);
             body
@@ -231,7 +214,7 @@ fn copy_allowed(from: &HeaderMap, to: &mut HeaderMap) {
 async fn refusal(resp: Response<UpstreamBody>, key: &PoolKey) -> ProxyError {
     let status = resp.status();
     let message = if matches!(status.as_u16(), 404 | 413 | 422) {
-        provider_message(&error_body(resp).await, key)
+        ProviderError::parse(&error_body(resp).await).client_message(key)
     } else {
         None
     };
@@ -247,32 +230,6 @@ pub fn retry_after(headers: &HeaderMap) -> Option<u64> {
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|s| s.is_finite() && *s >= 0.0)
         .map(|s| (s.ceil() as u64).max(1))
-}
-
-/// The human message of an OpenAI/Anthropic/Gemini error body, scrubbed of
-/// anything key-like and shortened.
-fn provider_message(bytes: &[u8], key: &PoolKey) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Outer {
-        error: Option<Inner>,
-        message: Option<String>,
-    }
-    #[derive(serde::Deserialize)]
-    #[serde(untagged)]
-    enum Inner {
-        Object { message: Option<String> },
-        Text(String),
-    }
-    let outer: Outer = serde_json::from_slice(bytes).ok()?;
-    let message = match outer.error {
-        Some(Inner::Object { message }) => message,
-        Some(Inner::Text(t)) => Some(t),
-        None => outer.message,
-    }?;
-    let scrubbed = scrub::scrub(message.as_bytes(), Some(&key.material));
-    let text = String::from_utf8_lossy(&scrubbed);
-    let short: String = text.chars().take(MAX_MESSAGE_CHARS).collect();
-    (!short.trim().is_empty()).then_some(short)
 }
 
 #[cfg(test)]

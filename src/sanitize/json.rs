@@ -2,9 +2,12 @@
 //! what the document is, read from its `object` / `type` member:
 //!
 //! - a generated answer (chat completion and chunk, text completion,
-//!   Responses API `response`, Anthropic `message`, moderation) gets a
-//!   keyrouter `id` and the `model` the client asked for, and its `usage` is
-//!   counted; stream events that carry one (Anthropic `message_start`,
+//!   Responses API `response`, Anthropic `message`, moderation, and an
+//!   untyped object with `choices`, as some OpenAI-compatible servers send
+//!   their completions) gets a keyrouter `id` and the `model` the client
+//!   asked for, loses a `provider` naming the upstream that served it (as
+//!   routers such as OpenRouter add), and its `usage` is counted; stream
+//!   events that carry one (Anthropic `message_start`,
 //!   Responses `response.*`) have the nested answer rewritten the same way;
 //! - a Gemini `generateContent` answer gets a keyrouter `responseId`, the
 //!   requested model as `modelVersion`, and its `usageMetadata` counted;
@@ -229,6 +232,14 @@ impl Kind {
             Some(_) => return Kind::Other,
             None => {}
         }
+        // Some OpenAI-compatible servers leave `object` out of their
+        // completions; their `choices` mark them.
+        if members
+            .get("choices")
+            .is_some_and(|c| c.get().starts_with('['))
+        {
+            return Kind::Answer;
+        }
         // Moderation results carry no `object`; their `modr-` id marks them.
         if members.text("id").is_some_and(|id| id.starts_with("modr-")) {
             return Kind::Answer;
@@ -318,27 +329,48 @@ impl Rewritten {
     }
 }
 
-/// Rewrites `input` into `out`. Returns `None` (and writes nothing) when
-/// `input` is not a JSON object or array; the caller then passes it on
-/// unchanged. A top-level array (Gemini's non-SSE `streamGenerateContent`)
-/// has each of its object elements rewritten.
+/// Why a document was left as it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unrewritten {
+    /// Not a JSON object or array (`[DONE]`, a bare string, plain text):
+    /// passed on unchanged.
+    NotJson,
+    /// Opens as a JSON object (or an array of them) but does not parse: cut
+    /// short, or not UTF-8. It may carry the provider's id and model
+    /// snapshot, so it must not be passed on.
+    Broken,
+}
+
+/// Rewrites `input` into `out` (which stays untouched when it fails). A
+/// top-level array (Gemini's non-SSE `streamGenerateContent`) has each of
+/// its object elements rewritten.
 pub fn rewrite(
     input: &[u8],
     rw: &Rewrite,
     out: &mut Vec<u8>,
     usage: &mut Usage,
-) -> Option<Rewritten> {
+) -> Result<Rewritten, Unrewritten> {
+    let failed = || {
+        let opening = |b: &[u8]| b.trim_ascii_start().first().copied();
+        match opening(input) {
+            Some(b'{') => Unrewritten::Broken,
+            Some(b'[') if opening(&input.trim_ascii_start()[1..]) == Some(b'{') => {
+                Unrewritten::Broken
+            }
+            _ => Unrewritten::NotJson,
+        }
+    };
     // Checked once here, the text is not checked again member by member
     // (as `from_slice` does for every string and every raw value).
-    let input = std::str::from_utf8(input).ok()?;
+    let input_text = std::str::from_utf8(input).map_err(|_| failed())?;
     out.reserve(input.len() + 16);
-    if let Ok(members) = serde_json::from_str::<Members>(input) {
+    if let Ok(members) = serde_json::from_str::<Members>(input_text) {
         write_object(&members, Kind::of(&members), rw, out, usage);
-        return Some(Rewritten::of(&members));
+        return Ok(Rewritten::of(&members));
     }
-    let items = serde_json::from_str::<Vec<&RawValue>>(input).ok()?;
+    let items = serde_json::from_str::<Vec<&RawValue>>(input_text).map_err(|_| failed())?;
     write_items(&items, Kind::of, rw, out, usage);
-    Some(Rewritten::Document)
+    Ok(Rewritten::Document)
 }
 
 /// What becomes of one member.
@@ -379,6 +411,8 @@ fn member<'r>(
             _ => Member::Kept(raw),
         },
         (Kind::Answer, "id") => Member::NewId(raw),
+        // Routers such as OpenRouter name the upstream that served it.
+        (Kind::Answer, "provider") => Member::Dropped,
         // Gemini ids have no type prefix to keep.
         (Kind::Gemini, "responseId") => Member::Text(rw.id_suffix),
         (Kind::Answer | Kind::Embeddings | Kind::Ollama, "model")
@@ -533,7 +567,7 @@ mod tests {
         };
         let mut out = Vec::new();
         let mut usage = Usage::default();
-        assert!(rewrite(input.to_string().as_bytes(), &rw, &mut out, &mut usage).is_some());
+        assert!(rewrite(input.to_string().as_bytes(), &rw, &mut out, &mut usage).is_ok());
         (serde_json::from_slice(&out).unwrap(), usage)
     }
 
@@ -564,6 +598,29 @@ mod tests {
             Usage {
                 prompt: 19,
                 completion: 10
+            }
+        );
+    }
+
+    #[test]
+    fn an_untyped_completion_is_an_answer_too() {
+        let body = json!({
+            "id": "gen-PROVIDER-123",
+            "model": "meta-llama/llama-3-70b-instruct:nitro",
+            "provider": "Together",
+            "choices": [{"index": 0, "delta": {"content": "Hi"}}],
+            "usage": {"prompt_tokens": 4, "completion_tokens": 1}
+        });
+        let (v, usage) = run(&body, Some("llama-3"), false);
+        assert_eq!(v["id"], "gen-kr0123456789");
+        assert_eq!(v["model"], "llama-3");
+        assert_eq!(v["choices"], body["choices"]);
+        assert!(v.get("provider").is_none());
+        assert_eq!(
+            usage,
+            Usage {
+                prompt: 4,
+                completion: 1
             }
         );
     }
@@ -680,7 +737,7 @@ mod tests {
                 &mut out,
                 &mut Usage::default()
             )
-            .is_some()
+            .is_ok()
         );
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(
@@ -699,8 +756,19 @@ mod tests {
         };
         let mut out = Vec::new();
         let mut usage = Usage::default();
-        assert_eq!(rewrite(b"{not json", &rw, &mut out, &mut usage), None);
-        assert_eq!(rewrite(b"\"text\"", &rw, &mut out, &mut usage), None);
+        let mut left = |input: &[u8]| rewrite(input, &rw, &mut out, &mut usage).unwrap_err();
+        for text in [&b"\"text\""[..], b"[DONE]", b"42", b"plain words", b"[1, 2"] {
+            assert_eq!(left(text), Unrewritten::NotJson, "{text:?}");
+        }
+        // A document cut short (or not UTF-8) may hold what must not pass.
+        for broken in [
+            &b"{not json"[..],
+            br#"{"id": "chatcmpl-LEAK", "model": "gpt-4o-2024-08-06", "choices": ["#,
+            br#" [{"id": "chatcmpl-LEAK", "#,
+            b"{\"id\": \"\xff\"}",
+        ] {
+            assert_eq!(left(broken), Unrewritten::Broken, "{broken:?}");
+        }
         assert!(out.is_empty());
     }
 
@@ -983,14 +1051,14 @@ mod tests {
             json!({"type": "error", "code": "server_error", "message": "x"}),
             json!({"type": "response.failed", "response": {"object": "response"}}),
         ] {
-            assert_eq!(found(error.clone()), Some(Rewritten::Error), "{error}");
+            assert_eq!(found(error.clone()), Ok(Rewritten::Error), "{error}");
         }
         for fine in [
             json!({"id": "chatcmpl-1", "object": "chat.completion", "error": null}),
             json!({"type": "response.completed", "response": {"error": null}}),
             json!([{"error": "inside an array is content"}]),
         ] {
-            assert_eq!(found(fine.clone()), Some(Rewritten::Document), "{fine}");
+            assert_eq!(found(fine.clone()), Ok(Rewritten::Document), "{fine}");
         }
     }
 

@@ -24,15 +24,17 @@ pub(super) fn line_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
 }
 
 /// Writes one line (without its end) rewritten, followed by `\n`. Returns
-/// whether it was a provider error. Lines that are not JSON (blank ones)
-/// pass as they are.
+/// whether it was a provider error, or broken JSON, which is left out.
+/// Lines that are not JSON (blank ones) pass as they are.
 pub(super) fn rewrite_line(
     line: &[u8],
     rw: &Rewrite,
     usage: &mut Usage,
     out: &mut Vec<u8>,
 ) -> bool {
-    let (body, error) = rewrite_payload(line, false, rw, usage);
+    let Some((body, error)) = rewrite_payload(line, false, rw, usage) else {
+        return true;
+    };
     out.extend_from_slice(&body);
     out.push(b'\n');
     error

@@ -4,10 +4,12 @@
 //!
 //! The text is cut into tokens (runs of characters that occur in API keys and
 //! their masked forms); a token is replaced by `[redacted]` when it looks like
-//! a credential: a known key prefix (`sk-`, `sk_`, `AIza`, ...), a masked key
-//! (`****`), a long mix of letters and digits, or a token containing one of
-//! the served key's own edges (see [`edges`]). Structural JSON characters
-//! are never part of a token, so scrubbing a JSON document keeps it valid.
+//! a credential: a known key prefix (`sk-`, `sk_`, `AIza`, ...) at its start
+//! or glued on by `=`, `/`, `+`, `.` or `*` (`key=sk-...`), a masked key
+//! (`****`), an account id (`org-…`, `proj_…` with digits), a long mix of
+//! letters and digits, or a token containing one of the served key's own
+//! edges (see [`edges`]). Structural JSON characters are never part of a
+//! token, so scrubbing a JSON document keeps it valid.
 
 use crate::secret::Secret;
 use std::borrow::Cow;
@@ -35,9 +37,37 @@ fn edges(key: &[u8]) -> Option<(&[u8], &[u8])> {
     (head >= MIN_HEAD).then(|| (&key[..head], &key[key.len() - TAIL..]))
 }
 
+/// Where a key may begin inside a token: at its start, or after a
+/// character that glues it to what precedes it (`key=sk-…`, `…/sk-…`).
+/// Not after `-` or `_`, which join the words of a name (`api-key-header`).
+fn starts(token: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::once(token).chain(
+        token
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| matches!(b, b'=' | b'/' | b'+' | b'.' | b'*'))
+            .map(move |(i, _)| &token[i + 1..]),
+    )
+}
+
+/// An organisation, project or user id (`org-…`, `proj_…`, `user-…`):
+/// letters and digits after the prefix, at least one a digit, so that
+/// words such as `org-wide` stay.
+fn is_account_id(start: &[u8]) -> bool {
+    const ACCOUNTS: [&[u8]; 5] = [b"org-", b"org_", b"proj_", b"user-", b"user_"];
+    ACCOUNTS.iter().any(|p| {
+        start.strip_prefix(*p).is_some_and(|rest| {
+            let id = rest.iter().take_while(|b| b.is_ascii_alphanumeric());
+            id.clone().count() >= 8 && id.clone().any(u8::is_ascii_digit)
+        })
+    })
+}
+
 fn looks_secret(token: &[u8], key: Option<&[u8]>) -> bool {
     const PREFIXES: [&[u8]; 6] = [b"sk-", b"sk_", b"AIza", b"key-", b"rk_", b"pk_"];
-    if PREFIXES.iter().any(|p| token.starts_with(p)) || token.windows(3).any(|w| w == b"***") {
+    let keyed =
+        |start: &[u8]| PREFIXES.iter().any(|p| start.starts_with(p)) || is_account_id(start);
+    if starts(token).any(keyed) || token.windows(3).any(|w| w == b"***") {
         return true;
     }
     let has_digit = token.iter().any(u8::is_ascii_digit);
@@ -108,6 +138,40 @@ mod tests {
             s("id dGhpcyBpcyBhIHNlY3JldCB0b2tlbjEyMw== end", None),
             "id [redacted] end"
         );
+    }
+
+    #[test]
+    fn keys_glued_to_a_name_go() {
+        for text in [
+            "key=sk-1234567890abcdef",
+            "key=sk-abcd...wxyz",
+            "previous key=sk-proj-ab12...yz89 was rotated",
+            "path/sk-proj-Ab12Cd34",
+        ] {
+            let out = s(text, None);
+            assert!(!out.contains("sk-"), "{out} from {text}");
+        }
+        // Dashes and underscores join words; `sk-` after them is not a key.
+        let msg = "the x-api-key-header and risk-free task-sk-like_names";
+        assert_eq!(s(msg, None), msg);
+    }
+
+    #[test]
+    fn account_ids_go() {
+        assert_eq!(
+            s(
+                "organization org-SECRETORG123 project proj_abcdefgh1234.",
+                None
+            ),
+            "organization [redacted] project [redacted]"
+        );
+        assert_eq!(
+            s("user user-abc123def456 said", None),
+            "user [redacted] said"
+        );
+        assert_eq!(s("owner=org-abc12345", None), "[redacted]");
+        let msg = "an org-wide limit for user-defined proj_settings";
+        assert_eq!(s(msg, None), msg);
     }
 
     #[test]

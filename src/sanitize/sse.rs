@@ -43,7 +43,8 @@ pub(super) fn event_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
 }
 
 /// Writes one event (without its blank line) rewritten, followed by a blank
-/// line. Returns whether it was an error event.
+/// line. Returns whether it was an error event, or had broken JSON data,
+/// which is left out.
 ///
 /// Of the event's fields, `event` and a numeric `retry` are kept as they
 /// are, the `data` lines rewritten. A comment can carry provider text: it
@@ -84,12 +85,16 @@ pub(super) fn rewrite_event(
             joined = data.join(&b'\n');
             &joined
         };
-        let (body, error) = rewrite_payload(payload, errored, rw, usage);
-        errored = error;
-        for line in body.split(|&b| b == b'\n') {
-            out.extend_from_slice(b"data: ");
-            out.extend_from_slice(line);
-            out.push(b'\n');
+        match rewrite_payload(payload, errored, rw, usage) {
+            Some((body, error)) => {
+                errored = error;
+                for line in body.split(|&b| b == b'\n') {
+                    out.extend_from_slice(b"data: ");
+                    out.extend_from_slice(line);
+                    out.push(b'\n');
+                }
+            }
+            None => errored = true,
         }
     }
     if out.len() > start {
@@ -320,5 +325,35 @@ mod tests {
         for input in [openai_stream(), decorated_stream()] {
             testing::assert_every_cut_gives_the_same(Framing::Events, &input);
         }
+    }
+
+    /// A stream may open with a byte order mark; its first event is still
+    /// an event (and rewritten), wherever the reads cut the mark.
+    #[test]
+    fn a_byte_order_mark_does_not_hide_the_first_event() {
+        let mut input = b"\xEF\xBB\xBF".to_vec();
+        input.extend_from_slice(&openai_stream());
+        let (out, _, _) = run_in_pieces(&input, &[]);
+        assert_eq!(out, run_in_pieces(&openai_stream(), &[]).0);
+        testing::assert_every_cut_gives_the_same(Framing::Events, &input);
+    }
+
+    /// An event whose data opens as JSON but is cut short may name the
+    /// provider's id and model: it is left out, and the stream counts as
+    /// failed; the events around it pass.
+    #[test]
+    fn broken_json_data_is_withheld() {
+        let input = b"data: {\"id\":\"chatcmpl-LEAK\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-2024-08-06\",\"choices\":[\n\ndata: {\"id\":\"chatcmpl-2\",\"object\":\"chat.completion.chunk\",\"model\":\"x\",\"choices\":[]}\n\ndata: [DONE]\n\n";
+        let (out, _, errored) = run_in_pieces(input, &[]);
+        let text = String::from_utf8(out).unwrap();
+        assert!(errored);
+        assert!(
+            !text.contains("LEAK") && !text.contains("2024-08-06"),
+            "{text}"
+        );
+        assert_eq!(
+            text,
+            "data: {\"id\":\"chatcmpl-krTEST\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[]}\n\ndata: [DONE]\n\n"
+        );
     }
 }

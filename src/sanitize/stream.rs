@@ -10,7 +10,7 @@
 //! (or a body mislabelled as a stream) that never ends a record cannot make
 //! keyrouter buffer without bound.
 
-use super::json::{Rewrite, Rewritten, Usage, rewrite};
+use super::json::{Rewrite, Rewritten, Unrewritten, Usage, rewrite};
 use super::scrub;
 use super::{ndjson, sse};
 use std::borrow::Cow;
@@ -67,9 +67,17 @@ pub struct StreamRewriter {
     scanned: usize,
     /// Largest unfinished record kept.
     limit: usize,
-    /// A provider error passed through (the stream counts as failed).
+    /// A provider error passed through, or a record with broken JSON was
+    /// left out (the stream counts as failed).
     errored: bool,
+    /// Whether the stream's opening bytes were looked at for a byte order
+    /// mark.
+    opened: bool,
 }
+
+/// UTF-8's byte order mark, which may open an event stream (and is not
+/// part of its first field name).
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 impl StreamRewriter {
     /// A rewriter for `framing` that keeps at most `limit` bytes of an
@@ -81,10 +89,11 @@ impl StreamRewriter {
             scanned: 0,
             limit,
             errored: false,
+            opened: false,
         }
     }
 
-    /// Whether an error record passed through.
+    /// Whether an error record passed through or a broken one was left out.
     pub fn errored(&self) -> bool {
         self.errored
     }
@@ -101,6 +110,15 @@ impl StreamRewriter {
     ) -> Result<(), RecordTooLarge> {
         let framing = self.framing;
         self.pending.extend_from_slice(chunk);
+        if !self.opened {
+            if self.pending.len() < BOM.len() && BOM.starts_with(&self.pending) {
+                return Ok(()); // the mark may continue in the next read
+            }
+            if self.pending.starts_with(BOM) {
+                self.pending.drain(..BOM.len());
+            }
+            self.opened = true;
+        }
         let mut start = 0;
         while let Some((end, next)) = framing.record_end(&self.pending, self.scanned.max(start)) {
             self.errored |= framing.rewrite(&self.pending[start..end], rw, usage, out);
@@ -140,16 +158,17 @@ fn trim_line_ends(b: &[u8]) -> &[u8] {
 /// the record already said so, e.g. by its event name). An error is
 /// scrubbed after rewriting: its provider message may quote key material,
 /// the served key's edges included. A payload that is not JSON (`[DONE]`)
-/// stays as it is.
+/// stays as it is; one that opens as JSON but does not parse is withheld
+/// (`None`), since it may carry the provider's ids, and counts as an error.
 pub(super) fn rewrite_payload<'p>(
     payload: &'p [u8],
     error: bool,
     rw: &Rewrite,
     usage: &mut Usage,
-) -> (Cow<'p, [u8]>, bool) {
+) -> Option<(Cow<'p, [u8]>, bool)> {
     let mut rewritten = Vec::with_capacity(payload.len() + 16);
     let (body, error) = match rewrite(payload, rw, &mut rewritten, usage) {
-        Some(found) => {
+        Ok(found) => {
             // JSON whitespace may hold line breaks copied from the provider;
             // inside a record they would end it.
             for b in rewritten
@@ -160,13 +179,17 @@ pub(super) fn rewrite_payload<'p>(
             }
             (Cow::Owned(rewritten), error || found == Rewritten::Error)
         }
-        None => (Cow::Borrowed(payload), error),
+        Err(Unrewritten::NotJson) => (Cow::Borrowed(payload), error),
+        Err(Unrewritten::Broken) => {
+            tracing::warn!("a streamed event from the provider is not valid JSON; withheld");
+            return None;
+        }
     };
     if !error {
-        return (body, false);
+        return Some((body, false));
     }
     let scrubbed = scrub::scrub(&body, rw.key).into_owned();
-    (Cow::Owned(scrubbed), true)
+    Some((Cow::Owned(scrubbed), true))
 }
 
 /// What the tests of every framing share.
@@ -256,21 +279,22 @@ mod tests {
     #[test]
     fn payloads_that_are_errors_are_scrubbed() {
         let mut usage = Usage::default();
-        let (body, error) = rewrite_payload(
+        let mut payload = |p: &'static [u8], error| rewrite_payload(p, error, &RW, &mut usage);
+        let (body, error) = payload(
             br#"{"error": {"message": "bad key sk-abcdef0123456789"}}"#,
             false,
-            &RW,
-            &mut usage,
-        );
+        )
+        .unwrap();
         assert!(error);
         assert_eq!(&*body, br#"{"error":{"message": "bad key [redacted]"}}"#);
-        let (body, error) = rewrite_payload(b"oops sk-abcdef0123456789", true, &RW, &mut usage);
+        let (body, error) = payload(b"oops sk-abcdef0123456789", true).unwrap();
         assert!(error);
         assert_eq!(&*body, b"oops [redacted]");
-        let (body, error) = rewrite_payload(b"[DONE]", false, &RW, &mut usage);
+        let (body, error) = payload(b"[DONE]", false).unwrap();
         assert!(!error);
         assert!(matches!(body, Cow::Borrowed(b"[DONE]")));
-        let (_, error) = rewrite_payload(br#"{"id":"x-1","error":null}"#, false, &RW, &mut usage);
+        let (_, error) = payload(br#"{"id":"x-1","error":null}"#, false).unwrap();
         assert!(!error);
+        assert!(payload(br#"{"id":"chatcmpl-LEAK","#, false).is_none());
     }
 }

@@ -6,6 +6,10 @@
 //! Tests choose a behaviour with request headers, which keyrouter forwards:
 //! - `x-mock-status: 400` answers with that status and the provider's error
 //!   body (`x-mock-retry-after: N` adds `Retry-After`);
+//! - `x-mock-echo: TEXT` answers 400 with a message quoting TEXT as a
+//!   value the client sent, as providers quote invalid input;
+//! - `x-mock-cut-json: 1` answers a chat completion cut off in the middle,
+//!   as a complete HTTP response (`Content-Length` of the half sent);
 //! - `x-mock-hang: 1` never answers;
 //! - `x-mock-pause-ms: N` pauses N ms after the first SSE event;
 //! - `x-mock-hold: 1` stops after the first SSE event until the test calls
@@ -101,6 +105,10 @@ pub enum Behaviour {
     InsufficientQuota,
     /// 402 Payment Required.
     PaymentRequired,
+    /// 400 as Gemini answers a bad key: `API_KEY_INVALID` in its details.
+    KeyNotValid,
+    /// 400 as Anthropic answers a spent prepaid balance.
+    CreditBalanceTooLow,
     /// 500 with the provider's error body.
     ServerError,
     /// The plain answer, after this long (before the response head).
@@ -489,6 +497,23 @@ async fn per_key(
                 "billing_error",
                 "billing_hard_limit_reached",
             ),
+            Behaviour::KeyNotValid => {
+                let body = serde_json::json!({"error": {
+                    "code": 400,
+                    "message": "API key not valid. Please pass a valid API key.",
+                    "status": "INVALID_ARGUMENT",
+                    "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID", "domain": "googleapis.com"}]
+                }});
+                let mut resp = json(body.to_string().into());
+                *resp.status_mut() = StatusCode::BAD_REQUEST;
+                Some(resp)
+            }
+            Behaviour::CreditBalanceTooLow => error(
+                400,
+                "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits.",
+                "invalid_request_error",
+                "invalid_request_error",
+            ),
             Behaviour::ServerError => error(
                 500,
                 "The server had an error while processing your request.",
@@ -528,6 +553,13 @@ async fn scripted(parts: &http::request::Parts, body: &Bytes, shared: &Shared) -
                 .insert(header::RETRY_AFTER, secs.parse().unwrap());
         }
         return resp;
+    }
+    if let Some(text) = flag("x-mock-echo") {
+        return echo_error(&text, anthropic);
+    }
+    if flag("x-mock-cut-json").is_some() {
+        let whole = openai_completion().to_string();
+        return json(Bytes::from(whole[..whole.len() / 2].to_owned()));
     }
     let pacing = Pacing {
         pause: flag("x-mock-pause-ms")
@@ -1087,6 +1119,21 @@ fn error_response(status: StatusCode, anthropic: bool) -> Response<Body> {
     };
     let mut resp = json(body.to_string().into());
     *resp.status_mut() = status;
+    resp
+}
+
+/// A 400 whose message quotes `text` as the value the client sent, in
+/// OpenAI's or Anthropic's shape.
+fn echo_error(text: &str, anthropic: bool) -> Response<Body> {
+    let body = if anthropic {
+        serde_json::json!({"type": "error", "error": {"type": "invalid_request_error",
+            "message": format!("messages.0.role: Input should be 'user' or 'assistant', got '{text}'")}})
+    } else {
+        serde_json::json!({"error": {"type": "invalid_request_error", "param": "messages[0].role", "code": "invalid_value",
+            "message": format!("Invalid value: '{text}'. Supported values are: 'system', 'assistant', 'user'.")}})
+    };
+    let mut resp = json(body.to_string().into());
+    *resp.status_mut() = StatusCode::BAD_REQUEST;
     resp
 }
 
