@@ -1124,6 +1124,58 @@ async fn probes_bring_a_recovered_key_back_and_pace_themselves() {
     );
 }
 
+/// A probe pass reads its keys once and spreads their probes over the
+/// interval. A key revoked or deleted meanwhile is not probed: its material
+/// goes nowhere after the operator's call returned.
+#[tokio::test]
+async fn a_key_revoked_or_deleted_during_a_probe_pass_is_not_probed() {
+    const KEYS: [&str; 5] = [
+        "sk-router-pass-key-1-0000AAAA",
+        "sk-router-pass-key-2-0000BBBB",
+        "sk-router-pass-key-3-0000CCCC",
+        "sk-router-pass-key-4-0000DDDD",
+        "sk-router-pass-key-5-0000EEEE",
+    ];
+    const GOOD: &str = "sk-router-pass-good-0000FFFF";
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "probe_interval = \"3s\"\nretry_budget = 5", "").await;
+    let mut ids = Vec::new();
+    for key in KEYS {
+        ids.push(register(&gw, key, json!({})).await);
+        mock.script(key, Behaviour::Unauthorized);
+    }
+    register(&gw, GOOD, json!({})).await;
+    for _ in 0..30 {
+        assert_eq!(chat(&gw).await.status, 200);
+        if KEYS.iter().all(|k| mock.requests_for(k) > 0) {
+            break;
+        }
+    }
+    for id in &ids {
+        gw.wait_for_key_state(id, KeyState::Invalid, TRANSITION).await;
+    }
+    // A pass has begun once the first key is probed; the others follow
+    // over the interval.
+    let probes = |key: &str| mock.requests_to(key, &http::Method::GET, "/v1/models");
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while probes(KEYS[0]) == 0 {
+        assert!(Instant::now() < deadline, "no probe pass began");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let revoked = gw
+        .post(&format!("/keys/{}/revoke", ids[3]), json!({}))
+        .send()
+        .await;
+    assert_eq!(revoked.status, 200, "{}", revoked.text);
+    let deleted = gw.delete(&format!("/keys/{}", ids[4])).send().await;
+    assert_eq!(deleted.status, 200, "{}", deleted.text);
+    let before = [probes(KEYS[3]), probes(KEYS[4])];
+    // The rest of this pass and all of the next.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    assert_eq!([probes(KEYS[3]), probes(KEYS[4])], before);
+    assert!(probes(KEYS[2]) > 0, "the pass went on for the other keys");
+}
+
 #[tokio::test]
 async fn a_key_that_fails_again_after_each_probe_is_probed_less_and_less_often() {
     const RELAPSES: &str = "sk-router-probe-relapses-0ZZZZ";

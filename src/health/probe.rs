@@ -45,8 +45,7 @@ pub async fn run(app: Arc<App>, provider: ProviderConfig, interval: Duration) {
             Ok(records) => {
                 let candidates: Vec<KeyRecord> = records
                     .into_iter()
-                    .filter(|r| r.provider_id == provider.id && r.sealed.is_some())
-                    .filter(|r| matches!(r.status.state(), KeyState::Exhausted | KeyState::Invalid))
+                    .filter(|r| r.provider_id == provider.id && is_candidate(r))
                     .collect();
                 schedule.new_pass(&candidates, Instant::now());
                 probe_pass(&app, &provider, &upstream, &mut schedule, candidates).await;
@@ -60,7 +59,17 @@ pub async fn run(app: Arc<App>, provider: ProviderConfig, interval: Duration) {
     }
 }
 
-/// Probes the due keys among `candidates`, spread over one interval.
+/// Whether a key is one to probe: exhausted or invalid, its material kept.
+fn is_candidate(record: &KeyRecord) -> bool {
+    record.sealed.is_some()
+        && matches!(
+            record.status.state(),
+            KeyState::Exhausted | KeyState::Invalid
+        )
+}
+
+/// Probes the due keys among `candidates`, spread over one interval, each
+/// as it is now in the store.
 async fn probe_pass(
     app: &Arc<App>,
     provider: &ProviderConfig,
@@ -75,6 +84,16 @@ async fn probe_pass(
             continue;
         }
         schedule.probing(&record.id, Instant::now());
+        // The pass's records are up to an interval old: a key revoked or
+        // deleted since (through any replica) must not be sent anywhere.
+        let record = match app.store.get_key(&record.id).await {
+            Ok(Some(now)) if is_candidate(&now) => now,
+            Ok(_) => continue,
+            Err(e) => {
+                app.store_failed("get_key", e);
+                continue;
+            }
+        };
         let Some(sealed) = &record.sealed else {
             continue;
         };
