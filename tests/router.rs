@@ -578,6 +578,34 @@ async fn rpm_is_enforced_under_concurrent_requests() {
     assert_eq!(key_view(&gw, &id).await["usage"]["requests_last_minute"], 5);
 }
 
+/// A key that rests after a provider 429 comes back with the requests it
+/// made this minute still counted: its rpm is not reset by the rest, and
+/// its usage is shown while it rests.
+#[tokio::test]
+async fn a_key_back_from_a_cooldown_keeps_its_counts() {
+    const KEY: &str = "sk-router-rpm-rests-000000RRRR";
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "retry_budget = 0", "").await;
+    let id = register(&gw, KEY, json!({"rpm": 3})).await;
+    for _ in 0..2 {
+        assert_eq!(chat(&gw).await.status, 200);
+    }
+    mock.script(KEY, Behaviour::Status429 { retry_after: Some(1) });
+    chat(&gw).await.error(429, "rate_limit_exceeded");
+    gw.wait_for_key_state(&id, KeyState::CoolingDown, TRANSITION)
+        .await;
+    assert_eq!(key_view(&gw, &id).await["usage"]["requests_last_minute"], 3);
+    mock.script(KEY, Behaviour::Ok);
+    gw.wait_for_key_state(&id, KeyState::Active, Duration::from_secs(5))
+        .await;
+    // Three requests reached the provider this minute: the key is at its
+    // rpm, back or not (a wait of a third of a minute, not a cooldown's).
+    let a = chat(&gw).await;
+    a.error(429, "rate_limit_exceeded");
+    assert!(a.retry_after() >= 20, "Retry-After {}", a.retry_after());
+    assert_eq!(mock.requests_for(KEY), 3);
+}
+
 #[tokio::test]
 async fn tpm_is_enforced_and_corrected_by_the_reported_usage() {
     const KEY: &str = "sk-router-tpm-small-0000000KKKK";
@@ -1152,7 +1180,8 @@ async fn a_key_revoked_or_deleted_during_a_probe_pass_is_not_probed() {
         }
     }
     for id in &ids {
-        gw.wait_for_key_state(id, KeyState::Invalid, TRANSITION).await;
+        gw.wait_for_key_state(id, KeyState::Invalid, TRANSITION)
+            .await;
     }
     // A pass has begun once the first key is probed; the others follow
     // over the interval.

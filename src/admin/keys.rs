@@ -108,19 +108,9 @@ pub(super) async fn get(call: &Call<'_>) -> Result<Response<Body>, GatewayError>
 }
 
 /// This replica's live counters of a key (requests and tokens in the last
-/// minute, sliding estimate; requests in flight). Zero for a key that is not
-/// active here.
+/// minute, sliding estimate; requests in flight), kept while it rests.
 fn usage(app: &App, key: &KeyRecord) -> Usage {
-    let counters = app
-        .pool
-        .snapshot(&key.provider_id)
-        .and_then(|keys| {
-            keys.keys
-                .iter()
-                .find(|k| k.id == key.id)
-                .map(|k| k.counters.usage())
-        })
-        .unwrap_or_default();
+    let counters = app.pool.usage(&key.id);
     Usage {
         requests_last_minute: counters.requests_last_minute,
         tokens_last_minute: counters.tokens_last_minute,

@@ -16,10 +16,15 @@
 //! the store shows that revision, so a stale read does not bring back a key
 //! revoked or refused a moment ago. (Should a transition never be stored,
 //! the store's view wins again after the ten minutes it is retried for.)
+//!
+//! A key's counters (requests and tokens in the current windows, requests
+//! in flight) outlive its entries: a key that rests (cooling down) and
+//! comes back, or whose label changes, keeps counting where it was, so
+//! coming back does not reset its limits.
 
 use super::{KeyEvent, KeyId, KeyRecord, KeyState, Limits, Vault};
 use crate::config::{ProviderConfig, ProviderKind};
-use crate::limits::KeyCounters;
+use crate::limits::{KeyCounters, KeyUsage};
 use crate::secret::Secret;
 use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
@@ -43,8 +48,8 @@ pub struct PoolKey {
     /// Store revision this entry was built from; an unchanged revision keeps
     /// the entry across reloads without decrypting again.
     revision: i64,
-    /// In-flight count and rate windows; carried over when the entry is
-    /// rebuilt for a new revision, so a label change resets no limit.
+    /// In-flight count and rate windows: the key's own, shared by every
+    /// entry it ever has (see [`KeyPool::counters`]).
     pub counters: Arc<KeyCounters>,
     /// This key's `keyrouter_key_requests_total` series, found on first use
     /// rather than by label lookup on every request.
@@ -104,6 +109,10 @@ pub struct KeyPool {
     /// hold this lock while they publish, so a reload never publishes over a
     /// change it did not take into account.
     ahead: Mutex<HashMap<KeyId, Ahead>>,
+    /// Every key's counters, while the key exists and is not revoked,
+    /// whether or not it is in a list now. Read when an entry is built and
+    /// by the management API, never by requests.
+    counters: Mutex<HashMap<KeyId, Arc<KeyCounters>>>,
 }
 
 #[derive(Clone, Copy)]
@@ -130,7 +139,21 @@ impl KeyPool {
                 .map(|p| (p.id.clone(), (p.kind, ArcSwap::default())))
                 .collect(),
             ahead: Mutex::default(),
+            counters: Mutex::default(),
         }
+    }
+
+    /// The counters of key `id`, created on first use.
+    fn counters(&self, id: &KeyId) -> Arc<KeyCounters> {
+        let mut all = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        all.entry(id.clone()).or_default().clone()
+    }
+
+    /// This replica's live counts of key `id`, resting or not (zero for a
+    /// key it has not served).
+    pub fn usage(&self, id: &KeyId) -> KeyUsage {
+        let all = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        all.get(id).map(|c| c.usage()).unwrap_or_default()
     }
 
     /// The provider's active keys now (one atomic load).
@@ -162,12 +185,20 @@ impl KeyPool {
                 let mine = records
                     .iter()
                     .filter(|r| &r.provider_id == provider_id)
-                    .map(|r| (r, entry(r, *kind, previous.get(&r.id).copied(), vault)))
+                    .map(|r| (r, self.entry(r, *kind, previous.get(&r.id).copied(), vault)))
                     .collect();
                 (slot, mine)
             })
             .collect();
         let read: HashMap<&KeyId, &KeyRecord> = records.iter().map(|r| (&r.id, r)).collect();
+        // Counters of keys gone or revoked (through any replica) go too.
+        self.counters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|id, _| {
+                read.get(id)
+                    .is_some_and(|r| r.status.state() != KeyState::Revoked)
+            });
 
         let mut ahead = self.ahead();
         let now = Instant::now();
@@ -242,7 +273,7 @@ impl KeyPool {
                 next.cooling.extend(cooling.cloned());
             } else {
                 let previous = current.keys.iter().find(|k| k.id == record.id);
-                next.keys.extend(entry(record, *kind, previous, vault));
+                next.keys.extend(self.entry(record, *kind, previous, vault));
             }
             if let Some(until) = record.status.cooldown_until() {
                 next.cooling.push((record.id.clone(), until));
@@ -285,6 +316,48 @@ impl KeyPool {
         });
     }
 
+    /// The pool entry for a record, if the key is active and its material
+    /// opens; `previous` (the key's entry now, if any) is reused when its
+    /// revision is the record's.
+    fn entry(
+        &self,
+        record: &KeyRecord,
+        kind: ProviderKind,
+        previous: Option<&Arc<PoolKey>>,
+        vault: &Vault,
+    ) -> Option<Arc<PoolKey>> {
+        if record.status.state() != KeyState::Active {
+            return None;
+        }
+        if let Some(same) = previous.filter(|k| k.revision == record.revision) {
+            return Some(same.clone());
+        }
+        let material = match vault.open(record.sealed.as_ref()?) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(key_id = %record.id, error = %e, "key skipped: its material cannot be decrypted");
+                return None;
+            }
+        };
+        let credential = match credential_header(kind, &material) {
+            Some(v) => v,
+            None => {
+                tracing::error!(key_id = %record.id, "key skipped: its material is not a valid header value");
+                return None;
+            }
+        };
+        Some(Arc::new(PoolKey {
+            id: record.id.clone(),
+            material,
+            credential,
+            weight: record.weight,
+            limits: record.limits,
+            revision: record.revision,
+            counters: self.counters(&record.id),
+            requests: OnceLock::new(),
+        }))
+    }
+
     /// The refusals of `id` made before `until` are dealt with: their
     /// transition is stored, or none will be (the key had moved on, the
     /// store stayed unreachable). Unless the key was refused again since,
@@ -302,47 +375,6 @@ impl KeyPool {
 /// entry without a search per key.
 fn by_id(keys: &[Arc<PoolKey>]) -> HashMap<&KeyId, &Arc<PoolKey>> {
     keys.iter().map(|k| (&k.id, k)).collect()
-}
-
-/// The pool entry for a record, if the key is active and its material opens;
-/// `previous` (the key's entry now, if any) is reused when its revision is
-/// the record's, and otherwise hands its counters on.
-fn entry(
-    record: &KeyRecord,
-    kind: ProviderKind,
-    previous: Option<&Arc<PoolKey>>,
-    vault: &Vault,
-) -> Option<Arc<PoolKey>> {
-    if record.status.state() != KeyState::Active {
-        return None;
-    }
-    if let Some(same) = previous.filter(|k| k.revision == record.revision) {
-        return Some(same.clone());
-    }
-    let material = match vault.open(record.sealed.as_ref()?) {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::error!(key_id = %record.id, error = %e, "key skipped: its material cannot be decrypted");
-            return None;
-        }
-    };
-    let credential = match credential_header(kind, &material) {
-        Some(v) => v,
-        None => {
-            tracing::error!(key_id = %record.id, "key skipped: its material is not a valid header value");
-            return None;
-        }
-    };
-    Some(Arc::new(PoolKey {
-        id: record.id.clone(),
-        material,
-        credential,
-        weight: record.weight,
-        limits: record.limits,
-        revision: record.revision,
-        counters: previous.map_or_else(Default::default, |p| p.counters.clone()),
-        requests: OnceLock::new(),
-    }))
 }
 
 /// The header value a provider kind expects the key in: `Bearer <key>` for
