@@ -1068,6 +1068,28 @@ async fn audit_lists_newest_first_with_filters_and_pages() {
 }
 
 #[tokio::test]
+async fn audit_bounds_take_in_the_whole_millisecond_shown() {
+    let gw = TestGateway::start().await;
+    gw.register_key("openai", "sk-AUDIT-bounds-0123456789")
+        .await;
+    let events = audit(&gw, "").await;
+    let (id, shown) = (&events[0]["id"], events[0]["timestamp"].as_str().unwrap());
+    // The store keeps microseconds the API does not show: the shown
+    // timestamp, and any instant within its millisecond, names it whole.
+    let within = shown.replace('Z', "999Z");
+    for query in [
+        format!("?until={shown}"),
+        format!("?since={shown}&until={shown}"),
+        format!("?since={within}"),
+        format!("?since={within}&until={shown}"),
+    ] {
+        let listed = audit(&gw, &query).await;
+        assert!(listed.iter().any(|e| e["id"] == *id), "{query}: {listed:?}");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn rotation_reencrypts_every_stored_key_with_the_primary() {
     let old = Vault::generate_key();
     let new = Vault::generate_key();

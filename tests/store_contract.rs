@@ -370,15 +370,80 @@ async fn list_audit_pages_and_filters(store: &dyn Store) {
         until: Some(t(2_000)),
         ..AuditFilter::default()
     };
-    assert_eq!(audit_of(store, until).await, [e1], "until is exclusive");
+    let mut expected = same_instant(&e2, &e3);
+    expected.push(e1);
+    assert_eq!(audit_of(store, until).await, expected, "until is inclusive");
     let window = AuditFilter {
         since: Some(t(2_000)),
-        until: Some(t(4_000)),
+        until: Some(t(3_000)),
         ..AuditFilter::default()
     };
     let mut expected = vec![e4];
     expected.extend(same_instant(&e2, &e3));
     assert_eq!(audit_of(store, window).await, expected);
+}
+
+/// Events are shown in milliseconds but stored in microseconds: a bound
+/// copied from a shown timestamp takes in its whole millisecond.
+async fn audit_bounds_take_in_whole_milliseconds(store: &dyn Store) {
+    let at = |micros: i64| DateTime::from_timestamp_micros(micros).unwrap();
+    // The millisecond ...123, its neighbours, and its first and last
+    // microseconds.
+    let ms = 1_800_000_000_123_000;
+    let before = event(EventKind::AuthFailed, "/admin/v1/keys", at(ms - 1));
+    let first = event(EventKind::AuthFailed, "/admin/v1/keys", at(ms));
+    let inside = event(EventKind::AuthFailed, "/admin/v1/keys", at(ms + 457));
+    let last = event(EventKind::AuthFailed, "/admin/v1/keys", at(ms + 999));
+    let after = event(EventKind::AuthFailed, "/admin/v1/keys", at(ms + 1_000));
+    store
+        .append_audit(&[
+            before.clone(),
+            first.clone(),
+            inside.clone(),
+            last.clone(),
+            after.clone(),
+        ])
+        .await
+        .unwrap();
+    let listed = |since: Option<i64>, until: Option<i64>| {
+        let filter = AuditFilter {
+            since: since.map(at),
+            until: until.map(at),
+            ..AuditFilter::default()
+        };
+        async move { audit_of(store, filter).await }
+    };
+
+    // `inside` as the API shows it: ...123 (its 457 microseconds cut off).
+    let shown = serde_json::to_value(&inside).unwrap()["timestamp"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let shown = DateTime::parse_from_rfc3339(&shown)
+        .unwrap()
+        .timestamp_micros();
+    assert_eq!(shown, ms);
+    let millisecond = vec![last.clone(), inside.clone(), first.clone()];
+    assert_eq!(
+        listed(Some(shown), Some(shown)).await,
+        millisecond,
+        "since and until both at the shown timestamp: its whole millisecond"
+    );
+    assert_eq!(
+        listed(None, Some(shown)).await,
+        [millisecond.clone(), vec![before]].concat(),
+        "until takes in the rest of its millisecond"
+    );
+    assert_eq!(
+        listed(Some(ms + 999), None).await,
+        [vec![after], millisecond.clone()].concat(),
+        "since takes in the start of its millisecond"
+    );
+    assert_eq!(
+        listed(Some(ms + 500), Some(ms + 200)).await,
+        millisecond,
+        "bounds inside one millisecond name that millisecond"
+    );
 }
 
 async fn append_audit_is_idempotent(store: &dyn Store) {
@@ -555,6 +620,7 @@ contract!(
     list_keys_pages,
     list_keys_filters,
     list_audit_pages_and_filters,
+    audit_bounds_take_in_whole_milliseconds,
     append_audit_is_idempotent,
     reseal_skips_erased_keys,
     count_keys_per_provider_and_state,

@@ -26,8 +26,10 @@ pub(super) async fn list(call: &Call<'_>) -> Result<Response<Body>, GatewayError
         since: q.parsed(&dto::SINCE, dto::timestamp)?,
         until: q.parsed(&dto::UNTIL, dto::timestamp)?,
     };
+    // By the milliseconds they name, as the store applies them: both in
+    // one millisecond is that millisecond, not an empty range.
     if let (Some(since), Some(until)) = (filter.since, filter.until)
-        && until < since
+        && until.timestamp_millis() < since.timestamp_millis()
     {
         return Err(GatewayError::invalid("until: must not be before since"));
     }

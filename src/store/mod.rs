@@ -49,9 +49,32 @@ pub struct KeyFilter {
 pub struct AuditFilter {
     pub resource: Option<String>,
     pub event: Option<EventKind>,
+    /// `since` and `until` are inclusive, each of the whole millisecond it
+    /// names; backends apply them through [`AuditFilter::from_micros`] and
+    /// [`AuditFilter::before_micros`].
     pub since: Option<DateTime<Utc>>,
     pub until: Option<DateTime<Utc>>,
 }
+
+impl AuditFilter {
+    /// The first stored timestamp (microseconds) `since` admits: the start
+    /// of its millisecond. Events are shown in milliseconds but stored in
+    /// microseconds, so a bound copied from a shown timestamp must take in
+    /// the whole millisecond.
+    pub fn from_micros(&self) -> Option<i64> {
+        self.since.map(|t| t.timestamp_millis() * MICROS_PER_MILLI)
+    }
+
+    /// The first stored timestamp (microseconds) past `until`: the end of
+    /// its millisecond. `until` set to an event's shown timestamp finds
+    /// that event, whose stored microseconds lie within that millisecond.
+    pub fn before_micros(&self) -> Option<i64> {
+        self.until
+            .map(|t| (t.timestamp_millis() + 1) * MICROS_PER_MILLI)
+    }
+}
+
+const MICROS_PER_MILLI: i64 = 1000;
 
 /// One page request: at most `limit` items after `cursor`.
 #[derive(Clone, Debug)]

@@ -519,11 +519,11 @@ impl Store for MongoStore {
             query.insert("event", event.as_str());
         }
         let mut ts = doc! {};
-        if let Some(since) = filter.since {
-            ts.insert("$gte", micros(since));
+        if let Some(from) = filter.from_micros() {
+            ts.insert("$gte", from);
         }
-        if let Some(until) = filter.until {
-            ts.insert("$lt", micros(until));
+        if let Some(before) = filter.before_micros() {
+            ts.insert("$lt", before);
         }
         if !ts.is_empty() {
             query.insert("ts", ts);

@@ -764,11 +764,11 @@ impl Store for SqliteStore {
         if let Some(event) = filter.event {
             cond.add("event = ?", [Value::Text(event.as_str().into())]);
         }
-        if let Some(since) = filter.since {
-            cond.add("ts >= ?", [Value::Integer(micros(since))]);
+        if let Some(from) = filter.from_micros() {
+            cond.add("ts >= ?", [Value::Integer(from)]);
         }
-        if let Some(until) = filter.until {
-            cond.add("ts < ?", [Value::Integer(micros(until))]);
+        if let Some(before) = filter.before_micros() {
+            cond.add("ts < ?", [Value::Integer(before)]);
         }
         if let Some(after) = &page.cursor {
             cond.add(
