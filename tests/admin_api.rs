@@ -621,6 +621,25 @@ async fn jwt_subject_is_the_audit_actor() {
 }
 
 #[tokio::test]
+async fn identity_provider_tokens_with_an_audience_are_accepted() {
+    let gw = TestGateway::start().await;
+    let exp = chrono::Utc::now().timestamp() + 600;
+    for aud in [
+        json!("https://keyrouter.example.com"),
+        json!(["keyrouter", "grafana"]),
+    ] {
+        let t = sign_jwt(
+            common::JWT_SECRET,
+            &json!({"sub": "idp-user", "scope": "keys:read", "exp": exp, "aud": aud,
+                    "iss": "https://idp.example.com"}),
+        );
+        let reply = gw.get("/keys").bearer(&t).send().await;
+        assert_eq!(reply.status, 200, "{aud}: {}", reply.text);
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn without_admin_secrets_everything_is_refused() {
     let gw = TestGateway::builder()
         .without_api_key()

@@ -967,6 +967,13 @@ async fn client_tokens_are_checked_limited_and_never_forwarded() {
     // Another client has its own count.
     let other = client_token(CLIENT_JWT_SECRET, json!({"sub": "app-4", "rpm": 3}));
     assert_eq!(send(with_token(&other)).await.status, 200);
+    // Tokens from identity providers name an audience: not checked.
+    let audience = client_token(
+        CLIENT_JWT_SECRET,
+        json!({"sub": "app-5", "aud": ["keyrouter", "other-api"]}),
+    );
+    let a = send(with_token(&audience)).await;
+    assert_eq!(a.status, 200, "{}", a.text);
 
     // The token never went upstream: the provider saw only the key.
     for r in mock.received() {
@@ -976,7 +983,7 @@ async fn client_tokens_are_checked_limited_and_never_forwarded() {
         );
         for (name, value) in &r.headers {
             let value = String::from_utf8_lossy(value.as_bytes());
-            for token in [&limited, &other] {
+            for token in [&limited, &other, &audience] {
                 assert!(
                     !value.contains(token.as_str()),
                     "the client token went upstream in {name}"

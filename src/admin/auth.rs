@@ -2,9 +2,9 @@
 //!
 //! Two credentials (contract section 7): the static `X-API-Key`, compared in
 //! constant time, which grants every scope; or `Authorization: Bearer <JWT>`
-//! signed HS256 with the admin JWT secret, whose `scope` claim lists what it
-//! grants. With neither secret configured every request is refused: missing
-//! security configuration fails closed.
+//! signed HS256 with the admin JWT secret (the rules in [`crate::jwt`]), whose
+//! `scope` claim lists what it grants. With neither secret configured every
+//! request is refused: missing security configuration fails closed.
 //!
 //! A refusal is counted, audited (`auth_failed` with the caller's address and
 //! a fixed reason) and logged, never with the presented credential.
@@ -16,7 +16,7 @@ use crate::error::GatewayError;
 use crate::secret::Secret;
 use http::{HeaderMap, header};
 use jsonwebtoken::errors::ErrorKind as JwtError;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{DecodingKey, Validation};
 use serde::Deserialize;
 use std::net::IpAddr;
 
@@ -163,10 +163,8 @@ struct Claims {
 impl Authenticator {
     pub fn new(cfg: &AdminAuth) -> Self {
         let jwt = cfg.jwt_secret.as_ref().map(|secret| {
-            let mut validation = Validation::new(Algorithm::HS256);
-            validation.set_required_spec_claims(&["exp", "sub"]);
+            let mut validation = crate::jwt::hs256_validation(LEEWAY_SECS);
             validation.validate_nbf = true;
-            validation.leeway = LEEWAY_SECS;
             JwtVerifier {
                 // The HMAC key needs the secret's bytes; it lives as long as
                 // the listener.
@@ -250,7 +248,7 @@ impl JwtVerifier {
 mod tests {
     use super::*;
     use http::HeaderValue;
-    use jsonwebtoken::{EncodingKey, Header, encode};
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
     use serde_json::json;
 
     const API_KEY: &str = "test-admin-api-key-0123456789abcdef";

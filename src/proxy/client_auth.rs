@@ -1,14 +1,15 @@
 //! Client tokens (`client_auth.mode = "jwt"`): `Authorization: Bearer <JWT>`
 //! signed with HS256 and `KEYROUTER_CLIENT_JWT_SECRET`, `exp` required, `sub`
 //! the client id, optional `providers` (allow-list of provider ids) and `rpm`
-//! (the client's own request limit). Read from the request headers only; the
-//! token is never forwarded (the client's `Authorization` is dropped
-//! upstream).
+//! (the client's own request limit); `aud` is not checked (the rules shared
+//! with operator tokens are in [`crate::jwt`]). Read from the request headers
+//! only; the token is never forwarded (the client's `Authorization` is
+//! dropped upstream).
 
 use super::error::ProxyError;
 use crate::secret::Secret;
 use http::{HeaderMap, header};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode};
+use jsonwebtoken::{DecodingKey, Validation, decode};
 
 /// An authenticated client.
 #[derive(Debug, PartialEq, Eq)]
@@ -27,6 +28,9 @@ impl Client {
     }
 }
 
+/// Clock skew tolerated on `exp`.
+const LEEWAY_SECS: u64 = 5;
+
 #[derive(serde::Deserialize)]
 struct Claims {
     sub: String,
@@ -41,13 +45,10 @@ pub struct ClientAuth {
 
 impl ClientAuth {
     pub fn new(secret: &Secret) -> Self {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = 5;
         ClientAuth {
             // The secret is copied into the verifier once, at start-up.
             key: DecodingKey::from_secret(secret.expose().as_bytes()),
-            validation,
+            validation: crate::jwt::hs256_validation(LEEWAY_SECS),
         }
     }
 
@@ -76,7 +77,7 @@ impl ClientAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use jsonwebtoken::{EncodingKey, Header, encode};
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
     use serde_json::json;
 
     const SECRET: &str = "client-jwt-secret-for-unit-tests-0123456789";
