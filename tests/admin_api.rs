@@ -935,10 +935,55 @@ async fn every_validation_rule_names_its_field_and_never_echoes_the_value() {
         assert!(msg.contains(field), "{body}: {msg}");
         assert!(!msg.contains(value), "{body}: {msg}");
     }
+    // A metadata key given twice is refused like a field given twice, on
+    // registration and change alike, naming the key and never a value (17
+    // pairs with one repeat are no way past the 16-entry cap).
+    let seventeen: Vec<String> = (0..16)
+        .map(|i| format!(r#""k{i}":"v""#))
+        .chain([r#""k3":"SEVENTEENTH""#.to_owned()])
+        .collect();
+    for (metadata, expected, value) in [
+        (
+            r#"{"owner":"team-a","owner":"SECONDVALUE"}"#.to_owned(),
+            "metadata.owner: given more than once",
+            "SECONDVALUE",
+        ),
+        (
+            format!("{{{}}}", seventeen.join(",")),
+            "metadata.k3: given more than once",
+            "SEVENTEENTH",
+        ),
+    ] {
+        for (method, path, raw) in [
+            (
+                Method::POST,
+                "/keys".to_owned(),
+                format!(
+                    r#"{{"key_material":"{ok}","provider_id":"openai","metadata":{metadata}}}"#
+                ),
+            ),
+            (
+                Method::PATCH,
+                format!("/keys/{id}"),
+                format!(r#"{{"metadata":{metadata}}}"#),
+            ),
+        ] {
+            let msg = gw
+                .request(method, &path)
+                .raw(raw)
+                .send()
+                .await
+                .error(400, "invalid_request");
+            assert_eq!(msg, expected, "{path}");
+            assert!(!msg.contains(value) && !msg.contains(ok), "{msg}");
+        }
+    }
+
     // Nothing was registered or changed by the refused requests.
     let keys = gw.get("/keys").send().await.json();
     assert_eq!(keys["keys"].as_array().unwrap().len(), 1);
     assert_eq!(keys["keys"][0]["state"], "active");
+    assert_eq!(keys["keys"][0]["metadata"], json!({}));
     gw.stop().await;
 }
 

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use http::StatusCode;
 use serde::de::value::MapAccessDeserializer;
-use serde::de::{DeserializeOwned, MapAccess, Visitor};
+use serde::de::{DeserializeOwned, Error as _, MapAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_path_to_error::Segment;
@@ -85,6 +85,7 @@ pub const METADATA: Field = field("metadata", "must be an object of string value
 pub const METADATA_SIZE: Field = field("metadata", "at most 16 entries");
 const MAX_METADATA_ENTRIES: usize = 16;
 pub const METADATA_KEY: Field = field("metadata", "keys must match ^[a-z0-9_]{1,32}$");
+const MAX_METADATA_KEY_CHARS: usize = 32;
 pub const METADATA_VALUE: Field = field("metadata", "values must be at most 256 characters");
 const MAX_METADATA_VALUE_CHARS: usize = 256;
 pub const REASON: Field = field(
@@ -180,7 +181,7 @@ struct CreateKeyBody {
     label: Option<String>,
     limits: Option<Object<Limits>>,
     weight: Option<u32>,
-    metadata: Option<BTreeMap<String, String>>,
+    metadata: Option<Metadata>,
 }
 
 /// Parses and validates a registration; `is_provider` says whether an id
@@ -196,7 +197,7 @@ pub fn new_key(body: &[u8], is_provider: impl Fn(&str) -> bool) -> Result<NewKey
     check_limits(&limits)?;
     let weight = b.weight.unwrap_or(DEFAULT_WEIGHT);
     WEIGHT.check(WEIGHTS.contains(&weight))?;
-    let metadata = b.metadata.unwrap_or_default();
+    let metadata = b.metadata.map(|m| m.0).unwrap_or_default();
     check_metadata(&metadata)?;
     Ok(NewKey {
         material: b.key_material,
@@ -225,7 +226,7 @@ struct UpdateKeyBody {
     label: Option<Option<String>>,
     limits: Option<Object<Limits>>,
     weight: Option<u32>,
-    metadata: Option<BTreeMap<String, String>>,
+    metadata: Option<Metadata>,
 }
 
 /// Tells an explicit `null` (`Some(None)`) from an absent field (`None`).
@@ -245,14 +246,15 @@ pub fn key_changes(body: &[u8]) -> Result<KeyChanges, GatewayError> {
     if let Some(weight) = b.weight {
         WEIGHT.check(WEIGHTS.contains(&weight))?;
     }
-    if let Some(metadata) = &b.metadata {
+    let metadata = b.metadata.map(|m| m.0);
+    if let Some(metadata) = &metadata {
         check_metadata(metadata)?;
     }
     let changes = KeyChanges {
         label: b.label,
         limits,
         weight: b.weight,
-        metadata: b.metadata,
+        metadata,
     };
     if changes.fields().is_empty() {
         return Err(GatewayError::invalid(
@@ -346,7 +348,7 @@ fn check_limits(limits: &Limits) -> Result<(), GatewayError> {
 
 fn check_metadata(metadata: &BTreeMap<String, String>) -> Result<(), GatewayError> {
     METADATA_SIZE.check(metadata.len() <= MAX_METADATA_ENTRIES)?;
-    METADATA_KEY.check(metadata.keys().all(|k| is_name(k, 32)))?;
+    METADATA_KEY.check(metadata.keys().all(|k| is_name(k, MAX_METADATA_KEY_CHARS)))?;
     METADATA_VALUE.check(
         metadata
             .values()
@@ -378,6 +380,37 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
             }
         }
         d.deserialize_map(ObjectVisitor(PhantomData))
+    }
+}
+
+/// The `metadata` object, each key given once. A map alone keeps the last of
+/// repeated keys without a word (and 17 pairs with one repeat would pass the
+/// 16-entry cap); repeated body fields and `limits` fields are refused with
+/// serde's `duplicate field` error, and so is a repeated key here.
+struct Metadata(BTreeMap<String, String>);
+
+impl<'de> Deserialize<'de> for Metadata {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct MetadataVisitor;
+        impl<'de> Visitor<'de> for MetadataVisitor {
+            type Value = Metadata;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object of string values")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Metadata, A::Error> {
+                let mut entries = BTreeMap::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if entries.contains_key(&key) {
+                        // Worded as serde's own, for `decode_error`.
+                        return Err(A::Error::custom(format_args!("duplicate field `{key}`")));
+                    }
+                    let value = map.next_value()?;
+                    entries.insert(key, value);
+                }
+                Ok(Metadata(entries))
+            }
+        }
+        d.deserialize_map(MetadataVisitor)
     }
 }
 
@@ -429,8 +462,17 @@ fn decode_error(e: &serde_path_to_error::Error<serde_json::Error>) -> GatewayErr
     ] {
         if let Some(name) = quoted_after(&serde_message, prefix) {
             let full: Vec<&str> = path.iter().copied().chain([name]).collect();
-            if let Some(f) = known_field(&full) {
-                return GatewayError::invalid(format!("{}: {problem}", f.name));
+            match known_field(&full) {
+                Some(f) if f.name == full.join(".") => {
+                    return GatewayError::invalid(format!("{}: {problem}", f.name));
+                }
+                // A key inside `metadata`, the one object whose keys are the
+                // operator's: named only when it is a valid key.
+                Some(f) if is_name(name, MAX_METADATA_KEY_CHARS) => {
+                    return GatewayError::invalid(format!("{}.{name}: {problem}", f.name));
+                }
+                Some(_) => return METADATA_KEY.error(),
+                None => {}
             }
         }
     }
@@ -879,6 +921,34 @@ mod tests {
                 "\"weight\":3",
                 "weight: given more than once",
             ),
+            (
+                format!(
+                    r#"{{"key_material":"{m}","provider_id":"openai","limits":{{"rpm":1,"rpm":7777}}}}"#
+                ),
+                "7777",
+                "limits.rpm: given more than once",
+            ),
+            (
+                format!(
+                    r#"{{"key_material":"{m}","provider_id":"openai","metadata":{{"a":"XFIRST","a":"YSECOND"}}}}"#
+                ),
+                "SECOND",
+                "metadata.a: given more than once",
+            ),
+            (
+                format!(
+                    r#"{{"key_material":"{m}","provider_id":"openai","metadata":{{"Bad Key":"x","Bad Key":"y"}}}}"#
+                ),
+                "Bad",
+                "metadata: keys must match",
+            ),
+            (
+                format!(
+                    r#"{{"key_material":"{m}","provider_id":"openai","metadata":{{"a":"x"}},"metadata":{{}}}}"#
+                ),
+                "\"a\"",
+                "metadata: given more than once",
+            ),
         ];
         for (body, value, prefix) in cases {
             let msg = rejected(create(&body), value);
@@ -893,6 +963,19 @@ mod tests {
         assert_eq!(
             rejected(create(&body), "k16"),
             "metadata: at most 16 entries"
+        );
+        // Sixteen keys, one of them twice: a repeat, not a 17th entry.
+        let repeated: Vec<String> = (0..16)
+            .map(|i| format!(r#""k{i}":"v""#))
+            .chain([r#""k0":"AGAIN""#.to_owned()])
+            .collect();
+        let body = format!(
+            r#"{{"key_material":"{m}","provider_id":"openai","metadata":{{{}}}}}"#,
+            repeated.join(",")
+        );
+        assert_eq!(
+            rejected(create(&body), "AGAIN"),
+            "metadata.k0: given more than once"
         );
     }
 
@@ -943,6 +1026,13 @@ mod tests {
         );
         assert_eq!(msg, "unknown field `key_material`");
         rejected(key_changes(br#"{"weight":0}"#), "\"weight\":0");
+        assert_eq!(
+            rejected(
+                key_changes(br#"{"metadata":{"owner":"a","owner":"BSECOND"}}"#),
+                "BSECOND"
+            ),
+            "metadata.owner: given more than once"
+        );
     }
 
     #[test]
