@@ -113,12 +113,18 @@ pub enum ReadBodyError {
 }
 
 /// Reads a body of at most `max` bytes, stopping as soon as the limit is
-/// passed (never buffering more than `max`).
+/// passed (never buffering more than `max`). A body whose announced length
+/// (`Content-Length`) is already over `max` is refused without being
+/// polled: waiting for it would only hold the connection, and hyper sends
+/// `100 Continue` to a client that asked for it only once the body is polled.
 pub async fn read_limited<B>(body: B, max: usize) -> Result<Bytes, ReadBodyError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
+    if body.size_hint().lower() > max as u64 {
+        return Err(ReadBodyError::TooLarge);
+    }
     match Limited::new(body, max).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ReadBodyError::TooLarge),
@@ -152,6 +158,29 @@ mod tests {
         let ok = read_limited(Full::new(Bytes::from_static(b"12345")), 5).await;
         assert_eq!(ok.unwrap(), Bytes::from_static(b"12345"));
         let big = read_limited(Full::new(Bytes::from_static(b"123456")), 5).await;
+        assert!(matches!(big, Err(ReadBodyError::TooLarge)), "{big:?}");
+    }
+
+    /// Announces a length and panics if polled.
+    struct Announced(u64);
+
+    impl http_body::Body for Announced {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            panic!("a body announced over the limit was polled")
+        }
+        fn size_hint(&self) -> http_body::SizeHint {
+            http_body::SizeHint::with_exact(self.0)
+        }
+    }
+
+    #[tokio::test]
+    async fn an_announced_oversize_body_is_refused_unread() {
+        let big = read_limited(Announced(6), 5).await;
         assert!(matches!(big, Err(ReadBodyError::TooLarge)), "{big:?}");
     }
 }

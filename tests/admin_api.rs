@@ -12,6 +12,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::net::{IpAddr, Ipv4Addr};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `YYYY-MM-DDTHH:MM:SSZ`.
 fn is_seconds_timestamp(v: &Value) -> bool {
@@ -729,6 +730,43 @@ async fn a_body_trickling_past_the_read_timeout_gets_408_and_a_closed_connection
     let keys = gw.get("/keys").send().await;
     assert_eq!(keys.status, 200, "{}", keys.text);
     assert_eq!(keys.json()["keys"], json!([]));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_announced_over_64_kib_is_refused_at_once_and_never_invited() {
+    let gw = TestGateway::start().await;
+    let addr = gw.running.admin_addr;
+    for expect in ["", "Expect: 100-continue\r\n"] {
+        let head = format!(
+            "POST /admin/v1/keys HTTP/1.1\r\nHost: {addr}\r\nX-API-Key: {}\r\n\
+             Content-Type: application/json\r\nContent-Length: 65537\r\n{expect}\r\n",
+            common::API_KEY
+        );
+        // Only the head is sent: the answer must not wait for the body
+        // (server.body_read_timeout is 60 s), and the connection ends.
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            conn.read_to_end(&mut answer),
+        )
+        .await
+        .expect("the announced body was waited for")
+        .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        // A client that asked is not invited to send the body.
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{expect}{answer}");
+        assert!(!answer.contains("100 Continue"), "{answer}");
+        assert!(answer.contains("connection: close\r\n"), "{answer}");
+        // The same answer as a body that is sent and turns out too large.
+        assert!(answer.contains(r#""type":"invalid_request""#), "{answer}");
+        assert!(
+            answer.contains("request body: must be at most 65536 bytes"),
+            "{answer}"
+        );
+    }
     gw.stop().await;
 }
 
