@@ -1026,6 +1026,69 @@ async fn every_validation_rule_names_its_field_and_never_echoes_the_value() {
 }
 
 #[tokio::test]
+async fn operations_without_parameters_refuse_a_query_string() {
+    let gw = TestGateway::start().await;
+    let id = id_of(
+        &gw.register_key("openai", "sk-QUERY-strict-0123456789")
+            .await,
+    );
+    let cases = [
+        (Method::GET, format!("/keys/{id}"), None),
+        (
+            Method::POST,
+            "/keys".to_owned(),
+            Some(json!({"key_material": "sk-QUERY-new-0123456789", "provider_id": "openai"})),
+        ),
+        (
+            Method::PATCH,
+            format!("/keys/{id}"),
+            Some(json!({"weight": 9})),
+        ),
+        (Method::POST, format!("/keys/{id}/revoke"), Some(json!({}))),
+        (
+            Method::POST,
+            format!("/keys/{id}/reactivate"),
+            Some(json!({})),
+        ),
+        (Method::DELETE, format!("/keys/{id}"), None),
+        (
+            Method::POST,
+            "/encryption/rotate".to_owned(),
+            Some(json!({})),
+        ),
+    ];
+    for (method, path, body) in cases {
+        for (query, expected) in [
+            ("?force=QVALUE", "unknown query parameter `force`"),
+            ("?dry_run=", "unknown query parameter `dry_run`"),
+            // A name that is no parameter name is not repeated either.
+            ("?Sk-QNAME%20x=1", "unknown query parameter"),
+        ] {
+            let mut request = gw.request(method.clone(), &format!("{path}{query}"));
+            if let Some(body) = &body {
+                request = request.json(body.clone());
+            }
+            let msg = request.send().await.error(400, "invalid_request");
+            assert_eq!(msg, expected, "{method} {path}{query}");
+        }
+    }
+    // None of them ran: one key, untouched, and only its registration audited.
+    let keys = gw.get("/keys").send().await.json()["keys"].clone();
+    assert_eq!(keys.as_array().unwrap().len(), 1);
+    assert_eq!(
+        (&keys[0]["state"], &keys[0]["weight"]),
+        (&json!("active"), &json!(1))
+    );
+    assert_eq!(audit(&gw, "").await.len(), 1);
+
+    // An empty query string names no parameter.
+    assert_eq!(gw.get(&format!("/keys/{id}?")).send().await.status, 200);
+    // GET /providers ignores its query string, as documented.
+    assert_eq!(gw.get("/providers?_=1795429800").send().await.status, 200);
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn providers_show_counts_per_state_and_no_base_url() {
     let gw = TestGateway::start().await;
     let a = id_of(&gw.register_key("openai", "sk-PROV-openai-a-0123456").await);

@@ -1,6 +1,6 @@
 //! `GET /admin/v1/audit`: the audit log, newest first, filtered and paged.
 
-use super::dto::{self, PageView, Query};
+use super::dto::{self, PageView};
 use super::{Call, store_error};
 use crate::audit::EventKind;
 use crate::error::GatewayError;
@@ -9,17 +9,7 @@ use crate::store::AuditFilter;
 use http::{Response, StatusCode};
 
 pub(super) async fn list(call: &Call<'_>) -> Result<Response<Body>, GatewayError> {
-    let q = Query::parse(
-        call.query,
-        &[
-            &dto::RESOURCE,
-            &dto::EVENT,
-            &dto::SINCE,
-            &dto::UNTIL,
-            &dto::LIMIT,
-            &dto::CURSOR,
-        ],
-    )?;
+    let q = call.query;
     let filter = AuditFilter {
         resource: q.parsed(&dto::RESOURCE, dto::resource_filter)?,
         event: q.parsed(&dto::EVENT, EventKind::parse)?,

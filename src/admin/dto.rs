@@ -503,6 +503,7 @@ fn quoted_after<'m>(message: &'m str, prefix: &str) -> Option<&'m str> {
 
 /// A route's query parameters: only those it names, each at most once.
 /// Empty values (`?state=`) count as not given.
+#[derive(Default)]
 pub struct Query {
     params: Vec<(&'static str, String)>,
 }

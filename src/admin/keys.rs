@@ -10,7 +10,7 @@
 //! a 409 here exactly as it is an error everywhere else. Each change is
 //! written together with its audit event.
 
-use super::dto::{self, KeyView, PageView, ProvidersView, Query, Rotated, Usage};
+use super::dto::{self, KeyView, PageView, ProvidersView, Rotated, Usage};
 use super::{Call, store_error};
 use crate::app::App;
 use crate::audit::{AuditEvent, EventKind};
@@ -69,15 +69,7 @@ pub(super) async fn create(call: &Call<'_>) -> Result<Response<Body>, GatewayErr
 
 /// `GET /keys`.
 pub(super) async fn list(call: &Call<'_>) -> Result<Response<Body>, GatewayError> {
-    let q = Query::parse(
-        call.query,
-        &[
-            &dto::PROVIDER_FILTER,
-            &dto::STATE,
-            &dto::LIMIT,
-            &dto::CURSOR,
-        ],
-    )?;
+    let q = call.query;
     let filter = KeyFilter {
         provider_id: q.parsed(&dto::PROVIDER_FILTER, dto::provider_filter)?,
         state: q.parsed(&dto::STATE, KeyState::parse)?,

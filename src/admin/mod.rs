@@ -7,8 +7,10 @@
 //!    caller learns nothing about which routes exist;
 //! 3. routing by method and path ([`Resource`], [`Endpoint`]), then the
 //!    route's scope;
-//! 4. the body, read whole up to 64 KiB into a buffer zeroed on drop;
-//! 5. the route function ([`keys`], [`audit`]), which returns
+//! 4. the query string, held to the parameters the operation takes
+//!    ([`Endpoint::query_fields`]);
+//! 5. the body, read whole up to 64 KiB into a buffer zeroed on drop;
+//! 6. the route function ([`keys`], [`audit`]), which returns
 //!    `Result<Response, GatewayError>`.
 //!
 //! The [`Handler`] impl around it is the one place where a `GatewayError`
@@ -30,6 +32,7 @@ use crate::keys::KeyId;
 use crate::server::{ConnInfo, Handler};
 use crate::store::StoreError;
 use auth::{Authenticator, Principal, Scope};
+use dto::{Field, Query};
 use http::{HeaderValue, Method, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
@@ -92,6 +95,10 @@ impl AdminApi {
         })?;
         principal.require(endpoint.scope()).map_err(refuse)?;
 
+        let query = match endpoint.query_fields() {
+            Some(fields) => Query::parse(req.uri().query(), fields)?,
+            None => Query::default(),
+        };
         let (parts, body) = req.into_parts();
         let body = if parts.method == Method::GET {
             Zeroizing::new(Vec::new())
@@ -102,7 +109,7 @@ impl AdminApi {
             app: &self.app,
             principal: &principal,
             id: target.id,
-            query: parts.uri.query(),
+            query: &query,
             body: &body,
         };
         endpoint.run(&call).await
@@ -310,6 +317,37 @@ impl Endpoint {
         }
     }
 
+    /// The query parameters the operation reads; any other is a 400, so a
+    /// misspelt or misplaced parameter is never silently without effect.
+    /// `None`: the query string is ignored (documented for
+    /// `GET /providers`).
+    fn query_fields(self) -> Option<&'static [&'static Field]> {
+        match self {
+            Endpoint::ListKeys => Some(&[
+                &dto::PROVIDER_FILTER,
+                &dto::STATE,
+                &dto::LIMIT,
+                &dto::CURSOR,
+            ]),
+            Endpoint::ListAudit => Some(&[
+                &dto::RESOURCE,
+                &dto::EVENT,
+                &dto::SINCE,
+                &dto::UNTIL,
+                &dto::LIMIT,
+                &dto::CURSOR,
+            ]),
+            Endpoint::ListProviders => None,
+            Endpoint::CreateKey
+            | Endpoint::GetKey
+            | Endpoint::UpdateKey
+            | Endpoint::DeleteKey
+            | Endpoint::RevokeKey
+            | Endpoint::ReactivateKey
+            | Endpoint::RotateEncryption => Some(&[]),
+        }
+    }
+
     async fn run(self, call: &Call<'_>) -> Result<Response<Body>, GatewayError> {
         match self {
             Endpoint::ListKeys => keys::list(call).await,
@@ -332,7 +370,8 @@ struct Call<'a> {
     principal: &'a Principal,
     /// The `{id}` path segment as sent; [`Call::key_id`] validates it.
     id: Option<&'a str>,
-    query: Option<&'a str>,
+    /// Already held to [`Endpoint::query_fields`].
+    query: &'a Query,
     /// Empty for GET.
     body: &'a [u8],
 }
