@@ -1532,6 +1532,9 @@ async fn bodies_beyond_the_shared_memory_budget_get_503_until_memory_frees() {
         .await
         .unwrap();
     holder.write_all(first).await.unwrap();
+    // Its 900 bytes are read (and held) before another body competes for
+    // the budget; had the other come first, this one would be refused.
+    tokio::time::sleep(Duration::from_millis(200)).await;
 
     // Another client's 200 bytes fit once the first's 900 are in memory
     // no more.
