@@ -1,19 +1,27 @@
 //! The key pool against reloads that race with changes made through this
 //! replica: a store read taken before a revoke, a registration or a
-//! provider's refusal must not undo it when it is published.
+//! provider's refusal must not undo it when it is published. And the
+//! policies' turns among the keys that can serve.
 
 mod common;
 
 use chrono::Utc;
 use common::records::{active_record, openai_provider};
 use keyrouter::keys::pool::KeyPool;
-use keyrouter::keys::{KeyEvent, KeyStatus, Vault};
+use keyrouter::config::Policy;
+use keyrouter::keys::{KeyEvent, KeyStatus, Vault, select};
 use keyrouter::secret::Secret;
 use std::time::{Duration, Instant};
 
+/// The keys that would serve now (resting ones left out).
 fn ids(pool: &KeyPool) -> Vec<String> {
     let keys = pool.snapshot("openai").unwrap();
-    keys.keys.iter().map(|k| k.id.as_str().to_owned()).collect()
+    let now = Utc::now();
+    keys.keys
+        .iter()
+        .filter(|k| !keys.is_resting(&k.id, now))
+        .map(|k| k.id.as_str().to_owned())
+        .collect()
 }
 
 fn vault() -> Vault {
@@ -141,4 +149,49 @@ fn a_held_key_keeps_its_cooldown_and_returns_once_its_refusal_is_dealt_with() {
     pool.settled(&a.id, Instant::now());
     pool.reload(std::slice::from_ref(&relabelled), &vault);
     assert_eq!(ids(&pool), ["key_test000001"]);
+}
+
+/// A rate-limited key serves again the moment its cooldown ends, before
+/// its recovery is stored and read back; it keeps its entry (and so its
+/// counters) while it rests.
+#[test]
+fn a_resting_key_serves_again_when_its_cooldown_ends() {
+    let vault = vault();
+    let pool = KeyPool::new(&[openai_provider()]);
+    let a = active_record(1, &vault);
+    pool.reload(std::slice::from_ref(&a), &vault);
+    let until = Utc::now() + chrono::Duration::milliseconds(300);
+    pool.suspend("openai", &a.id, KeyEvent::RateLimited { until });
+    assert!(ids(&pool).is_empty());
+    // The stored transition comes back with the next reload.
+    let mut cooling_down = a.clone();
+    cooling_down.status = KeyStatus::CoolingDown { until };
+    cooling_down.revision = 2;
+    pool.settled(&a.id, Instant::now());
+    pool.reload(std::slice::from_ref(&cooling_down), &vault);
+    assert!(ids(&pool).is_empty());
+    std::thread::sleep(Duration::from_millis(350));
+    assert_eq!(ids(&pool), ["key_test000001"]);
+}
+
+/// While one key cannot serve (busy, at its limit, resting), the others
+/// share its turns evenly: its turn does not fall to its neighbour each
+/// time round.
+#[test]
+fn a_key_that_cannot_serve_leaves_its_turns_to_all_the_others() {
+    let vault = vault();
+    let pool = KeyPool::new(&[openai_provider()]);
+    let records: Vec<_> = (1..=4).map(|n| active_record(n, &vault)).collect();
+    pool.reload(&records, &vault);
+    let keys = pool.snapshot("openai").unwrap();
+    let out = &records[0].id;
+    for policy in [Policy::RoundRobin, Policy::LeastLoaded] {
+        let mut turns = std::collections::HashMap::new();
+        for _ in 0..30 {
+            let key = select::pick(&keys, policy, |k| &k.id != out).unwrap();
+            *turns.entry(key.id.as_str().to_owned()).or_insert(0) += 1;
+        }
+        assert_eq!(turns.len(), 3, "{policy:?}: {turns:?}");
+        assert!(turns.values().all(|&n| n == 10), "{policy:?}: {turns:?}");
+    }
 }

@@ -194,10 +194,10 @@ async fn a_rate_limited_key_cools_down_and_comes_back_after_its_cooldown() {
         .parse()
         .unwrap();
     // The provider's Retry-After (1 s), not the configured base (3 s);
-    // shown in whole seconds.
+    // its end rounded up to a whole second.
     let rest = until - rate_limited_at;
     assert!(
-        rest > chrono::Duration::seconds(-1) && rest <= chrono::Duration::seconds(1),
+        rest > chrono::Duration::zero() && rest <= chrono::Duration::seconds(2),
         "cooldown_until {until} for a Retry-After of 1 s at {rate_limited_at}"
     );
     assert_eq!(key_view(&gw, &healthy).await["state"], "active");
@@ -496,6 +496,101 @@ async fn when_every_key_is_rate_limited_by_the_provider_the_client_gets_429_with
     }
 }
 
+/// A client that waits the `Retry-After` it was given finds the key
+/// serving again, without waiting for the recovery to be stored and read
+/// back. Without a provider `Retry-After`, the client is told the key's
+/// own cooldown, not a second.
+#[tokio::test]
+async fn a_client_waiting_its_retry_after_is_served() {
+    const KEY: &str = "sk-router-waits-000000000WWWW";
+    let mock = MockUpstream::start().await;
+    let gw = gateway(
+        &mock,
+        "retry_budget = 0",
+        "[rate_limit]\ncooldown_base = \"2s\"\ncooldown_max = \"4s\"",
+    )
+    .await;
+    register(&gw, KEY, json!({})).await;
+    for retry_after in [Some(1), None] {
+        mock.script(KEY, Behaviour::Status429 { retry_after });
+        let refused = chat(&gw).await;
+        refused.error(429, "rate_limit_exceeded");
+        let wait = refused.retry_after();
+        match retry_after {
+            Some(provider) => assert!((provider..=provider + 1).contains(&wait), "{wait}"),
+            // The configured base: 2 s, its end rounded up to a second.
+            None => assert!((2..=3).contains(&wait), "Retry-After {wait}"),
+        }
+        mock.script(KEY, Behaviour::Ok);
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        let served = chat(&gw).await;
+        assert_eq!(served.status, 200, "after {wait} s: {}", served.text);
+        // Far from any reload: the streak of 429s starts over.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+    }
+}
+
+/// When the retry budget runs out on keys the provider refused, the client
+/// hears what the provider's keys are now: none left is a 503 (as for a
+/// request that found none), only resting ones a 429 until the first rest
+/// ends, never a 502 that reads as the provider failing.
+#[tokio::test]
+async fn refusals_that_use_up_the_keys_answer_as_the_pool_now_is() {
+    const REJECTED: &str = "sk-router-gone-rejected-00AAAA";
+    const SPENT: &str = "sk-router-gone-spent-00000BBBB";
+    const RESTING: &str = "sk-router-gone-resting-000CCCC";
+    let mock = MockUpstream::start().await;
+    // A budget that runs out exactly as the last key is refused.
+    let gw = gateway(&mock, "retry_budget = 1", "").await;
+    register(&gw, REJECTED, json!({})).await;
+    register(&gw, SPENT, json!({})).await;
+    mock.script(REJECTED, Behaviour::Unauthorized);
+    mock.script(SPENT, Behaviour::PaymentRequired);
+    chat(&gw).await.error(503, "no_available_key");
+    assert_eq!(mock.received().len(), 2);
+
+    // A key that rests for 3 s is all there is: 429 until its rest ends.
+    register(&gw, RESTING, json!({})).await;
+    mock.script(
+        RESTING,
+        Behaviour::Status429 {
+            retry_after: Some(3),
+        },
+    );
+    let a = chat(&gw).await;
+    a.error(429, "rate_limit_exceeded");
+    assert!(
+        (2..=4).contains(&a.retry_after()),
+        "Retry-After {}",
+        a.retry_after()
+    );
+}
+
+/// `keyrouter_upstream_retries_total` counts the retries sent, not the
+/// ones the budget would have allowed.
+#[tokio::test]
+async fn only_retries_that_happen_are_counted() {
+    const ONLY: &str = "sk-router-lone-failing-000DDDD";
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "retry_budget = 2", "").await;
+    register(&gw, ONLY, json!({})).await;
+    mock.script(ONLY, Behaviour::ServerError);
+    chat(&gw).await.error(502, "upstream_error");
+    assert_eq!(mock.received().len(), 1);
+    metric_at_least(
+        &gw,
+        "keyrouter_requests_total",
+        &[("provider", "openai"), ("code", "502")],
+        1.0,
+    )
+    .await;
+    let retries = [("provider", "openai"), ("reason", "upstream_5xx")];
+    assert_eq!(
+        metric(&gw, "keyrouter_upstream_retries_total", &retries).await,
+        0.0
+    );
+}
+
 #[tokio::test]
 async fn when_every_key_is_at_its_rpm_the_client_gets_429_with_retry_after() {
     const A: &str = "sk-router-rpm-full-a-000000HHHH";
@@ -590,7 +685,12 @@ async fn a_key_back_from_a_cooldown_keeps_its_counts() {
     for _ in 0..2 {
         assert_eq!(chat(&gw).await.status, 200);
     }
-    mock.script(KEY, Behaviour::Status429 { retry_after: Some(1) });
+    mock.script(
+        KEY,
+        Behaviour::Status429 {
+            retry_after: Some(1),
+        },
+    );
     chat(&gw).await.error(429, "rate_limit_exceeded");
     gw.wait_for_key_state(&id, KeyState::CoolingDown, TRANSITION)
         .await;

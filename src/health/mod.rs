@@ -105,7 +105,8 @@ impl Health {
 
     /// The cooldown for a 429: the provider's `Retry-After` when given, else
     /// the configured base, doubled for each repeat (a 429 arriving within
-    /// `cooldown_max` of the previous cooldown's end) up to `cooldown_max`.
+    /// `cooldown_max` of the previous cooldown's end) up to `cooldown_max`;
+    /// its end rounded up to a whole second.
     fn cooldown_until(
         &self,
         app: &App,
@@ -130,6 +131,12 @@ impl Health {
             rl.cooldown_base.saturating_mul(factor).min(rl.cooldown_max)
         });
         let until = now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX);
+        // On a whole second: the key object shows `cooldown_until` in
+        // whole seconds, and the shown time must not come before the end.
+        let until = match until.timestamp_subsec_nanos() {
+            0 => until,
+            nanos => until + chrono::Duration::nanoseconds(1_000_000_000 - i64::from(nanos)),
+        };
         streak.last_until = until;
         until
     }

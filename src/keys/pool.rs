@@ -68,9 +68,14 @@ impl PoolKey {
     }
 }
 
-/// The active keys of one provider, and when its resting keys wake up.
+/// The keys of one provider that serve or will serve again soon: active
+/// ones and those cooling down, and when each rest ends.
 #[derive(Default)]
 pub struct ProviderKeys {
+    /// Active and cooling-down keys. A cooling-down key is in the list for
+    /// the moment its cooldown ends: from then on it serves, without
+    /// waiting for its recovery to be stored and read back (a client told
+    /// `Retry-After: N` finds it ready after N seconds).
     pub keys: Vec<Arc<PoolKey>>,
     /// Keys cooling down after a provider 429, with the end of each
     /// cooldown: they make "all keys busy" a 429 with `Retry-After` rather
@@ -84,6 +89,13 @@ impl ProviderKeys {
     /// The earliest end of a cooldown, if any key is cooling down.
     pub fn next_cooldown_end(&self) -> Option<DateTime<Utc>> {
         self.cooling.iter().map(|(_, until)| *until).min()
+    }
+
+    /// Whether key `id` is still resting at `now`.
+    pub fn is_resting(&self, id: &KeyId, now: DateTime<Utc>) -> bool {
+        self.cooling
+            .iter()
+            .any(|(cooling, until)| cooling == id && *until > now)
     }
 
     /// A copy with the same cursor position, with `id` taken out.
@@ -267,12 +279,17 @@ impl KeyPool {
         );
         slot.rcu(|current| {
             let mut next = current.without(&record.id);
+            let previous = current.keys.iter().find(|k| k.id == record.id);
             if refused_at.is_some() {
-                // Still held out: a cooldown the refusal started still counts.
+                // Still held out: a cooldown the refusal started still
+                // counts, and a key resting for it stays in the list (with
+                // the record's limits and weight) for when it ends.
                 let cooling = current.cooling.iter().find(|(id, _)| id == &record.id);
                 next.cooling.extend(cooling.cloned());
+                if cooling.is_some() {
+                    next.keys.extend(self.entry(record, *kind, previous, vault));
+                }
             } else {
-                let previous = current.keys.iter().find(|k| k.id == record.id);
                 next.keys.extend(self.entry(record, *kind, previous, vault));
             }
             if let Some(until) = record.status.cooldown_until() {
@@ -283,8 +300,9 @@ impl KeyPool {
     }
 
     /// Stops choosing a key that a provider just refused, before the
-    /// transition is stored (a rate-limited key joins the cooling list). A
-    /// key that is no longer in the pool (revoked meanwhile) stays out.
+    /// transition is stored (a rate-limited key rests: it joins the cooling
+    /// list and serves again when the rest ends). A key that is no longer in
+    /// the pool (revoked meanwhile) stays out.
     /// Reloads (and writes that leave it usable) keep it out until the
     /// write that deals with the refusal ends ([`KeyPool::settled`]).
     pub fn suspend(&self, provider_id: &str, id: &KeyId, event: KeyEvent) {
@@ -306,19 +324,20 @@ impl KeyPool {
                 until,
             });
         slot.rcu(|current| {
-            let known = current.keys.iter().any(|k| &k.id == id)
-                || current.cooling.iter().any(|(k, _)| k == id);
+            let entry = current.keys.iter().find(|k| &k.id == id);
+            let known = entry.is_some() || current.cooling.iter().any(|(k, _)| k == id);
             let mut next = current.without(id);
             if let (true, KeyEvent::RateLimited { until }) = (known, event) {
+                next.keys.extend(entry.cloned());
                 next.cooling.push((id.clone(), until));
             }
             next
         });
     }
 
-    /// The pool entry for a record, if the key is active and its material
-    /// opens; `previous` (the key's entry now, if any) is reused when its
-    /// revision is the record's.
+    /// The pool entry for a record, if the key is active or cooling down and
+    /// its material opens; `previous` (the key's entry now, if any) is
+    /// reused when its revision is the record's.
     fn entry(
         &self,
         record: &KeyRecord,
@@ -326,7 +345,10 @@ impl KeyPool {
         previous: Option<&Arc<PoolKey>>,
         vault: &Vault,
     ) -> Option<Arc<PoolKey>> {
-        if record.status.state() != KeyState::Active {
+        if !matches!(
+            record.status.state(),
+            KeyState::Active | KeyState::CoolingDown
+        ) {
             return None;
         }
         if let Some(same) = previous.filter(|k| k.revision == record.revision) {

@@ -24,30 +24,28 @@ pub fn pick(
     match policy {
         Policy::RoundRobin => {
             let start = pool.cursor.fetch_add(1, Ordering::Relaxed);
-            (0..n)
-                .map(|i| &keys[(start + i) % n])
-                .find(|k| usable(k))
-                .cloned()
+            let offset = (0..n).find(|i| usable(&keys[(start + i) % n]))?;
+            Some(chosen(pool, start, offset, n))
         }
         Policy::LeastLoaded => {
             // Scanning from a rotating start makes the first of several
             // equally loaded keys a different one each time.
             let start = pool.cursor.fetch_add(1, Ordering::Relaxed);
-            let mut best: Option<(&Arc<PoolKey>, u32)> = None;
+            let mut best: Option<(usize, u32)> = None;
             for i in 0..n {
                 let k = &keys[(start + i) % n];
                 let load = k.in_flight();
                 if best.is_some_and(|(_, least)| load >= least) || !usable(k) {
                     continue;
                 }
-                best = Some((k, load));
+                best = Some((i, load));
                 // Nothing beats an idle key: with many keys the scan ends
                 // after a few, not after the whole list.
                 if load == 0 {
                     break;
                 }
             }
-            best.map(|(k, _)| k.clone())
+            best.map(|(offset, _)| chosen(pool, start, offset, n))
         }
         Policy::Weighted => {
             let total: u64 = keys
@@ -73,4 +71,16 @@ pub fn pick(
                 .cloned()
         }
     }
+}
+
+/// The key `offset` places after `start`. When keys were skipped to reach
+/// it (busy, limited, resting), the cursor moves past it: the next request
+/// starts after the chosen key, so a skipped key's turn does not fall to
+/// its neighbour every time (ties stay round-robin).
+fn chosen(pool: &ProviderKeys, start: usize, offset: usize, n: usize) -> Arc<PoolKey> {
+    if offset > 0 {
+        pool.cursor
+            .fetch_max(start.wrapping_add(offset + 1), Ordering::Relaxed);
+    }
+    pool.keys[(start + offset) % n].clone()
 }

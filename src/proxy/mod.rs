@@ -61,6 +61,16 @@ use std::sync::Arc;
 use std::time::Instant;
 use upstream::{Upstream, UpstreamInitError};
 
+/// An attempt that failed, and may be retried on another key.
+struct Failure {
+    error: ProxyError,
+    /// The key's fault (a refusal that took it out), not the provider's.
+    key_fault: bool,
+    /// The `keyrouter_upstream_retries_total` reason, counted if another
+    /// key is tried.
+    reason: &'static str,
+}
+
 /// Per-provider parts built once at start-up.
 struct ProviderRuntime {
     id: Arc<str>,
@@ -154,7 +164,7 @@ impl ProxyApi {
         let peek = peek::peek_request(provider.kind, &parts.headers, routed.rest(), &body);
 
         let mut tried: Vec<Arc<PoolKey>> = Vec::new();
-        let mut last: Option<(ProxyError, bool)> = None;
+        let mut last: Option<Failure> = None;
         for attempt in 0..=provider.retry_budget {
             let keys = self
                 .app
@@ -178,10 +188,19 @@ impl ProxyApi {
             )
             .await;
             let chosen = match (chosen, last.take()) {
-                (Ok(c), _) => c,
+                (Ok(c), None) => c,
+                (Ok(c), Some(failed)) => {
+                    // Counted once another key is actually tried.
+                    self.app
+                        .metrics
+                        .upstream_retries
+                        .with_label_values(&[&*provider.id, failed.reason])
+                        .inc();
+                    c
+                }
                 // After a provider failure (not the key's fault) the client
                 // hears about that failure, not about keys being tried out.
-                (Err(_), Some((e, false))) => return Err(e),
+                (Err(_), Some(failed)) if !failed.key_fault => return Err(failed.error),
                 (Err(no_key), _) => {
                     if matches!(no_key, pick::NoKey::Busy(_)) {
                         self.app
@@ -249,19 +268,41 @@ impl ProxyApi {
                     Answer::ProviderFault(e) => (e, false, "upstream_5xx"),
                 },
             };
-            if attempt < provider.retry_budget {
-                self.app
-                    .metrics
-                    .upstream_retries
-                    .with_label_values(&[&*provider.id, reason])
-                    .inc();
-            }
             // Remembered only once it failed: a request served by its
             // first key allocates no list.
             tried.push(key);
-            last = Some((error, key_fault));
+            last = Some(Failure {
+                error,
+                key_fault,
+                reason,
+            });
         }
-        Err(last.map_or(ProxyError::UpstreamFailed, |(e, _)| e))
+        Err(match last {
+            Some(failed) if failed.key_fault => self.after_refusals(provider, failed.error),
+            Some(failed) => failed.error,
+            None => ProxyError::UpstreamFailed,
+        })
+    }
+
+    /// The answer when the retry budget ran out on a key's refusal: what
+    /// the provider's keys are now that the refusals took them out. None
+    /// left at all: 503, as for a request that found none. Only resting
+    /// ones: 429 until the first rest ends. Keys still serving (the budget
+    /// was too small to reach them): the last refusal's own error.
+    fn after_refusals(&self, provider: &ProviderRuntime, refusal: ProxyError) -> ProxyError {
+        let Some(keys) = self.app.pool.snapshot(&provider.id) else {
+            return refusal;
+        };
+        let now = chrono::Utc::now();
+        if keys.keys.iter().any(|k| !keys.is_resting(&k.id, now)) {
+            return refusal;
+        }
+        match keys.next_cooldown_end() {
+            Some(end) => ProxyError::AllKeysLimited {
+                retry_after_secs: pick::whole_seconds((end - now).to_std().unwrap_or_default()),
+            },
+            None => ProxyError::NoActiveKey,
+        }
     }
 
     /// With client tokens on: the client must present a valid one that

@@ -67,13 +67,16 @@ pub async fn choose(
     let mut limiter_down = false;
     let mut soonest: Option<Duration> = None;
     let mut note = |wait: Duration| soonest = Some(soonest.map_or(wait, |s| s.min(wait)));
-    // One clock read for the whole scan, not one per key.
+    // One clock read for the whole scan, not one per key (and none for
+    // cooldowns while no key rests).
     let now_ms = limits::now_ms();
+    let resting_at = (!keys.cooling.is_empty()).then(Utc::now);
     loop {
         let key = select::pick(keys, policy, |k| {
             !k.counters.is_limited_at(now_ms)
                 && !tried.iter().any(|t| t.id == k.id)
                 && !refused.contains(&k.id)
+                && resting_at.is_none_or(|now| !keys.is_resting(&k.id, now))
         });
         let Some(key) = key else { break };
         let key_ref = KeyRef {

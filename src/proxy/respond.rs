@@ -15,7 +15,7 @@ use crate::keys::pool::PoolKey;
 use crate::sanitize::json::{Unrewritten, Usage, rewrite};
 use crate::sanitize::stream::{Framing, StreamRewriter};
 use http::Response;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap};
 use http_body_util::BodyExt;
 use std::time::Duration;
 
@@ -75,7 +75,7 @@ pub async fn classify(resp: Response<UpstreamBody>, key: &PoolKey) -> Answer {
             }
         }
         429 => {
-            let wait = retry_after(resp.headers()).map(Duration::from_secs);
+            let wait = retry_after(resp.headers(), chrono::Utc::now());
             match ProviderError::parse(&error_body(resp).await).about_key() {
                 Some(Verdict::QuotaExhausted) => Answer::KeyFault(Verdict::QuotaExhausted),
                 _ => Answer::KeyFault(Verdict::RateLimited { retry_after: wait }),
@@ -221,34 +221,55 @@ async fn refusal(resp: Response<UpstreamBody>, key: &PoolKey) -> ProxyError {
     ProxyError::ProviderRefused { status, message }
 }
 
-/// `Retry-After` in whole seconds (at least 1); HTTP dates are not used by
-/// the providers keyrouter serves.
-pub fn retry_after(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::RETRY_AFTER)
-        .and_then(|v: &HeaderValue| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(|s| (s.ceil() as u64).max(1))
+/// The longest provider `Retry-After` honoured: a day (a daily quota's
+/// reset). A longer one is taken as a day rather than parking a key for as
+/// long as a broken header says.
+const MAX_PROVIDER_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// A provider's `Retry-After` as a wait from `now`: delay-seconds (a
+/// fraction rounded up) or an HTTP-date, at least one second and at most
+/// [`MAX_PROVIDER_WAIT`]. `None` when absent or unreadable.
+pub fn retry_after(headers: &HeaderMap, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let secs = match value.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => secs.ceil(),
+        Ok(_) => return None,
+        Err(_) => {
+            let date = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+            (date.with_timezone(&chrono::Utc) - now)
+                .num_milliseconds()
+                .max(0) as f64
+                / 1000.0
+        }
+    };
+    let secs = secs.ceil().clamp(1.0, MAX_PROVIDER_WAIT.as_secs_f64());
+    Some(Duration::from_secs(secs as u64))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::HeaderValue;
 
     #[test]
-    fn retry_after_is_whole_seconds_at_least_one() {
-        let mut h = HeaderMap::new();
-        assert_eq!(retry_after(&h), None);
-        h.insert(header::RETRY_AFTER, HeaderValue::from_static("0"));
-        assert_eq!(retry_after(&h), Some(1));
-        h.insert(header::RETRY_AFTER, HeaderValue::from_static("2.3"));
-        assert_eq!(retry_after(&h), Some(3));
-        h.insert(
-            header::RETRY_AFTER,
-            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
-        );
-        assert_eq!(retry_after(&h), None);
+    fn retry_after_is_whole_seconds_from_one_second_to_a_day() {
+        let now = chrono::DateTime::parse_from_rfc3339("2015-10-21T07:27:50Z")
+            .unwrap()
+            .to_utc();
+        let wait = |value: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static(value));
+            retry_after(&h, now).map(|d| d.as_secs())
+        };
+        assert_eq!(retry_after(&HeaderMap::new(), now), None);
+        assert_eq!(wait("0"), Some(1));
+        assert_eq!(wait("2.3"), Some(3));
+        assert_eq!(wait("99999999"), Some(24 * 3600));
+        assert_eq!(wait("-5"), None);
+        assert_eq!(wait("soon"), None);
+        // An HTTP-date: ten seconds after `now`; one already past is 1 s.
+        assert_eq!(wait("Wed, 21 Oct 2015 07:28:00 GMT"), Some(10));
+        assert_eq!(wait("Wed, 21 Oct 2015 07:00:00 GMT"), Some(1));
     }
 
     #[test]
