@@ -150,7 +150,8 @@ fn check_absolute_form(uri: &Uri, version: Version, headers: &HeaderMap) -> Resu
 }
 
 /// Refuses dot segments (also percent-encoded, in any case mix), encoded
-/// slashes and backslashes. Runs on every request: no allocation.
+/// slashes and backslashes, and any of these encoded twice. Runs on every
+/// request: no allocation.
 fn check_path(path: &str) -> Result<(), ProxyError> {
     let path = path.as_bytes();
     if path.first() != Some(&b'/') || path.contains(&b'\\') {
@@ -180,11 +181,19 @@ fn is_dot_segment(mut segment: &[u8]) -> bool {
     (1..=2).contains(&dots)
 }
 
-/// `%2f` or `%5c` (any case): a slash or backslash the upstream could decode.
+/// `%2f` or `%5c` (any case): a slash or backslash the upstream could
+/// decode; or a dot, slash or backslash encoded twice (`%252e`), which an
+/// upstream (or a proxy in front of it) that decodes twice would turn into
+/// a dot segment or a separator.
 fn has_encoded_separator(segment: &[u8]) -> bool {
-    segment
-        .windows(3)
-        .any(|w| w.eq_ignore_ascii_case(b"%2f") || w.eq_ignore_ascii_case(b"%5c"))
+    let once = |w: &[u8]| w.eq_ignore_ascii_case(b"%2f") || w.eq_ignore_ascii_case(b"%5c");
+    let twice = |w: &[u8]| {
+        w[..3].eq_ignore_ascii_case(b"%25")
+            && [&b"2e"[..], b"2f", b"5c"]
+                .iter()
+                .any(|c| w[3..].eq_ignore_ascii_case(c))
+    };
+    segment.windows(3).any(once) || segment.windows(5).any(twice)
 }
 
 #[cfg(test)]
@@ -289,6 +298,10 @@ mod tests {
             "/openai/v1/./models",
             "/openai/v1%2fmodels",
             "/openai/v1%5Cmodels",
+            "/openai/v1/%252e%252e/x",
+            "/openai/v1/%252E./x",
+            "/openai/v1%252fmodels",
+            "/openai/v1%255Cmodels",
         ] {
             assert_eq!(route(t), Err(ProxyError::BadTarget), "{t}");
         }
@@ -299,6 +312,8 @@ mod tests {
             "/openai/v1/models/...",
             "/openai/v1/models/%2e%2e%2e",
             "/openai/v1/a%2ex",
+            "/openai/v1/files/100%25",
+            "/openai/v1/files/%2520x",
         ] {
             assert!(route(t).is_ok(), "{t}");
         }
