@@ -7,8 +7,8 @@ mod common;
 
 use chrono::Utc;
 use common::records::{active_record, openai_provider};
-use keyrouter::keys::pool::KeyPool;
 use keyrouter::config::Policy;
+use keyrouter::keys::pool::KeyPool;
 use keyrouter::keys::{KeyEvent, KeyStatus, Vault, select};
 use keyrouter::secret::Secret;
 use std::time::{Duration, Instant};

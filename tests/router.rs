@@ -116,6 +116,19 @@ async fn until_key_used(
     panic!("{key} was never chosen in {max} requests");
 }
 
+/// Sends chat requests, each answered 200, until the mock has seen every
+/// one of `keys`; at most ten.
+async fn until_keys_used(gw: &TestGateway, mock: &MockUpstream, keys: &[&str]) {
+    for _ in 0..10 {
+        let a = chat(gw).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        if keys.iter().all(|k| mock.requests_for(k) > 0) {
+            return;
+        }
+    }
+    panic!("not all of {keys:?} were chosen in 10 requests");
+}
+
 /// The key's view through the management API.
 async fn key_view(gw: &TestGateway, id: &str) -> Value {
     let reply = gw.get(&format!("/keys/{id}")).send().await;
@@ -1199,12 +1212,7 @@ async fn probes_bring_a_recovered_key_back_and_pace_themselves() {
     register(&gw, GOOD, json!({})).await;
     mock.script(RECOVERS, Behaviour::Unauthorized);
     mock.script(STAYS_BAD, Behaviour::Unauthorized);
-    for _ in 0..10 {
-        assert_eq!(chat(&gw).await.status, 200);
-        if mock.requests_for(RECOVERS) > 0 && mock.requests_for(STAYS_BAD) > 0 {
-            break;
-        }
-    }
+    until_keys_used(&gw, &mock, &[RECOVERS, STAYS_BAD]).await;
     gw.wait_for_key_state(&recovers, KeyState::Invalid, TRANSITION)
         .await;
     gw.wait_for_key_state(&stays_bad, KeyState::Invalid, TRANSITION)
@@ -1280,12 +1288,7 @@ async fn a_key_revoked_or_deleted_during_a_probe_pass_is_not_probed() {
         mock.script(key, Behaviour::Unauthorized);
     }
     register(&gw, GOOD, json!({})).await;
-    for _ in 0..30 {
-        assert_eq!(chat(&gw).await.status, 200);
-        if KEYS.iter().all(|k| mock.requests_for(k) > 0) {
-            break;
-        }
-    }
+    until_keys_used(&gw, &mock, &KEYS).await;
     for id in &ids {
         gw.wait_for_key_state(id, KeyState::Invalid, TRANSITION)
             .await;
@@ -1509,45 +1512,64 @@ async fn an_operators_revoke_beats_a_concurrent_rate_limit() {
 }
 
 // ---------------------------------------------------------------------------
-// A 403 about the request, not the key
+// Refusals of the request, not the key: what a provider's error says about
+// the key is read from its codes, not its words
+
+/// Two keys for a provider with a retry budget of 2, for requests the
+/// provider refuses whatever the key.
+async fn two_keys(a: &str, b: &str) -> (MockUpstream, TestGateway, [String; 2]) {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "retry_budget = 2", "").await;
+    let ids = [
+        register(&gw, a, json!({})).await,
+        register(&gw, b, json!({})).await,
+    ];
+    (mock, gw, ids)
+}
+
+/// A chat completion with the mock header `name: value`.
+async fn chat_with(gw: &TestGateway, name: &str, value: &str) -> Answer {
+    send(
+        gw.client()
+            .post(gw.proxy_url("/openai/v1/chat/completions"))
+            .header(name, value)
+            .json(&chat_body()),
+    )
+    .await
+}
+
+/// Each of `requests` refusals took one attempt (no other key was tried),
+/// and no key changed state.
+async fn keys_untouched(gw: &TestGateway, mock: &MockUpstream, ids: &[String], requests: usize) {
+    assert_eq!(
+        mock.received().len(),
+        requests,
+        "one attempt per request, no retries"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for id in ids {
+        assert_eq!(gw.key_record(id).await.status.state(), KeyState::Active);
+        assert_eq!(transitions(gw, id).await, []);
+    }
+}
 
 /// A provider 403 that does not name the key (a resource the client may not
 /// use) goes to the client as it is: not retried, and the key stays active,
 /// so no client can invalidate keys by asking for forbidden things.
 #[tokio::test]
 async fn a_403_about_the_request_leaves_the_key_alone() {
-    const A: &str = "sk-router-forbidden-a-000VVVV";
-    const B: &str = "sk-router-forbidden-b-000WWWW";
-    let mock = MockUpstream::start().await;
-    let gw = gateway(&mock, "retry_budget = 2", "").await;
-    let ids = [
-        register(&gw, A, json!({})).await,
-        register(&gw, B, json!({})).await,
-    ];
+    let (mock, gw, ids) = two_keys(
+        "sk-router-forbidden-a-000VVVV",
+        "sk-router-forbidden-b-000WWWW",
+    )
+    .await;
     for _ in 0..3 {
-        let answer = send(
-            gw.client()
-                .post(gw.proxy_url("/openai/v1/chat/completions"))
-                .header("x-mock-status", "403")
-                .json(&chat_body()),
-        )
-        .await;
-        answer.error(403, "forbidden");
+        chat_with(&gw, "x-mock-status", "403")
+            .await
+            .error(403, "forbidden");
     }
-    assert_eq!(
-        mock.received().len(),
-        3,
-        "one attempt per request, no retries"
-    );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for id in &ids {
-        assert_eq!(gw.key_record(id).await.status.state(), KeyState::Active);
-        assert_eq!(transitions(&gw, id).await, []);
-    }
+    keys_untouched(&gw, &mock, &ids, 3).await;
 }
-
-// ---------------------------------------------------------------------------
-// What a provider's error says about the key: its codes, not its words
 
 /// Providers quote the client's invalid input in their 400 messages. A
 /// client that sends the words providers use for a bad key or a spent
@@ -1555,14 +1577,11 @@ async fn a_403_about_the_request_leaves_the_key_alone() {
 /// state and no other key is tried.
 #[tokio::test]
 async fn words_a_client_sends_cannot_get_keys_invalidated() {
-    const A: &str = "sk-router-echo-a-0000000AAAA";
-    const B: &str = "sk-router-echo-b-0000000BBBB";
-    let mock = MockUpstream::start().await;
-    let gw = gateway(&mock, "retry_budget = 2", "").await;
-    let ids = [
-        register(&gw, A, json!({})).await,
-        register(&gw, B, json!({})).await,
-    ];
+    let (mock, gw, ids) = two_keys(
+        "sk-router-echo-a-0000000AAAA",
+        "sk-router-echo-b-0000000BBBB",
+    )
+    .await;
     let echoed = [
         "invalid_api_key",
         "authentication_error",
@@ -1572,30 +1591,12 @@ async fn words_a_client_sends_cannot_get_keys_invalidated() {
         "Incorrect API key",
     ];
     for text in echoed {
-        let answer = send(
-            gw.client()
-                .post(gw.proxy_url("/openai/v1/chat/completions"))
-                .header("x-mock-echo", text)
-                .json(&chat_body()),
-        )
-        .await;
-        answer.error(400, "invalid_request");
-        let message = answer.json()["error"]["message"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let message = chat_with(&gw, "x-mock-echo", text)
+            .await
+            .error(400, "invalid_request");
         assert!(message.contains(text), "{message}");
     }
-    assert_eq!(
-        mock.received().len(),
-        echoed.len(),
-        "one attempt per request, no retries"
-    );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for id in &ids {
-        assert_eq!(gw.key_record(id).await.status.state(), KeyState::Active);
-        assert_eq!(transitions(&gw, id).await, []);
-    }
+    keys_untouched(&gw, &mock, &ids, echoed.len()).await;
 }
 
 /// A 400 is about the key when the provider's own codes say so: Gemini's
@@ -1613,14 +1614,7 @@ async fn a_400_whose_codes_name_the_key_takes_it_out() {
     register(&gw, GOOD, json!({})).await;
     mock.script(NOT_VALID, Behaviour::KeyNotValid);
     mock.script(SPENT, Behaviour::CreditBalanceTooLow);
-    for _ in 0..10 {
-        let a = chat(&gw).await;
-        assert_eq!(a.status, 200, "{}", a.text);
-        assert!(!a.text.contains("credit balance"), "{}", a.text);
-        if mock.requests_for(NOT_VALID) > 0 && mock.requests_for(SPENT) > 0 {
-            break;
-        }
-    }
+    until_keys_used(&gw, &mock, &[NOT_VALID, SPENT]).await;
     for (id, state, reason) in [
         (&not_valid, KeyState::Invalid, "upstream_unauthorized"),
         (&spent, KeyState::Exhausted, "upstream_quota_exhausted"),

@@ -956,26 +956,24 @@ mod tests {
             assert!(msg.starts_with(prefix), "{body} -> {msg}");
             assert!(!msg.contains(MATERIAL), "{msg}");
         }
-        let many: Vec<String> = (0..17).map(|i| format!(r#""k{i}":"v""#)).collect();
-        let body = format!(
-            r#"{{"key_material":"{m}","provider_id":"openai","metadata":{{{}}}}}"#,
-            many.join(",")
-        );
+        let with_metadata = |entries: Vec<String>| {
+            format!(
+                r#"{{"key_material":"{m}","provider_id":"openai","metadata":{{{}}}}}"#,
+                entries.join(",")
+            )
+        };
+        let many = (0..17).map(|i| format!(r#""k{i}":"v""#)).collect();
         assert_eq!(
-            rejected(create(&body), "k16"),
+            rejected(create(&with_metadata(many)), "k16"),
             "metadata: at most 16 entries"
         );
         // Sixteen keys, one of them twice: a repeat, not a 17th entry.
-        let repeated: Vec<String> = (0..16)
+        let repeated = (0..16)
             .map(|i| format!(r#""k{i}":"v""#))
             .chain([r#""k0":"AGAIN""#.to_owned()])
             .collect();
-        let body = format!(
-            r#"{{"key_material":"{m}","provider_id":"openai","metadata":{{{}}}}}"#,
-            repeated.join(",")
-        );
         assert_eq!(
-            rejected(create(&body), "AGAIN"),
+            rejected(create(&with_metadata(repeated)), "AGAIN"),
             "metadata.k0: given more than once"
         );
     }
