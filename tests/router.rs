@@ -116,6 +116,25 @@ async fn until_key_used(
     panic!("{key} was never chosen in {max} requests");
 }
 
+/// Registers `failing` (each answered as scripted) and then `good`, and
+/// sends requests (each served, by `good` when need be) until every
+/// failing key was tried. The failing keys' ids, in order.
+async fn failing_keys_tried<const N: usize>(
+    gw: &TestGateway,
+    mock: &MockUpstream,
+    failing: [(&str, Behaviour); N],
+    good: &str,
+) -> [String; N] {
+    let mut ids = Vec::new();
+    for (key, behaviour) in &failing {
+        ids.push(register(gw, key, json!({})).await);
+        mock.script(key, behaviour.clone());
+    }
+    register(gw, good, json!({})).await;
+    until_keys_used(gw, mock, &failing.map(|(key, _)| key)).await;
+    ids.try_into().unwrap()
+}
+
 /// Sends chat requests, each answered 200, until the mock has seen every
 /// one of `keys`; at most ten.
 async fn until_keys_used(gw: &TestGateway, mock: &MockUpstream, keys: &[&str]) {
@@ -707,16 +726,22 @@ async fn a_key_back_from_a_cooldown_keeps_its_counts() {
     chat(&gw).await.error(429, "rate_limit_exceeded");
     gw.wait_for_key_state(&id, KeyState::CoolingDown, TRANSITION)
         .await;
-    assert_eq!(key_view(&gw, &id).await["usage"]["requests_last_minute"], 3);
+    let view = key_view(&gw, &id).await;
+    assert_eq!(view["usage"]["requests_last_minute"], 3);
     mock.script(KEY, Behaviour::Ok);
-    gw.wait_for_key_state(&id, KeyState::Active, Duration::from_secs(5))
-        .await;
+    // Just after the cooldown's end: the key is back (and its ended
+    // cooldown may still be listed until its recovery is stored).
+    let until: DateTime<Utc> = view["cooldown_until"].as_str().unwrap().parse().unwrap();
+    let back = (until - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(100);
+    tokio::time::sleep(back).await;
     // Three requests reached the provider this minute: the key is at its
     // rpm, back or not (a wait of a third of a minute, not a cooldown's).
     let a = chat(&gw).await;
     a.error(429, "rate_limit_exceeded");
     assert!(a.retry_after() >= 20, "Retry-After {}", a.retry_after());
     assert_eq!(mock.requests_for(KEY), 3);
+    gw.wait_for_key_state(&id, KeyState::Active, Duration::from_secs(5))
+        .await;
 }
 
 #[tokio::test]
@@ -1207,12 +1232,11 @@ async fn probes_bring_a_recovered_key_back_and_pace_themselves() {
     const GOOD: &str = "sk-router-probe-good-key-00YYYY";
     let mock = MockUpstream::start().await;
     let gw = gateway(&mock, "probe_interval = \"1s\"", "").await;
-    let recovers = register(&gw, RECOVERS, json!({})).await;
-    let stays_bad = register(&gw, STAYS_BAD, json!({})).await;
-    register(&gw, GOOD, json!({})).await;
-    mock.script(RECOVERS, Behaviour::Unauthorized);
-    mock.script(STAYS_BAD, Behaviour::Unauthorized);
-    until_keys_used(&gw, &mock, &[RECOVERS, STAYS_BAD]).await;
+    let failing = [
+        (RECOVERS, Behaviour::Unauthorized),
+        (STAYS_BAD, Behaviour::Unauthorized),
+    ];
+    let [recovers, stays_bad] = failing_keys_tried(&gw, &mock, failing, GOOD).await;
     gw.wait_for_key_state(&recovers, KeyState::Invalid, TRANSITION)
         .await;
     gw.wait_for_key_state(&stays_bad, KeyState::Invalid, TRANSITION)
@@ -1609,12 +1633,11 @@ async fn a_400_whose_codes_name_the_key_takes_it_out() {
     const GOOD: &str = "sk-router-fine-0000000HHHH";
     let mock = MockUpstream::start().await;
     let gw = gateway(&mock, "retry_budget = 2", "").await;
-    let not_valid = register(&gw, NOT_VALID, json!({})).await;
-    let spent = register(&gw, SPENT, json!({})).await;
-    register(&gw, GOOD, json!({})).await;
-    mock.script(NOT_VALID, Behaviour::KeyNotValid);
-    mock.script(SPENT, Behaviour::CreditBalanceTooLow);
-    until_keys_used(&gw, &mock, &[NOT_VALID, SPENT]).await;
+    let failing = [
+        (NOT_VALID, Behaviour::KeyNotValid),
+        (SPENT, Behaviour::CreditBalanceTooLow),
+    ];
+    let [not_valid, spent] = failing_keys_tried(&gw, &mock, failing, GOOD).await;
     for (id, state, reason) in [
         (&not_valid, KeyState::Invalid, "upstream_unauthorized"),
         (&spent, KeyState::Exhausted, "upstream_quota_exhausted"),

@@ -86,9 +86,15 @@ pub struct ProviderKeys {
 }
 
 impl ProviderKeys {
-    /// The earliest end of a cooldown, if any key is cooling down.
-    pub fn next_cooldown_end(&self) -> Option<DateTime<Utc>> {
-        self.cooling.iter().map(|(_, until)| *until).min()
+    /// The earliest end of a cooldown still running at `now`, if any. (A
+    /// cooldown that ended stays listed until its recovery is read back;
+    /// its key serves meanwhile.)
+    pub fn next_cooldown_end(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.cooling
+            .iter()
+            .map(|(_, until)| *until)
+            .filter(|until| *until > now)
+            .min()
     }
 
     /// Whether key `id` is still resting at `now`.

@@ -297,7 +297,7 @@ impl ProxyApi {
         if keys.keys.iter().any(|k| !keys.is_resting(&k.id, now)) {
             return refusal;
         }
-        match keys.next_cooldown_end() {
+        match keys.next_cooldown_end(now) {
             Some(end) => ProxyError::AllKeysLimited {
                 retry_after_secs: pick::whole_seconds((end - now).to_std().unwrap_or_default()),
             },

@@ -107,8 +107,9 @@ pub async fn choose(
             note(until - now);
         }
     }
-    if let Some(end) = keys.next_cooldown_end() {
-        note((end - Utc::now()).to_std().unwrap_or(Duration::ZERO));
+    let wall_now = Utc::now();
+    if let Some(end) = keys.next_cooldown_end(wall_now) {
+        note((end - wall_now).to_std().unwrap_or(Duration::ZERO));
     }
     let any_usable = !keys.keys.is_empty() || !keys.cooling.is_empty();
     match soonest {
