@@ -88,7 +88,7 @@ fn limiter() -> Limiter {
         cooldown_max: Duration::from_secs(600),
     };
     // The local backend never awaits.
-    Limiter::new(&cfg, &Metrics::new())
+    Limiter::new(&cfg, &Metrics::default())
         .now_or_never()
         .expect("the local limiter is built without waiting")
 }

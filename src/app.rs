@@ -9,7 +9,7 @@ use crate::health::{self, Health};
 use crate::keys::Vault;
 use crate::keys::pool::KeyPool;
 use crate::limits::Limiter;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreOp};
 use crate::ops::OpsApi;
 use crate::proxy::ProxyApi;
 use crate::server::tls::{CertStore, TlsListener};
@@ -71,10 +71,10 @@ pub struct App {
 impl App {
     /// Records a failed store operation in metrics and the log, and hands the
     /// error back.
-    pub fn store_failed(&self, op: &'static str, e: StoreError) -> StoreError {
+    pub fn store_failed(&self, op: StoreOp, e: StoreError) -> StoreError {
         if matches!(e, StoreError::Unavailable(_) | StoreError::Corrupt(_)) {
-            self.metrics.store_errors.with_label_values(&[op]).inc();
-            tracing::error!(op, error = %e, "store operation failed");
+            self.metrics.count_store_error(op);
+            tracing::error!(op = op.as_str(), error = %e, "store operation failed");
         }
         e
     }
@@ -87,7 +87,7 @@ impl App {
             .store
             .all_keys()
             .await
-            .map_err(|e| self.store_failed("all_keys", e))?;
+            .map_err(|e| self.store_failed(StoreOp::AllKeys, e))?;
         self.pool.reload(&records, &self.vault);
         Health::recover_cooled(self, &records);
         Ok(())
@@ -99,7 +99,7 @@ impl App {
             .store
             .count_keys()
             .await
-            .map_err(|e| self.store_failed("count_keys", e))?;
+            .map_err(|e| self.store_failed(StoreOp::CountKeys, e))?;
         for p in &self.config.providers {
             for state in crate::keys::KeyState::ALL {
                 let n = counts
@@ -172,7 +172,7 @@ const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 pub async fn start(config: Config, listeners: Listeners) -> Result<Running, InitError> {
     let store = open_store(&config).await?;
     let vault = Vault::new(&config.fernet_keys).map_err(|e| ConfigError(e.to_string()))?;
-    let metrics = Metrics::new();
+    let metrics = Metrics::new(config.providers.iter().map(|p| p.id.as_str()));
     let (audit, audit_writer) = AuditQueue::start(store.clone(), &metrics, queue::CAPACITY);
     let certs = config
         .tls
@@ -339,7 +339,7 @@ async fn maintenance(app: Arc<App>, certs: Option<Arc<CertStore>>) {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(pruned = n, "audit events past retention removed"),
                 Err(e) => {
-                    app.store_failed("prune_audit", e);
+                    app.store_failed(StoreOp::PruneAudit, e);
                 }
             }
         }

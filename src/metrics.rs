@@ -2,13 +2,24 @@
 //! name; labels come only from closed enums, configured provider ids, key ids
 //! and route templates, never from request data, so cardinality stays bounded
 //! and no secret can become a label.
+//!
+//! A counter whose label values are all known at start-up (store
+//! operations, and per configured provider: rate-limit scopes, retry
+//! reasons, state changes) exports each of its series at zero from the
+//! start, so `rate()` and `absent()` see the series before its first event.
 
+mod labels;
+
+use crate::keys::KeyState;
+use crate::keys::state::state_changes;
 use http::StatusCode;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
 };
 use std::sync::{Arc, OnceLock};
+
+pub use labels::{RateLimitScope, RetryReason, StoreOp};
 
 /// Typed handles to every series keyrouter exports.
 #[derive(Clone)]
@@ -20,8 +31,9 @@ pub struct Metrics {
     /// template (`/admin/v1/keys/{id}`), never the raw path.
     pub admin_requests: IntCounterVec,
     pub admin_auth_failures: IntCounter,
-    /// `keyrouter_store_errors_total{op}`.
-    pub store_errors: IntCounterVec,
+    /// `keyrouter_store_errors_total{op}`, counted by
+    /// [`Metrics::count_store_error`].
+    store_errors: IntCounterVec,
     /// Audit events accepted but not yet in the store.
     pub audit_pending: IntGauge,
     /// `auth_failed` events dropped because the audit queue was full.
@@ -37,13 +49,15 @@ pub struct Metrics {
     pub key_requests: IntCounterVec,
     /// `keyrouter_tokens_total{provider,kind}` from the providers' `usage`.
     pub tokens: IntCounterVec,
-    /// `keyrouter_key_transitions_total{provider,from,to}`.
-    pub key_transitions: IntCounterVec,
-    /// `keyrouter_rate_limited_total{provider,scope}`, scope `key`,
-    /// `all_keys` or `client`.
-    pub rate_limited: IntCounterVec,
-    /// `keyrouter_upstream_retries_total{provider,reason}`.
-    pub upstream_retries: IntCounterVec,
+    /// `keyrouter_key_transitions_total{provider,from,to}`, counted by
+    /// [`Metrics::count_state_change`].
+    key_transitions: IntCounterVec,
+    /// `keyrouter_rate_limited_total{provider,scope}`, counted by
+    /// [`Metrics::count_rate_limited`].
+    rate_limited: IntCounterVec,
+    /// `keyrouter_upstream_retries_total{provider,reason}`, counted by
+    /// [`Metrics::count_retry`].
+    upstream_retries: IntCounterVec,
     /// `keyrouter_rate_limit_backend_errors_total`: failed or timed-out
     /// calls to the Redis rate-limit backend.
     pub rate_limit_backend_errors: IntCounter,
@@ -70,7 +84,9 @@ pub struct ProviderMetrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// Every series, for a gateway serving `providers` (their ids): the
+    /// series of every label combination known now exist at zero.
+    pub fn new<'a>(providers: impl IntoIterator<Item = &'a str>) -> Self {
         let registry = Registry::new();
         let m = Metrics {
             keys: IntGaugeVec::new(
@@ -207,7 +223,58 @@ impl Metrics {
         ] {
             m.registry.register(c).expect("metric names are unique");
         }
+        m.start_at_zero(providers);
         m
+    }
+
+    /// Creates the zero series of every label combination known before its
+    /// first event; `with_label_values` creates a series without counting.
+    fn start_at_zero<'a>(&self, providers: impl IntoIterator<Item = &'a str>) {
+        for op in StoreOp::ALL {
+            self.store_errors.with_label_values(&[op.as_str()]);
+        }
+        let changes = state_changes();
+        for provider in providers {
+            for scope in RateLimitScope::ALL {
+                self.rate_limited
+                    .with_label_values(&[provider, scope.as_str()]);
+            }
+            for reason in RetryReason::ALL {
+                self.upstream_retries
+                    .with_label_values(&[provider, reason.as_str()]);
+            }
+            for (from, to) in &changes {
+                self.key_transitions
+                    .with_label_values(&[provider, from.as_str(), to.as_str()]);
+            }
+        }
+    }
+
+    pub fn count_store_error(&self, op: StoreOp) {
+        self.store_errors.with_label_values(&[op.as_str()]).inc();
+    }
+
+    /// Counts a key's move from `from` to `to`, by the router, a probe or
+    /// an operator; nothing when the state stays the same (a revoked key
+    /// deleted, a second 429 on a resting key).
+    pub fn count_state_change(&self, provider: &str, from: KeyState, to: KeyState) {
+        if from != to {
+            self.key_transitions
+                .with_label_values(&[provider, from.as_str(), to.as_str()])
+                .inc();
+        }
+    }
+
+    pub fn count_rate_limited(&self, provider: &str, scope: RateLimitScope) {
+        self.rate_limited
+            .with_label_values(&[provider, scope.as_str()])
+            .inc();
+    }
+
+    pub fn count_retry(&self, provider: &str, reason: RetryReason) {
+        self.upstream_retries
+            .with_label_values(&[provider, reason.as_str()])
+            .inc();
     }
 
     /// The series of one provider, to be resolved once at start-up.
@@ -260,9 +327,11 @@ impl RequestsByCode {
     }
 }
 
+/// Serving no provider: for parts that count only provider-independent
+/// series (the limiter, the audit queue) and their tests.
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new([])
     }
 }
 
@@ -276,7 +345,7 @@ mod tests {
 
     #[test]
     fn requests_by_code_count_each_code_under_its_own_series() {
-        let m = Metrics::new();
+        let m = Metrics::new(["openai"]);
         let p = m.provider("openai");
         p.requests.inc(StatusCode::OK);
         p.requests.inc(StatusCode::OK);

@@ -138,7 +138,7 @@ async fn a_full_queue_drops_new_auth_failed_events_and_keeps_key_changes() {
     let logs = Captured::default();
     let _guard = capture(&logs);
     let store = GatedStore::closed();
-    let metrics = Metrics::new();
+    let metrics = Metrics::default();
     let (queue, writer) = AuditQueue::start(store.clone(), &metrics, 3);
 
     // The store takes nothing: three events fill the queue, the two newest

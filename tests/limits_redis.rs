@@ -50,7 +50,7 @@ struct Replica {
 
 impl Replica {
     async fn new(url: &str, prefix: &str, on_error: OnBackendError) -> Replica {
-        let metrics = Metrics::new();
+        let metrics = Metrics::default();
         let limiter = Limiter::new(&config(url, prefix, on_error), &metrics).await;
         Replica {
             limiter,

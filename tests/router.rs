@@ -14,7 +14,7 @@ mod common;
 use chrono::{DateTime, Utc};
 use common::answer::Answer;
 use common::mock_upstream::{Behaviour, MockUpstream, key_fragment};
-use common::{TestGateway, sign_jwt};
+use common::{TestGateway, series_value, sign_jwt};
 use keyrouter::audit::EventKind;
 use keyrouter::health::Health;
 use keyrouter::keys::{KeyEvent, KeyState};
@@ -1006,11 +1006,12 @@ async fn provider_errors_and_timeouts_never_change_a_keys_state() {
         assert_eq!(transitions(&gw, id).await, []);
         assert_eq!(key_view(&gw, id).await["state"], "active");
     }
-    assert_eq!(
-        gw.metric("keyrouter_key_transitions_total", &[("provider", "openai")])
-            .await,
-        None
-    );
+    let text = gw.metrics().await;
+    let counted: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("keyrouter_key_transitions_total{") && !l.ends_with(" 0"))
+        .collect();
+    assert_eq!(counted, [] as [&str; 0], "no transition counted");
     for key in [A, B] {
         mock.script(key, Behaviour::Ok);
     }
@@ -1653,4 +1654,94 @@ async fn a_400_whose_codes_name_the_key_takes_it_out() {
         (mock.requests_for(NOT_VALID), mock.requests_for(SPENT)),
         before
     );
+}
+
+// ---------------------------------------------------------------------------
+// 13. Counters exist before their first event
+
+/// A fresh gateway exports, at zero, every series whose labels are known at
+/// start-up: `rate()` and `absent()` alerts see them before a first event.
+#[tokio::test]
+async fn counters_with_known_labels_exist_at_zero_from_the_start() {
+    let gw = TestGateway::start().await;
+    let text = gw.metrics().await;
+    let zero = |name: &str, labels: &[(&str, &str)]| {
+        assert_eq!(
+            series_value(&text, name, labels),
+            Some(0.0),
+            "{name}{labels:?} missing or not 0:\n{text}"
+        );
+    };
+    for op in [
+        "insert_key",
+        "get_key",
+        "list_keys",
+        "all_keys",
+        "update_key",
+        "reseal_keys",
+        "count_keys",
+        "list_audit",
+        "prune_audit",
+    ] {
+        zero("keyrouter_store_errors_total", &[("op", op)]);
+    }
+    for provider in ["openai", "anthropic"] {
+        for scope in ["key", "all_keys", "client"] {
+            zero(
+                "keyrouter_rate_limited_total",
+                &[("provider", provider), ("scope", scope)],
+            );
+        }
+        for reason in [
+            "key_rate_limited",
+            "key_quota_exhausted",
+            "key_rejected",
+            "upstream_5xx",
+            "upstream_timeout",
+            "upstream_unreachable",
+        ] {
+            zero(
+                "keyrouter_upstream_retries_total",
+                &[("provider", provider), ("reason", reason)],
+            );
+        }
+        for (from, to) in [
+            ("active", "cooling_down"),
+            ("cooling_down", "active"),
+            ("active", "exhausted"),
+            ("cooling_down", "exhausted"),
+            ("active", "invalid"),
+            ("cooling_down", "invalid"),
+            ("exhausted", "active"),
+            ("invalid", "active"),
+            ("active", "revoked"),
+            ("cooling_down", "revoked"),
+            ("exhausted", "revoked"),
+            ("invalid", "revoked"),
+        ] {
+            zero(
+                "keyrouter_key_transitions_total",
+                &[("provider", provider), ("from", from), ("to", to)],
+            );
+        }
+    }
+    for name in [
+        "keyrouter_store_errors_total",
+        "keyrouter_rate_limited_total",
+        "keyrouter_upstream_retries_total",
+        "keyrouter_key_transitions_total",
+    ] {
+        assert!(text.contains(&format!("# TYPE {name} counter")), "{text}");
+    }
+    // Only moves the state table allows have a series.
+    assert!(!text.contains(r#"from="revoked""#), "{text}");
+    assert!(
+        series_value(
+            &text,
+            "keyrouter_key_transitions_total",
+            &[("from", "exhausted"), ("to", "invalid")]
+        )
+        .is_none()
+    );
+    gw.stop().await;
 }

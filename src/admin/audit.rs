@@ -5,6 +5,7 @@ use super::{Call, store_error};
 use crate::audit::EventKind;
 use crate::error::GatewayError;
 use crate::http::{Body, json};
+use crate::metrics::StoreOp;
 use crate::store::AuditFilter;
 use http::{Response, StatusCode};
 
@@ -29,7 +30,7 @@ pub(super) async fn list(call: &Call<'_>) -> Result<Response<Body>, GatewayError
         .store
         .list_audit(&filter, &page)
         .await
-        .map_err(|e| store_error(call.app, "list_audit", e))?;
+        .map_err(|e| store_error(call.app, StoreOp::ListAudit, e))?;
     Ok(json(
         StatusCode::OK,
         &PageView {

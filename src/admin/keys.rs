@@ -19,6 +19,7 @@ use crate::http::{Body, json};
 use crate::keys::rotate::{self, RotateError};
 use crate::keys::vault::fingerprint;
 use crate::keys::{KeyEvent, KeyId, KeyRecord, KeyState, KeyStatus, transition};
+use crate::metrics::StoreOp;
 use crate::store::{KeyFilter, StoreError};
 use http::{Response, StatusCode};
 
@@ -61,7 +62,7 @@ pub(super) async fn create(call: &Call<'_>) -> Result<Response<Body>, GatewayErr
                 "This key material is already registered for this provider.",
             ));
         }
-        Err(e) => return Err(store_error(app, "insert_key", e)),
+        Err(e) => return Err(store_error(app, StoreOp::InsertKey, e)),
     }
     written(app, &key, &event).await;
     Ok(json(StatusCode::CREATED, &KeyView::new(&key)))
@@ -80,7 +81,7 @@ pub(super) async fn list(call: &Call<'_>) -> Result<Response<Body>, GatewayError
         .store
         .list_keys(&filter, &page)
         .await
-        .map_err(|e| store_error(call.app, "list_keys", e))?;
+        .map_err(|e| store_error(call.app, StoreOp::ListKeys, e))?;
     let views: Vec<KeyView> = found.items.iter().map(KeyView::new).collect();
     Ok(json(
         StatusCode::OK,
@@ -182,7 +183,7 @@ pub(super) async fn rotate(call: &Call<'_>) -> Result<Response<Body>, GatewayErr
     let app = call.app;
     match rotate::reencrypt_all(app.store.as_ref(), &app.vault, call.actor()).await {
         Ok(reencrypted) => Ok(json(StatusCode::OK, &Rotated { reencrypted })),
-        Err(RotateError::Store(e)) => Err(store_error(app, "reseal_keys", e)),
+        Err(RotateError::Store(e)) => Err(store_error(app, StoreOp::ResealKeys, e)),
         Err(e @ RotateError::Undecryptable(_)) => {
             // The ring lacks a key that sealed stored material: an operator
             // mistake to fix in the configuration. The id goes to the log only.
@@ -199,7 +200,7 @@ pub(super) async fn providers(call: &Call<'_>) -> Result<Response<Body>, Gateway
         .store
         .count_keys()
         .await
-        .map_err(|e| store_error(app, "count_keys", e))?;
+        .map_err(|e| store_error(app, StoreOp::CountKeys, e))?;
     Ok(json(
         StatusCode::OK,
         &ProvidersView::new(&app.config.providers, &counts),
@@ -238,7 +239,7 @@ async fn read_key(call: &Call<'_>, id: &KeyId) -> Result<KeyRecord, GatewayError
         .store
         .get_key(id)
         .await
-        .map_err(|e| store_error(call.app, "get_key", e))?
+        .map_err(|e| store_error(call.app, StoreOp::GetKey, e))?
         .ok_or_else(not_found)
 }
 
@@ -284,7 +285,7 @@ where
             }
             Err(StoreError::Stale) => continue,
             Err(StoreError::NotFound) => return Err(not_found()),
-            Err(e) => return Err(store_error(app, "update_key", e)),
+            Err(e) => return Err(store_error(app, StoreOp::UpdateKey, e)),
         }
     }
     tracing::warn!(key_id = %id, "key kept changing during an admin write; gave up");

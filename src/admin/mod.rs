@@ -29,6 +29,7 @@ use crate::audit::Actor;
 use crate::error::{ErrorKind, GatewayError};
 use crate::http::{Body, RequestId, finish};
 use crate::keys::KeyId;
+use crate::metrics::StoreOp;
 use crate::server::{ConnInfo, Handler};
 use crate::store::StoreError;
 use auth::{Authenticator, Principal, Scope};
@@ -391,7 +392,7 @@ impl Call<'_> {
 /// A failed store call as the client sees it: 503 while the store is
 /// unreachable, 500 otherwise, with a static message either way (the store's
 /// own text goes to the log and metrics via [`App::store_failed`]).
-fn store_error(app: &App, op: &'static str, e: StoreError) -> GatewayError {
+fn store_error(app: &App, op: StoreOp, e: StoreError) -> GatewayError {
     match app.store_failed(op, e) {
         StoreError::Unavailable(_) => GatewayError::new(
             ErrorKind::InternalError,

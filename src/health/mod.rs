@@ -18,6 +18,7 @@ pub mod probe;
 use crate::app::App;
 use crate::audit::{Actor, AuditEvent, EventKind};
 use crate::keys::{KeyEvent, KeyId, KeyRecord, transition};
+use crate::metrics::{RetryReason, StoreOp};
 use crate::store::StoreError;
 use chrono::{DateTime, Utc};
 use dashmap::DashMap;
@@ -66,11 +67,11 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn retry_reason(self) -> &'static str {
+    pub fn retry_reason(self) -> RetryReason {
         match self {
-            Verdict::RateLimited { .. } => "key_rate_limited",
-            Verdict::QuotaExhausted => "key_quota_exhausted",
-            Verdict::Rejected => "key_rejected",
+            Verdict::RateLimited { .. } => RetryReason::KeyRateLimited,
+            Verdict::QuotaExhausted => RetryReason::KeyQuotaExhausted,
+            Verdict::Rejected => RetryReason::KeyRejected,
         }
     }
 }
@@ -225,7 +226,7 @@ async fn persist(app: &Arc<App>, id: &KeyId, event: KeyEvent) {
             Ok(()) => return app.pool.settled(id, started),
             Err(StoreError::Stale) => continue,
             Err(e) => {
-                let e = app.store_failed("update_key", e);
+                let e = app.store_failed(StoreOp::UpdateKey, e);
                 if started.elapsed() > PERSIST_GIVE_UP {
                     tracing::error!(key_id = %id, error = %e, "key transition could not be stored; giving up");
                     return app.pool.settled(id, started);
@@ -261,10 +262,7 @@ async fn try_persist(app: &Arc<App>, id: &KeyId, event: KeyEvent) -> Result<(), 
     next.updated_at = audit.timestamp;
     next.state_changed_at = audit.timestamp;
     app.store.update_key(&next, &audit).await?;
-    app.metrics
-        .key_transitions
-        .with_label_values(&[next.provider_id.as_str(), from.as_str(), to.as_str()])
-        .inc();
+    app.metrics.count_state_change(&next.provider_id, from, to);
     tracing::info!(
         key_id = %id, provider = %next.provider_id, from = from.as_str(), to = to.as_str(),
         reason = event.reason(), "key state changed"

@@ -19,6 +19,7 @@ use crate::app::App;
 use crate::config::{ProviderConfig, ProviderKind};
 use crate::keys::pool::credential_header;
 use crate::keys::{KeyEvent, KeyId, KeyRecord, KeyState};
+use crate::metrics::StoreOp;
 use crate::proxy::upstream::{self, Upstream};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -52,7 +53,7 @@ pub async fn run(app: Arc<App>, provider: ProviderConfig, interval: Duration) {
             }
             // No pass this time; what the schedule knows is kept.
             Err(e) => {
-                app.store_failed("all_keys", e);
+                app.store_failed(StoreOp::AllKeys, e);
             }
         }
         tokio::time::sleep_until(pass_start + interval).await;
@@ -90,7 +91,7 @@ async fn probe_pass(
             Ok(Some(now)) if is_candidate(&now) => now,
             Ok(_) => continue,
             Err(e) => {
-                app.store_failed("get_key", e);
+                app.store_failed(StoreOp::GetKey, e);
                 continue;
             }
         };

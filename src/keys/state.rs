@@ -106,6 +106,20 @@ pub enum KeyEvent {
 }
 
 impl KeyEvent {
+    /// One event of each kind, a rate limit lasting until `until`: what
+    /// [`state_changes`] tries on every state.
+    pub fn every(until: DateTime<Utc>) -> [KeyEvent; 7] {
+        [
+            KeyEvent::RateLimited { until },
+            KeyEvent::CooldownOver,
+            KeyEvent::QuotaExhausted,
+            KeyEvent::Rejected,
+            KeyEvent::Reactivated,
+            KeyEvent::ProbeSucceeded,
+            KeyEvent::Revoked,
+        ]
+    }
+
     /// A provider's refusal of the key (which the router holds the key out
     /// for until it is stored).
     pub fn is_refusal(&self) -> bool {
@@ -178,6 +192,28 @@ pub fn transition(from: KeyStatus, event: KeyEvent) -> Result<KeyStatus, Illegal
     Ok(next)
 }
 
+/// Every move from one state to another that [`transition`] allows, each
+/// once, in the order of [`KeyState::ALL`]: the label pairs of
+/// `keyrouter_key_transitions_total`, which exist at zero from the start.
+/// Asked of the table itself, so the list cannot drift from it. A move
+/// that keeps the state (a second 429 on a resting key) is not a change.
+pub fn state_changes() -> Vec<(KeyState, KeyState)> {
+    let at = DateTime::<Utc>::UNIX_EPOCH;
+    let mut changes = Vec::new();
+    for from in KeyState::ALL {
+        let status = KeyStatus::from_parts(from, Some(at));
+        for event in KeyEvent::every(at) {
+            if let Ok(next) = transition(status, event) {
+                let change = (from, next.state());
+                if change.0 != change.1 && !changes.contains(&change) {
+                    changes.push(change);
+                }
+            }
+        }
+    }
+    changes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,16 +268,31 @@ mod tests {
         assert!(transition(S::Active, KeyEvent::CooldownOver).is_err());
     }
 
+    #[test]
+    fn state_changes_are_the_tables_moves() {
+        use KeyState as S;
+        assert_eq!(
+            state_changes(),
+            [
+                (S::Active, S::CoolingDown),
+                (S::Active, S::Exhausted),
+                (S::Active, S::Invalid),
+                (S::Active, S::Revoked),
+                (S::CoolingDown, S::Active),
+                (S::CoolingDown, S::Exhausted),
+                (S::CoolingDown, S::Invalid),
+                (S::CoolingDown, S::Revoked),
+                (S::Exhausted, S::Active),
+                (S::Exhausted, S::Revoked),
+                (S::Invalid, S::Active),
+                (S::Invalid, S::Revoked),
+            ]
+        );
+    }
+
     fn any_event() -> impl Strategy<Value = KeyEvent> {
-        prop_oneof![
-            (0i64..100).prop_map(|s| KeyEvent::RateLimited { until: t(s) }),
-            Just(KeyEvent::CooldownOver),
-            Just(KeyEvent::QuotaExhausted),
-            Just(KeyEvent::Rejected),
-            Just(KeyEvent::Reactivated),
-            Just(KeyEvent::ProbeSucceeded),
-            Just(KeyEvent::Revoked),
-        ]
+        (0i64..100, 0..KeyEvent::every(t(0)).len())
+            .prop_map(|(s, kind)| KeyEvent::every(t(s))[kind])
     }
 
     proptest! {

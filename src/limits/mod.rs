@@ -302,7 +302,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_local_limiter_marks_a_limited_key_and_settles() {
-        let limiter = Limiter::new(&local_config(), &Metrics::new()).await;
+        let limiter = Limiter::new(&local_config(), &Metrics::default()).await;
         let counters = Arc::new(KeyCounters::new());
         let limits = Limits {
             rpm: Some(1),
@@ -329,7 +329,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_rpm_of_zero_admits_nothing() {
-        let limiter = Limiter::new(&local_config(), &Metrics::new()).await;
+        let limiter = Limiter::new(&local_config(), &Metrics::default()).await;
         assert!(limiter.acquire_client("c", 0).await.is_err());
         assert!(limiter.acquire_client("c", 1).await.is_ok());
         assert!(limiter.acquire_client("c", 1).await.is_err());
@@ -343,7 +343,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let limiter = rt.block_on(Limiter::new(&local_config(), &Metrics::new()));
+        let limiter = rt.block_on(Limiter::new(&local_config(), &Metrics::default()));
         let key = KeyRef {
             id: "key_abcdefgh",
             limits: &limits,

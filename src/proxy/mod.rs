@@ -46,7 +46,7 @@ use crate::health::Health;
 use crate::http::{Body, RequestId, finish};
 use crate::keys::pool::PoolKey;
 use crate::limits::Refusal;
-use crate::metrics::ProviderMetrics;
+use crate::metrics::{ProviderMetrics, RateLimitScope, RetryReason};
 use crate::server::{ConnInfo, Handler};
 use client_auth::ClientAuth;
 use cors::Cors;
@@ -68,7 +68,7 @@ struct Failure {
     key_fault: bool,
     /// The `keyrouter_upstream_retries_total` reason, counted if another
     /// key is tried.
-    reason: &'static str,
+    reason: RetryReason,
 }
 
 /// Per-provider parts built once at start-up.
@@ -174,9 +174,7 @@ impl ProxyApi {
             let limited = || {
                 self.app
                     .metrics
-                    .rate_limited
-                    .with_label_values(&[&*provider.id, "key"])
-                    .inc()
+                    .count_rate_limited(&provider.id, RateLimitScope::Key)
             };
             let chosen = pick::choose(
                 &keys,
@@ -191,11 +189,7 @@ impl ProxyApi {
                 (Ok(c), None) => c,
                 (Ok(c), Some(failed)) => {
                     // Counted once another key is actually tried.
-                    self.app
-                        .metrics
-                        .upstream_retries
-                        .with_label_values(&[&*provider.id, failed.reason])
-                        .inc();
+                    self.app.metrics.count_retry(&provider.id, failed.reason);
                     c
                 }
                 // After a provider failure (not the key's fault) the client
@@ -205,9 +199,7 @@ impl ProxyApi {
                     if matches!(no_key, pick::NoKey::Busy(_)) {
                         self.app
                             .metrics
-                            .rate_limited
-                            .with_label_values(&[&*provider.id, "all_keys"])
-                            .inc();
+                            .count_rate_limited(&provider.id, RateLimitScope::AllKeys);
                     }
                     return Err(no_key.into());
                 }
@@ -238,9 +230,9 @@ impl ProxyApi {
             let (error, key_fault, reason) = match sent_result {
                 Err(e) => {
                     let reason = if e == ProxyError::UpstreamTimeout {
-                        "upstream_timeout"
+                        RetryReason::UpstreamTimeout
                     } else {
-                        "upstream_unreachable"
+                        RetryReason::UpstreamUnreachable
                     };
                     (e, false, reason)
                 }
@@ -265,7 +257,7 @@ impl ProxyApi {
                         Health::report(&self.app, &provider.id, &key.id, verdict);
                         (verdict.into(), true, verdict.retry_reason())
                     }
-                    Answer::ProviderFault(e) => (e, false, "upstream_5xx"),
+                    Answer::ProviderFault(e) => (e, false, RetryReason::Upstream5xx),
                 },
             };
             // Remembered only once it failed: a request served by its
@@ -327,9 +319,7 @@ impl ProxyApi {
             Err(Refusal::Limited { retry_after }) => {
                 self.app
                     .metrics
-                    .rate_limited
-                    .with_label_values(&[&*provider.id, "client"])
-                    .inc();
+                    .count_rate_limited(&provider.id, RateLimitScope::Client);
                 Err(ProxyError::ClientRateLimited {
                     retry_after_secs: pick::whole_seconds(retry_after),
                 })

@@ -375,20 +375,7 @@ impl TestGateway {
 
     /// The value of the series `name` whose labels include `labels`.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let text = self.metrics().await;
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .find_map(|line| {
-                let (series, value) = line.rsplit_once(' ')?;
-                let (metric, label_text) = match series.split_once('{') {
-                    Some((m, rest)) => (m, rest.trim_end_matches('}')),
-                    None => (series, ""),
-                };
-                let all_match = labels
-                    .iter()
-                    .all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
-                (metric == name && all_match).then(|| value.parse().unwrap())
-            })
+        series_value(&self.metrics().await, name, labels)
     }
 
     /// Audit events of `kind` read from the store directly (no request
@@ -476,6 +463,24 @@ impl TestGateway {
             );
         }
     }
+}
+
+/// The value of the first series `name` in the `/metrics` `text` whose
+/// labels include `labels`.
+pub fn series_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let all_match = labels
+                .iter()
+                .all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+            (metric == name && all_match).then(|| value.parse().unwrap())
+        })
 }
 
 /// The credentials a request presents.
