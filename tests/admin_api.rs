@@ -462,6 +462,65 @@ async fn reactivate_brings_back_exhausted_and_invalid_keys_only() {
     gw.stop().await;
 }
 
+/// Operator moves are state transitions like the router's, and are
+/// counted as such; a DELETE of a key already revoked changes nothing.
+#[tokio::test]
+async fn operator_state_changes_are_counted_as_transitions() {
+    let gw = TestGateway::start().await;
+    let count = |from: &'static str, to: &'static str| {
+        let gw = &gw;
+        async move {
+            gw.metric(
+                "keyrouter_key_transitions_total",
+                &[("provider", "openai"), ("from", from), ("to", to)],
+            )
+            .await
+        }
+    };
+    let a = id_of(&gw.register_key("openai", "sk-COUNTED-a-0123456789").await);
+    let b = id_of(&gw.register_key("openai", "sk-COUNTED-b-0123456789").await);
+
+    let revoked = gw
+        .post(&format!("/keys/{a}/revoke"), json!({}))
+        .send()
+        .await;
+    assert_eq!(revoked.status, 200, "{}", revoked.text);
+    assert_eq!(count("active", "revoked").await, Some(1.0));
+
+    for (forced, from) in [
+        (KeyStatus::Exhausted, "exhausted"),
+        (KeyStatus::Invalid, "invalid"),
+    ] {
+        // Forced through the store, as the router would: not counted here.
+        gw.set_state(&b, forced).await;
+        let reply = gw
+            .request(Method::POST, &format!("/keys/{b}/reactivate"))
+            .send()
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        assert_eq!(count(from, "active").await, Some(1.0), "{from}");
+    }
+
+    assert_eq!(gw.delete(&format!("/keys/{b}")).send().await.status, 200);
+    assert_eq!(count("active", "revoked").await, Some(2.0));
+    assert_eq!(gw.delete(&format!("/keys/{a}")).send().await.status, 200);
+    assert_eq!(count("active", "revoked").await, Some(2.0));
+    assert_eq!(count("revoked", "revoked").await, None);
+    assert_eq!(
+        gw.metric(
+            "keyrouter_key_transitions_total",
+            &[
+                ("provider", "anthropic"),
+                ("from", "active"),
+                ("to", "revoked")
+            ],
+        )
+        .await,
+        Some(0.0)
+    );
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn ids_are_checked_before_lookup() {
     let gw = TestGateway::start().await;

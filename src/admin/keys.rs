@@ -263,7 +263,9 @@ fn move_state(
 /// and name the audit event, then writes the copy with the next revision
 /// (and a new `state_changed_at` if the state moved) together with the
 /// event. A write that lost a race is retried on a fresh read; `change` runs
-/// again, so its checks see the newest state. Refreshes `keyrouter_keys`.
+/// again, so its checks see the newest state. Refreshes `keyrouter_keys`,
+/// and counts a state change in `keyrouter_key_transitions_total` as the
+/// router's are.
 async fn write_key<F>(call: &Call<'_>, id: &KeyId, change: F) -> Result<KeyRecord, GatewayError>
 where
     F: Fn(&KeyRecord, &mut KeyRecord) -> Result<AuditEvent, GatewayError>,
@@ -280,6 +282,8 @@ where
         }
         match app.store.update_key(&next, &event).await {
             Ok(()) => {
+                let (from, to) = (current.status.state(), next.status.state());
+                app.metrics.count_state_change(&next.provider_id, from, to);
                 written(app, &next, &event).await;
                 return Ok(next);
             }
