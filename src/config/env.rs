@@ -37,22 +37,30 @@ impl Env for HashMap<String, String> {
 
 /// Reads secret `name` from the variable itself or from the file named by
 /// `<name>_FILE` (Kubernetes secrets). Setting both is an error, so it is
-/// never unclear which one is in force. Empty values count as unset. Errors
-/// name the variable, never its value.
+/// never unclear which one is in force. Leading and trailing ASCII
+/// whitespace is not part of the secret, and a value of nothing else
+/// counts as unset. Errors name the variable, never its value.
 pub fn read_secret(env: &dyn Env, name: &str) -> Result<Option<Secret>, String> {
     let file_var = format!("{name}_FILE");
-    let direct = env.get(name).filter(|v| !v.is_empty());
+    let direct = env.get(name).and_then(trimmed);
     let file = env.get(&file_var).filter(|v| !v.is_empty());
     match (direct, file) {
         (Some(_), Some(_)) => Err(format!("set only one of {name} and {file_var}")),
-        (Some(v), None) => Ok(Some(Secret::new(v))),
-        (None, Some(path)) => {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| format!("{file_var}: cannot read the file it names ({})", e.kind()))?;
-            let trimmed = text.trim_end_matches(['\n', '\r']).to_owned();
-            drop(zeroize::Zeroizing::new(text));
-            Ok((!trimmed.is_empty()).then(|| Secret::new(trimmed)))
-        }
+        (Some(secret), None) => Ok(Some(secret)),
+        (None, Some(path)) => std::fs::read_to_string(&path)
+            .map(trimmed)
+            .map_err(|e| format!("{file_var}: cannot read the file it names ({})", e.kind())),
         (None, None) => Ok(None),
     }
+}
+
+/// The secret in `raw` without the whitespace around it: the newline an
+/// editor or `echo` leaves at the end of a secret file, spaces or a tab
+/// copied along. No client could present it with that whitespace (HTTP
+/// drops it from header values), so every management call would get 401.
+/// `None` when nothing else is left. The untrimmed copy is zeroed.
+fn trimmed(raw: String) -> Option<Secret> {
+    let raw = zeroize::Zeroizing::new(raw);
+    let value = raw.trim_ascii();
+    (!value.is_empty()).then(|| Secret::new(value.to_owned()))
 }

@@ -118,6 +118,33 @@ fn secret_from_file_variable() {
     assert!(err("", &both).contains("set only one of KEYROUTER_ADMIN_API_KEY"));
 }
 
+/// Whitespace around a secret (a file saved with a trailing space or tab,
+/// a value pasted with spaces) is not part of it: no client could send it
+/// back in a header.
+#[test]
+fn secrets_lose_the_whitespace_around_them() {
+    let key = "0123456789abcdef0123456789abcdef-padded";
+    let secret_file = file(&format!(" \t{key} \t\r\n"));
+    let path = secret_file.path().to_str().unwrap();
+    let from_file = load("", &env(&[("KEYROUTER_ADMIN_API_KEY_FILE", path)])).unwrap();
+    assert_eq!(from_file.admin_auth.api_key.unwrap().expose(), key);
+    let padded = format!("  {key}\t");
+    let from_var = load("", &env(&[("KEYROUTER_ADMIN_JWT_SECRET", &padded)])).unwrap();
+    assert_eq!(from_var.admin_auth.jwt_secret.unwrap().expose(), key);
+    // Nothing but whitespace is no secret at all: the management API stays
+    // closed rather than accepting a blank key.
+    let blank_file = file(" \t\n");
+    let blank = env(&[
+        ("KEYROUTER_ADMIN_API_KEY", "   "),
+        (
+            "KEYROUTER_ADMIN_JWT_SECRET_FILE",
+            blank_file.path().to_str().unwrap(),
+        ),
+    ]);
+    let c = load("", &blank).unwrap();
+    assert!(c.admin_auth.api_key.is_none() && c.admin_auth.jwt_secret.is_none());
+}
+
 #[test]
 fn backends_that_need_secrets_fail_closed() {
     let e = env(&[]);
