@@ -171,7 +171,7 @@ const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 /// Starts every listener and background task.
 pub async fn start(config: Config, listeners: Listeners) -> Result<Running, InitError> {
     let store = open_store(&config).await?;
-    let vault = Vault::new(&config.fernet_keys).map_err(|e| ConfigError(e.to_string()))?;
+    let vault = Vault::new(&config.fernet_keys).map_err(|e| ConfigError::Other(e.to_string()))?;
     let metrics = Metrics::new(config.providers.iter().map(|p| p.id.as_str()));
     let (audit, audit_writer) = AuditQueue::start(store.clone(), &metrics, queue::CAPACITY);
     let certs = config
@@ -179,7 +179,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
         .clone()
         .map(CertStore::new)
         .transpose()
-        .map_err(|e| ConfigError(e.to_string()))?
+        .map_err(|e| ConfigError::Other(e.to_string()))?
         .map(Arc::new);
     if config.admin_auth.api_key.is_none() && config.admin_auth.jwt_secret.is_none() {
         tracing::warn!(

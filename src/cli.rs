@@ -110,15 +110,15 @@ async fn serve(cfg: Config) -> Result<(), InitError> {
 
 async fn reencrypt(cfg: Config) -> Result<(), InitError> {
     let store = app::open_store(&cfg).await?;
-    let vault =
-        Vault::new(&cfg.fernet_keys).map_err(|e| crate::config::ConfigError(e.to_string()))?;
+    let vault = Vault::new(&cfg.fernet_keys)
+        .map_err(|e| crate::config::ConfigError::Other(e.to_string()))?;
     match rotate::reencrypt_all(store.as_ref(), &vault, Actor::Admin("cli".into())).await {
         Ok(n) => {
             println!("re-encrypted {n} key(s) with the primary Fernet key");
             Ok(())
         }
         Err(rotate::RotateError::Store(e)) => Err(e.into()),
-        Err(e) => Err(crate::config::ConfigError(e.to_string()).into()),
+        Err(e) => Err(crate::config::ConfigError::Other(e.to_string()).into()),
     }
 }
 

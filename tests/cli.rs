@@ -87,6 +87,7 @@ fn config_errors_name_the_setting_and_exit_1() {
     let (_d2, bad_tls) = config_file(
         "[tls]\ncert_path = \"/nonexistent/tls.crt\"\nkey_path = \"/nonexistent/tls.key\"\n",
     );
+    let pasted = "sk-pasted-into-the-wrong-variable";
     /// Extra arguments, environment, expected message, a value never to echo.
     type Case<'a> = (
         Vec<&'a str>,
@@ -121,6 +122,21 @@ fn config_errors_name_the_setting_and_exit_1() {
             vec!["--config", &bad_tls],
             vec![("KEYROUTER_FERNET_KEYS", &key)],
             "tls.cert_path: /nonexistent/tls.crt cannot be read",
+            None,
+        ),
+        (
+            vec![],
+            vec![
+                ("KEYROUTER_FERNET_KEYS", &key),
+                ("KEYROUTER_SERVER__MAX_BODY_BYTES", pasted),
+            ],
+            "KEYROUTER_SERVER__MAX_BODY_BYTES: setting `server.max_body_bytes` has a value of the wrong type",
+            Some(pasted),
+        ),
+        (
+            vec![],
+            vec![("KEYROUTER_FERNET_KEYS", &key), ("KEYROUTER_FOO__BAR", "1")],
+            "KEYROUTER_FOO__BAR: unknown setting `foo`",
             None,
         ),
         (

@@ -1,7 +1,10 @@
 //! Where configuration comes from besides the file: environment variables,
 //! read through a trait so tests can pass a map instead of mutating the
-//! process environment.
+//! process environment. They override settings of the file
+//! ([`Overrides`]), which then answer for the errors those settings cause,
+//! and carry the secrets ([`read_secret`]).
 
+use super::ConfigError;
 use crate::secret::Secret;
 use std::collections::HashMap;
 
@@ -63,4 +66,134 @@ fn trimmed(raw: String) -> Option<Secret> {
     let raw = zeroize::Zeroizing::new(raw);
     let value = raw.trim_ascii();
     (!value.is_empty()).then(|| Secret::new(value.to_owned()))
+}
+
+/// The `KEYROUTER_<SECTION>__<KEY>` overrides in force, as pairs of the
+/// setting set (`server.listen`, `providers[0].base_url`) and the variable
+/// that set it.
+///
+/// An error about a setting whose value came from the environment names
+/// the variable ([`Overrides::blame`]): the file shows another value or
+/// none, and the operator must learn where to look. Only the name, never
+/// the value, which may be a secret typed into the wrong variable.
+pub struct Overrides(Vec<(String, String)>);
+
+impl Overrides {
+    /// Applies the overrides to the file's `table` (any depth, array
+    /// indices as numbers: `KEYROUTER_PROVIDERS__0__BASE_URL`). A value is
+    /// read as a TOML value when it parses as one (numbers, booleans,
+    /// arrays), else as a string.
+    pub fn apply(table: &mut toml::Table, env: &dyn Env) -> Result<Overrides, ConfigError> {
+        let mut vars: Vec<(String, String)> = env
+            .vars()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("KEYROUTER_") && k.contains("__"))
+            .collect();
+        vars.sort();
+        let mut applied = Vec::with_capacity(vars.len());
+        for (name, value) in vars {
+            let path: Vec<String> = name["KEYROUTER_".len()..]
+                .split("__")
+                .map(str::to_ascii_lowercase)
+                .collect();
+            if path.iter().any(String::is_empty) {
+                return Err(ConfigError::Other(format!(
+                    "{name}: malformed override name"
+                )));
+            }
+            let parsed = format!("v = {value}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or(toml::Value::String(value));
+            set_path(table, &path, parsed).map_err(|()| {
+                ConfigError::Other(format!(
+                    "{name}: does not match the shape of the configuration"
+                ))
+            })?;
+            applied.push((setting_path(&path), name));
+        }
+        Ok(Overrides(applied))
+    }
+
+    /// `error`, led by the name of the variable that set one of the
+    /// settings it is about, a value within one (`KEYROUTER_FOO__BAR` for
+    /// the unknown setting `foo`) or a value holding one
+    /// (`KEYROUTER_PROVIDERS__0` for `providers[0].id`); unchanged when
+    /// the file set them.
+    pub fn blame(&self, error: ConfigError) -> ConfigError {
+        let ConfigError::Setting { settings, .. } = &error else {
+            return error;
+        };
+        let culprit = self
+            .0
+            .iter()
+            .find(|(set, _)| settings.iter().any(|s| holds(s, set) || holds(set, s)));
+        match culprit {
+            Some((_, var)) => ConfigError::Override {
+                var: var.clone(),
+                error: Box::new(error),
+            },
+            None => error,
+        }
+    }
+}
+
+/// A setting's path as errors spell it: `providers[0].base_url`.
+fn setting_path(segments: &[String]) -> String {
+    let mut path = String::new();
+    for segment in segments {
+        if segment.bytes().all(|b| b.is_ascii_digit()) {
+            path.push('[');
+            path.push_str(segment);
+            path.push(']');
+        } else {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(segment);
+        }
+    }
+    path
+}
+
+/// Whether the setting at path `outer` is the one at `inner` or holds it
+/// (`server` holds `server.listen`, `providers` holds `providers[0].id`).
+fn holds(outer: &str, inner: &str) -> bool {
+    inner
+        .strip_prefix(outer)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), ()> {
+    let (first, rest) = path.split_first().ok_or(())?;
+    if rest.is_empty() {
+        table.insert(first.clone(), value);
+        return Ok(());
+    }
+    let next = table
+        .entry(first.clone())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    set_value_path(next, rest, value)
+}
+
+fn set_value_path(node: &mut toml::Value, path: &[String], value: toml::Value) -> Result<(), ()> {
+    match node {
+        toml::Value::Table(t) => set_path(t, path, value),
+        toml::Value::Array(items) => {
+            let (index, rest) = path.split_first().ok_or(())?;
+            let index: usize = index.parse().map_err(|_| ())?;
+            if index == items.len() {
+                items.push(toml::Value::Table(toml::Table::new()));
+            }
+            let item = items.get_mut(index).ok_or(())?;
+            if rest.is_empty() {
+                *item = value;
+                Ok(())
+            } else {
+                set_value_path(item, rest, value)
+            }
+        }
+        _ => Err(()),
+    }
 }

@@ -2,9 +2,10 @@
 //! `KEYROUTER_<SECTION>__<KEY>` overrides, then secrets from the environment.
 //!
 //! The raw shape (`file.rs`) is validated into the typed [`Config`] here. Every
-//! error is one line naming the setting or variable, never its value, and a
-//! missing security setting is an error (or, for the management API, a
-//! deny-everything mode), never a silent default.
+//! error is one line naming the setting or variable, never its value (an
+//! error about a value an override set names that variable too, see
+//! [`env::Overrides`]), and a missing security setting is an error (or, for
+//! the management API, a deny-everything mode), never a silent default.
 
 pub mod env;
 mod file;
@@ -12,8 +13,9 @@ pub mod masked;
 
 use crate::keys::Vault;
 use crate::secret::Secret;
-use env::{Env, read_secret};
+use env::{Env, Overrides, read_secret};
 use file::{RawConfig, RawProvider};
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,13 +23,64 @@ use std::time::Duration;
 /// The default config file, used when `--config` is not given and it exists.
 pub const DEFAULT_CONFIG_PATH: &str = "config/keyrouter.toml";
 
-/// A configuration problem: one line naming the setting.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+/// A configuration problem: one line naming the setting or variable at
+/// fault, never a value.
+#[derive(thiserror::Error)]
+pub enum ConfigError {
+    /// A setting's value, or its absence, is refused. `settings` are the
+    /// paths it is about (`server.listen`, `providers[0].id`), by which
+    /// [`Overrides::blame`] finds a variable that set one.
+    #[error("{message}")]
+    Setting {
+        settings: Vec<String>,
+        message: String,
+    },
+    /// The value at fault came from the environment variable `var`, which
+    /// the line names first.
+    #[error("{var}: {error}")]
+    Override {
+        var: String,
+        error: Box<ConfigError>,
+    },
+    /// Anything else: the file itself, a secret variable (the message
+    /// names it), the Fernet key ring, a TLS file.
+    #[error("{0}")]
+    Other(String),
+}
 
+/// Shows the one line `Display` shows: the paths kept for the blame may
+/// hold a setting name typed into the file, which could be a secret pasted
+/// in the wrong place.
+impl fmt::Debug for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A problem that is not about a setting's value: [`ConfigError::Other`].
 fn bad(msg: impl Into<String>) -> ConfigError {
-    ConfigError(msg.into())
+    ConfigError::Other(msg.into())
+}
+
+/// `setting` refused, `problem` completing the sentence:
+/// "server.workers must be between 1 and 1024".
+fn invalid(setting: impl Into<String>, problem: impl fmt::Display) -> ConfigError {
+    let setting = setting.into();
+    ConfigError::Setting {
+        message: format!("{setting} {problem}"),
+        settings: vec![setting],
+    }
+}
+
+/// A problem about `settings`, told by `message`.
+fn about<S: Into<String>>(
+    settings: impl IntoIterator<Item = S>,
+    message: impl Into<String>,
+) -> ConfigError {
+    ConfigError::Setting {
+        settings: settings.into_iter().map(Into::into).collect(),
+        message: message.into(),
+    }
 }
 
 /// The validated configuration.
@@ -240,24 +293,8 @@ impl Config {
             Some(p) => read_toml(p)?,
             None => toml::Table::new(),
         };
-        apply_env_overrides(&mut table, env)?;
-        let raw: RawConfig = serde_path_to_error::deserialize(table).map_err(|e| {
-            let setting = e.path().to_string();
-            let inner = e.into_inner().to_string();
-            if let Some(field) = quoted_after(&inner, "unknown field") {
-                // The path already ends with the unknown name.
-                if field == "?" {
-                    bad("unknown setting (its name is not a valid setting name)")
-                } else {
-                    bad(format!("unknown setting `{setting}`"))
-                }
-            } else if let Some(field) = quoted_after(&inner, "missing field") {
-                bad(format!("setting `{setting}.{field}` is required"))
-            } else {
-                bad(format!("setting `{setting}` has a value of the wrong type"))
-            }
-        })?;
-        validate(raw, env)
+        let overrides = Overrides::apply(&mut table, env)?;
+        from_table(table, env).map_err(|e| overrides.blame(e))
     }
 
     pub fn default_provider(&self) -> Option<&ProviderConfig> {
@@ -267,6 +304,31 @@ impl Config {
     pub fn provider(&self, id: &str) -> Option<&ProviderConfig> {
         self.providers.iter().find(|p| p.id == id)
     }
+}
+
+/// The configuration the merged `table` and the secrets in `env` make.
+fn from_table(table: toml::Table, env: &dyn Env) -> Result<Config, ConfigError> {
+    let raw: RawConfig = serde_path_to_error::deserialize(table).map_err(|e| {
+        let setting = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        if let Some(field) = quoted_after(&inner, "unknown field") {
+            // The path already ends with the unknown name.
+            let message = if field == "?" {
+                "unknown setting (its name is not a valid setting name)".to_owned()
+            } else {
+                format!("unknown setting `{setting}`")
+            };
+            about([setting], message)
+        } else if let Some(field) = quoted_after(&inner, "missing field") {
+            let missing = format!("{setting}.{field}");
+            let message = format!("setting `{missing}` is required");
+            about([missing], message)
+        } else {
+            let message = format!("setting `{setting}` has a value of the wrong type");
+            about([setting], message)
+        }
+    })?;
+    validate(raw, env)
 }
 
 fn read_toml(path: &Path) -> Result<toml::Table, ConfigError> {
@@ -307,71 +369,6 @@ fn quoted_after(message: &str, prefix: &str) -> Option<String> {
     })
 }
 
-/// Applies `KEYROUTER_<SECTION>__<KEY>=value` (any depth, array indices as
-/// numbers: `KEYROUTER_PROVIDERS__0__BASE_URL`). The value is read as a TOML
-/// value when it parses as one (numbers, booleans, arrays), else as a string.
-fn apply_env_overrides(table: &mut toml::Table, env: &dyn Env) -> Result<(), ConfigError> {
-    let mut vars: Vec<(String, String)> = env
-        .vars()
-        .into_iter()
-        .filter(|(k, _)| k.starts_with("KEYROUTER_") && k.contains("__"))
-        .collect();
-    vars.sort();
-    for (name, value) in vars {
-        let path: Vec<String> = name["KEYROUTER_".len()..]
-            .split("__")
-            .map(str::to_ascii_lowercase)
-            .collect();
-        if path.iter().any(String::is_empty) {
-            return Err(bad(format!("{name}: malformed override name")));
-        }
-        let parsed = format!("v = {value}")
-            .parse::<toml::Table>()
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or(toml::Value::String(value));
-        set_path(table, &path, parsed).map_err(|()| {
-            bad(format!(
-                "{name}: does not match the shape of the configuration"
-            ))
-        })?;
-    }
-    Ok(())
-}
-
-fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), ()> {
-    let (first, rest) = path.split_first().ok_or(())?;
-    if rest.is_empty() {
-        table.insert(first.clone(), value);
-        return Ok(());
-    }
-    let next = table
-        .entry(first.clone())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    set_value_path(next, rest, value)
-}
-
-fn set_value_path(node: &mut toml::Value, path: &[String], value: toml::Value) -> Result<(), ()> {
-    match node {
-        toml::Value::Table(t) => set_path(t, path, value),
-        toml::Value::Array(items) => {
-            let (index, rest) = path.split_first().ok_or(())?;
-            let index: usize = index.parse().map_err(|_| ())?;
-            if index == items.len() {
-                items.push(toml::Value::Table(toml::Table::new()));
-            }
-            let item = items.get_mut(index).ok_or(())?;
-            if rest.is_empty() {
-                *item = value;
-                Ok(())
-            } else {
-                set_value_path(item, rest, value)
-            }
-        }
-        _ => Err(()),
-    }
-}
-
 fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
     let s = raw.server;
     let server = ServerConfig {
@@ -382,8 +379,9 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             None => 10 * 1024 * 1024,
             Some(n @ 1..=1_073_741_824) => n as usize,
             Some(_) => {
-                return Err(bad(
-                    "server.max_body_bytes must be between 1 and 1073741824",
+                return Err(invalid(
+                    "server.max_body_bytes",
+                    "must be between 1 and 1073741824",
                 ));
             }
         },
@@ -391,23 +389,25 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             None => 256 * 1024 * 1024,
             Some(n @ 1..=MAX_BUFFERED_BODY_BYTES) => n as usize,
             Some(_) => {
-                return Err(bad(format!(
-                    "server.max_buffered_body_bytes must be between 1 and {MAX_BUFFERED_BODY_BYTES}"
-                )));
+                return Err(invalid(
+                    "server.max_buffered_body_bytes",
+                    format_args!("must be between 1 and {MAX_BUFFERED_BODY_BYTES}"),
+                ));
             }
         },
         max_connections: match s.max_connections {
             None => 10_000,
             Some(n @ 1..) => n as usize,
-            Some(0) => return Err(bad("server.max_connections must be at least 1")),
+            Some(0) => return Err(invalid("server.max_connections", "must be at least 1")),
         },
         workers: match s.workers {
             None => std::thread::available_parallelism().map_or(1, usize::from),
             Some(n @ 1..=MAX_WORKERS) => n as usize,
             Some(_) => {
-                return Err(bad(format!(
-                    "server.workers must be between 1 and {MAX_WORKERS}"
-                )));
+                return Err(invalid(
+                    "server.workers",
+                    format_args!("must be between 1 and {MAX_WORKERS}"),
+                ));
             }
         },
         header_read_timeout: duration("server.header_read_timeout", s.header_read_timeout, 10)?,
@@ -432,7 +432,8 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         cors_origins: s.cors_origins.unwrap_or_default(),
     };
     if server.max_buffered_body_bytes < server.max_body_bytes {
-        return Err(bad(
+        return Err(about(
+            ["server.max_buffered_body_bytes", "server.max_body_bytes"],
             "server.max_buffered_body_bytes must not be below server.max_body_bytes",
         ));
     }
@@ -448,7 +449,12 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             uri: required_secret(env, "KEYROUTER_MONGODB_URI", "store.backend = \"mongodb\"")?,
             database: raw.store.database.unwrap_or_else(|| "keyrouter".into()),
         },
-        _ => return Err(bad("store.backend must be \"sqlite\" or \"mongodb\"")),
+        _ => {
+            return Err(invalid(
+                "store.backend",
+                "must be \"sqlite\" or \"mongodb\"",
+            ));
+        }
     };
 
     let rl = raw.rate_limit;
@@ -458,14 +464,20 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             "redis" => RateLimitBackend::Redis {
                 url: required_secret(env, "KEYROUTER_REDIS_URL", "rate_limit.backend = \"redis\"")?,
             },
-            _ => return Err(bad("rate_limit.backend must be \"local\" or \"redis\"")),
+            _ => {
+                return Err(invalid(
+                    "rate_limit.backend",
+                    "must be \"local\" or \"redis\"",
+                ));
+            }
         },
         on_backend_error: match rl.on_backend_error.as_deref().unwrap_or("local") {
             "local" => OnBackendError::Local,
             "deny" => OnBackendError::Deny,
             _ => {
-                return Err(bad(
-                    "rate_limit.on_backend_error must be \"local\" or \"deny\"",
+                return Err(invalid(
+                    "rate_limit.on_backend_error",
+                    "must be \"local\" or \"deny\"",
                 ));
             }
         },
@@ -479,8 +491,9 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
                 p
             }
             Some(_) => {
-                return Err(bad(
-                    "rate_limit.redis_prefix must be 1 to 64 letters, digits, '_', '-', '.' or ':'",
+                return Err(invalid(
+                    "rate_limit.redis_prefix",
+                    "must be 1 to 64 letters, digits, '_', '-', '.' or ':'",
                 ));
             }
         },
@@ -488,7 +501,8 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         cooldown_max: duration("rate_limit.cooldown_max", rl.cooldown_max, 600)?,
     };
     if rate_limit.cooldown_max < rate_limit.cooldown_base {
-        return Err(bad(
+        return Err(about(
+            ["rate_limit.cooldown_max", "rate_limit.cooldown_base"],
             "rate_limit.cooldown_max must not be below rate_limit.cooldown_base",
         ));
     }
@@ -505,12 +519,12 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
                 "KEYROUTER_CLIENT_JWT_SECRET",
             )?,
         },
-        _ => return Err(bad("client_auth.mode must be \"none\" or \"jwt\"")),
+        _ => return Err(invalid("client_auth.mode", "must be \"none\" or \"jwt\"")),
     };
 
     let retention_days = raw.audit.retention_days.unwrap_or(90);
     if retention_days == 0 {
-        return Err(bad("audit.retention_days must be at least 1"));
+        return Err(invalid("audit.retention_days", "must be at least 1"));
     }
 
     let log = LogConfig {
@@ -518,12 +532,13 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         format: match raw.log.format.as_deref().unwrap_or("json") {
             "json" => LogFormat::Json,
             "pretty" => LogFormat::Pretty,
-            _ => return Err(bad("log.format must be \"json\" or \"pretty\"")),
+            _ => return Err(invalid("log.format", "must be \"json\" or \"pretty\"")),
         },
     };
     if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
-        return Err(bad(
-            "log.level is not a valid level or filter (e.g. \"info\")",
+        return Err(invalid(
+            "log.level",
+            "is not a valid level or filter (e.g. \"info\")",
         ));
     }
 
@@ -559,7 +574,7 @@ fn addr(name: &str, value: Option<String>, default: &str) -> Result<SocketAddr, 
         .as_deref()
         .unwrap_or(default)
         .parse()
-        .map_err(|_| bad(format!("{name} must be an address like 127.0.0.1:8080")))
+        .map_err(|_| invalid(name, "must be an address like 127.0.0.1:8080"))
 }
 
 fn duration(name: &str, value: Option<String>, default_secs: u64) -> Result<Duration, ConfigError> {
@@ -568,19 +583,25 @@ fn duration(name: &str, value: Option<String>, default_secs: u64) -> Result<Dura
         Some(v) => humantime::parse_duration(&v)
             .ok()
             .filter(|d| !d.is_zero())
-            .ok_or_else(|| bad(format!("{name} must be a duration like \"30s\" or \"5m\""))),
+            .ok_or_else(|| invalid(name, "must be a duration like \"30s\" or \"5m\"")),
     }
 }
 
 fn readable_file(name: &str, path: String) -> Result<PathBuf, ConfigError> {
     std::fs::File::open(&path)
         .map(|_| PathBuf::from(&path))
-        .map_err(|e| bad(format!("{name}: {path} cannot be read ({})", e.kind())))
+        .map_err(|e| {
+            about(
+                [name],
+                format!("{name}: {path} cannot be read ({})", e.kind()),
+            )
+        })
 }
 
 fn tls_config(raw: file::RawTls) -> Result<TlsConfig, ConfigError> {
     let (Some(cert), Some(key)) = (raw.cert_path, raw.key_path) else {
-        return Err(bad(
+        return Err(about(
+            ["tls.cert_path", "tls.key_path"],
             "tls.cert_path and tls.key_path must both be set when [tls] is present",
         ));
     };
@@ -592,7 +613,8 @@ fn tls_config(raw: file::RawTls) -> Result<TlsConfig, ConfigError> {
             .map(|p| readable_file("tls.client_ca_path", p))
             .transpose()?,
     };
-    crate::server::tls::load_server_config(&tls).map_err(|e| bad(e.to_string()))?;
+    crate::server::tls::load_server_config(&tls)
+        .map_err(|e| about([e.setting()], e.to_string()))?;
     Ok(tls)
 }
 
@@ -626,12 +648,13 @@ fn providers(raw: Option<Vec<RawProvider>>) -> Result<Vec<ProviderConfig>, Confi
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
         if !id_ok {
-            return Err(bad(format!("{at}.id must match ^[a-z0-9_]{{1,32}}$")));
+            return Err(invalid(format!("{at}.id"), "must match ^[a-z0-9_]{1,32}$"));
         }
         let kind = ProviderKind::parse(&p.kind).ok_or_else(|| {
-            bad(format!(
-                "{at}.kind must be one of openai, anthropic, azure_openai, gemini, openai_compatible"
-            ))
+            invalid(
+                format!("{at}.kind"),
+                "must be one of openai, anthropic, azure_openai, gemini, openai_compatible",
+            )
         })?;
         let base_url = base_url(&at, &p.base_url)?;
         let prefix = p.route_prefix.trim_end_matches('/').to_owned();
@@ -646,28 +669,31 @@ fn providers(raw: Option<Vec<RawProvider>>) -> Result<Vec<ProviderConfig>, Confi
                     && seg != ".."
             });
         if !prefix_ok {
-            return Err(bad(format!(
-                "{at}.route_prefix must be a path like \"/openai\""
-            )));
+            return Err(invalid(
+                format!("{at}.route_prefix"),
+                "must be a path like \"/openai\"",
+            ));
         }
         if prefix == "/v1" || prefix.starts_with("/v1/") {
-            return Err(bad(format!(
-                "{at}.route_prefix must not start with /v1 (reserved for the default provider)"
-            )));
+            return Err(invalid(
+                format!("{at}.route_prefix"),
+                "must not start with /v1 (reserved for the default provider)",
+            ));
         }
         let policy = match p.policy.as_deref().unwrap_or("least_loaded") {
             "least_loaded" => Policy::LeastLoaded,
             "round_robin" => Policy::RoundRobin,
             "weighted" => Policy::Weighted,
             _ => {
-                return Err(bad(format!(
-                    "{at}.policy must be least_loaded, round_robin or weighted"
-                )));
+                return Err(invalid(
+                    format!("{at}.policy"),
+                    "must be least_loaded, round_robin or weighted",
+                ));
             }
         };
         let retry_budget = p.retry_budget.unwrap_or(2);
         if retry_budget > 10 {
-            return Err(bad(format!("{at}.retry_budget must be at most 10")));
+            return Err(invalid(format!("{at}.retry_budget"), "must be at most 10"));
         }
         let provider = ProviderConfig {
             id: p.id,
@@ -686,18 +712,33 @@ fn providers(raw: Option<Vec<RawProvider>>) -> Result<Vec<ProviderConfig>, Confi
                 .map(|d| duration(&format!("{at}.probe_interval"), Some(d), 0))
                 .transpose()?,
         };
-        if out.iter().any(|o| o.id == provider.id) {
-            return Err(bad(format!("{at}.id repeats an earlier provider's id")));
+        if let Some(j) = out.iter().position(|o| o.id == provider.id) {
+            return Err(about(
+                [format!("providers[{j}].id"), format!("{at}.id")],
+                format!("{at}.id repeats an earlier provider's id"),
+            ));
         }
-        if out.iter().any(|o| o.route_prefix == provider.route_prefix) {
-            return Err(bad(format!(
-                "{at}.route_prefix repeats an earlier provider's"
-            )));
+        if let Some(j) = out
+            .iter()
+            .position(|o| o.route_prefix == provider.route_prefix)
+        {
+            return Err(about(
+                [
+                    format!("providers[{j}].route_prefix"),
+                    format!("{at}.route_prefix"),
+                ],
+                format!("{at}.route_prefix repeats an earlier provider's"),
+            ));
         }
         out.push(provider);
     }
-    if out.iter().filter(|p| p.default).count() > 1 {
-        return Err(bad(
+    let defaults: Vec<String> = (out.iter().enumerate())
+        .filter(|(_, p)| p.default)
+        .map(|(i, _)| format!("providers[{i}].default"))
+        .collect();
+    if defaults.len() > 1 {
+        return Err(about(
+            defaults,
             "providers: at most one provider may set default = true",
         ));
     }
@@ -706,9 +747,10 @@ fn providers(raw: Option<Vec<RawProvider>>) -> Result<Vec<ProviderConfig>, Confi
 
 fn base_url(at: &str, raw: &str) -> Result<http::Uri, ConfigError> {
     let msg = || {
-        bad(format!(
-            "{at}.base_url must be an http(s) origin like https://api.openai.com (no credentials, query or fragment)"
-        ))
+        invalid(
+            format!("{at}.base_url"),
+            "must be an http(s) origin like https://api.openai.com (no credentials, query or fragment)",
+        )
     };
     let uri: http::Uri = raw.trim_end_matches('/').parse().map_err(|_| msg())?;
     let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
@@ -721,7 +763,7 @@ fn base_url(at: &str, raw: &str) -> Result<http::Uri, ConfigError> {
 }
 
 fn secret_opt(env: &dyn Env, name: &str) -> Result<Option<Secret>, ConfigError> {
-    read_secret(env, name).map_err(ConfigError)
+    read_secret(env, name).map_err(ConfigError::Other)
 }
 
 fn required_secret(env: &dyn Env, name: &str, because: &str) -> Result<Secret, ConfigError> {

@@ -288,3 +288,58 @@ fn redis_prefix_is_checked() {
     let msg = err("[rate_limit]\nredis_prefix = \"has space\"", &e);
     assert!(msg.contains("rate_limit.redis_prefix"), "{msg}");
 }
+
+/// A value from a `KEYROUTER_*` override that is refused: the line names
+/// the variable first (the file shows another value or none), never the
+/// value, which may be a secret typed into the wrong variable.
+#[test]
+fn errors_caused_by_an_override_name_its_variable_never_its_value() {
+    let pasted = "sk-pasted-into-the-wrong-variable";
+    let cases = [
+        ("KEYROUTER_FOO__BAR", "1", "unknown setting `foo`"),
+        (
+            "KEYROUTER_SERVER__MAX_BODY_BYTES",
+            pasted,
+            "setting `server.max_body_bytes` has a value of the wrong type",
+        ),
+        (
+            "KEYROUTER_SERVER__WORKERS",
+            "0",
+            "server.workers must be between 1 and 1024",
+        ),
+        (
+            "KEYROUTER_SERVER__LISTEN",
+            pasted,
+            "server.listen must be an address like 127.0.0.1:8080",
+        ),
+        (
+            "KEYROUTER_PROVIDERS__0__BASE_URL",
+            pasted,
+            "providers[0].base_url must be an http(s) origin",
+        ),
+        (
+            "KEYROUTER_SERVER__MAX_BODY_BYTES",
+            "2000",
+            "server.max_buffered_body_bytes must not be below server.max_body_bytes",
+        ),
+    ];
+    let toml = "[server]\nmax_body_bytes = 1000\nmax_buffered_body_bytes = 1000\n\
+        [[providers]]\nid = \"o\"\nkind = \"openai\"\nbase_url = \"https://x\"\nroute_prefix = \"/o\"\n";
+    for (var, value, problem) in cases {
+        let msg = err(toml, &env(&[(var, value)]));
+        assert!(msg.starts_with(&format!("{var}: {problem}")), "{msg}");
+        assert!(!msg.contains(pasted), "{msg}");
+    }
+    // A problem the file made stays the file's, whatever else the
+    // environment overrides.
+    let e = env(&[("KEYROUTER_SERVER__LISTEN", "127.0.0.1:1000")]);
+    assert_eq!(
+        err("[server]\nworkers = 0", &e),
+        "server.workers must be between 1 and 1024"
+    );
+    let debug = format!(
+        "{:?}",
+        load("[server]\nsk-in-a-name = 1", &env(&[])).unwrap_err()
+    );
+    assert!(!debug.contains("sk-in-a-name"), "{debug}");
+}

@@ -21,6 +21,13 @@ pub struct TlsError {
     problem: &'static str,
 }
 
+impl TlsError {
+    /// The setting whose file is at fault (`tls.cert_path`, ...).
+    pub fn setting(&self) -> &'static str {
+        self.setting
+    }
+}
+
 fn tls_err(setting: &'static str, path: &Path, problem: &'static str) -> TlsError {
     TlsError {
         setting,
