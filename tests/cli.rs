@@ -87,6 +87,9 @@ fn config_errors_name_the_setting_and_exit_1() {
     let (_d2, bad_tls) = config_file(
         "[tls]\ncert_path = \"/nonexistent/tls.crt\"\nkey_path = \"/nonexistent/tls.key\"\n",
     );
+    let (_d3, same_socket) = config_file(
+        "[server]\nlisten = \"127.0.0.1:18080\"\nadmin_listen = \"127.0.0.1:18080\"\nops_listen = \"127.0.0.1:0\"\n",
+    );
     let pasted = "sk-pasted-into-the-wrong-variable";
     /// Extra arguments, environment, expected message, a value never to echo.
     type Case<'a> = (
@@ -122,6 +125,21 @@ fn config_errors_name_the_setting_and_exit_1() {
             vec!["--config", &bad_tls],
             vec![("KEYROUTER_FERNET_KEYS", &key)],
             "tls.cert_path: /nonexistent/tls.crt cannot be read",
+            None,
+        ),
+        (
+            vec!["--config", &same_socket],
+            vec![("KEYROUTER_FERNET_KEYS", &key)],
+            "server.listen and server.admin_listen must not use the same port on the same address",
+            None,
+        ),
+        (
+            vec![],
+            vec![
+                ("KEYROUTER_FERNET_KEYS", &key),
+                ("KEYROUTER_SERVER__ADMIN_LISTEN", "0.0.0.0:9090"),
+            ],
+            "KEYROUTER_SERVER__ADMIN_LISTEN: server.admin_listen and server.ops_listen must not use",
             None,
         ),
         (

@@ -437,6 +437,7 @@ fn validate(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
             "server.max_buffered_body_bytes must not be below server.max_body_bytes",
         ));
     }
+    distinct_listeners(&server)?;
 
     let tls = raw.tls.map(tls_config).transpose()?;
     let providers = providers(raw.providers)?;
@@ -575,6 +576,40 @@ fn addr(name: &str, value: Option<String>, default: &str) -> Result<SocketAddr, 
         .unwrap_or(default)
         .parse()
         .map_err(|_| invalid(name, "must be an address like 127.0.0.1:8080"))
+}
+
+/// Refuses two listeners on one socket, which `serve` could not bind (the
+/// second one would find the address in use).
+fn distinct_listeners(server: &ServerConfig) -> Result<(), ConfigError> {
+    let listeners = [
+        ("server.listen", server.listen),
+        ("server.admin_listen", server.admin_listen),
+        ("server.ops_listen", server.ops_listen),
+    ];
+    for (i, &(name, addr)) in listeners.iter().enumerate() {
+        for &(other_name, other) in &listeners[i + 1..] {
+            if clash(addr, other) {
+                return Err(about(
+                    [name, other_name],
+                    format!(
+                        "{name} and {other_name} must not use the same port on the same address \
+                         (0.0.0.0 or [::] takes the port on every address)"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether two listeners cannot both bind: the same port on the same
+/// address, or on any address when either is a wildcard (which takes the
+/// port on every address; `[::]` on IPv4 ones too, as Linux binds it
+/// dual-stack). Port 0 never clashes: each bind gets a free port of its own.
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 fn duration(name: &str, value: Option<String>, default_secs: u64) -> Result<Duration, ConfigError> {

@@ -343,3 +343,53 @@ fn errors_caused_by_an_override_name_its_variable_never_its_value() {
     );
     assert!(!debug.contains("sk-in-a-name"), "{debug}");
 }
+
+/// Two listeners on one socket cannot both start; a wildcard address takes
+/// its port on every address, and port 0 is a free port each time.
+#[test]
+fn listeners_must_not_share_a_socket() {
+    let server = |listen: &str, admin: &str, ops: &str| {
+        format!(
+            "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\nops_listen = \"{ops}\""
+        )
+    };
+    let e = env(&[]);
+    let clashes = [
+        (
+            server("127.0.0.1:8080", "127.0.0.1:8080", "127.0.0.1:9090"),
+            "server.listen and server.admin_listen",
+        ),
+        (
+            server("0.0.0.0:8080", "127.0.0.1:8081", "127.0.0.1:8080"),
+            "server.listen and server.ops_listen",
+        ),
+        (
+            server("127.0.0.1:8080", "[::]:9090", "10.0.0.1:9090"),
+            "server.admin_listen and server.ops_listen",
+        ),
+    ];
+    for (toml, settings) in clashes {
+        assert_eq!(
+            err(&toml, &e),
+            format!(
+                "{settings} must not use the same port on the same address \
+                 (0.0.0.0 or [::] takes the port on every address)"
+            )
+        );
+    }
+    for fine in [
+        server("127.0.0.1:8080", "127.0.0.2:8080", "[::1]:8080"),
+        server("127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"),
+    ] {
+        load(&fine, &e).unwrap();
+    }
+    // The built-in ops port, taken by the proxy through the environment.
+    let e = env(&[("KEYROUTER_SERVER__LISTEN", "127.0.0.1:9090")]);
+    assert!(
+        err("", &e).starts_with(
+            "KEYROUTER_SERVER__LISTEN: server.listen and server.ops_listen must not use"
+        ),
+        "{}",
+        err("", &e)
+    );
+}
