@@ -251,7 +251,13 @@ impl Metrics {
     }
 
     pub fn count_store_error(&self, op: StoreOp) {
-        self.store_errors.with_label_values(&[op.as_str()]).inc();
+        self.store_errors_of(op).inc();
+    }
+
+    /// The `keyrouter_store_errors_total` series of `op`, for a writer that
+    /// counts its failures itself (the audit queue's).
+    pub fn store_errors_of(&self, op: StoreOp) -> IntCounter {
+        self.store_errors.with_label_values(&[op.as_str()])
     }
 
     /// Counts a key's move from `from` to `to`, by the router, a probe or

@@ -1,6 +1,6 @@
 //! The audit queue while the store does not take events: bounded, with new
 //! `auth_failed` events dropped first and key changes never, each burst of
-//! drops counted and logged once.
+//! drops counted and logged once; failed writes retried and counted.
 
 #[path = "common/logs.rs"]
 mod logs;
@@ -10,11 +10,13 @@ use chrono::{DateTime, Utc};
 use keyrouter::audit::{Actor, AuditEvent, AuditQueue, EventKind};
 use keyrouter::keys::{KeyId, KeyRecord};
 use keyrouter::metrics::Metrics;
+use keyrouter::metrics::StoreOp;
 use keyrouter::store::{
     AuditFilter, KeyFilter, Page, PageRequest, Resealed, StateCount, Store, StoreError,
 };
 use logs::{Captured, capture};
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -24,6 +26,8 @@ use tokio::sync::watch;
 struct GatedStore {
     open: watch::Sender<bool>,
     written: Mutex<Vec<AuditEvent>>,
+    /// Writes that fail (the store refusing) before they succeed again.
+    failures: AtomicUsize,
 }
 
 impl GatedStore {
@@ -31,6 +35,7 @@ impl GatedStore {
         Arc::new(GatedStore {
             open: watch::Sender::new(false),
             written: Mutex::new(Vec::new()),
+            failures: AtomicUsize::new(0),
         })
     }
 
@@ -65,6 +70,12 @@ impl Store for GatedStore {
     async fn append_audit(&self, events: &[AuditEvent]) -> Result<(), StoreError> {
         let mut open = self.open.subscribe();
         let _ = open.wait_for(|open| *open).await;
+        let failing = self
+            .failures
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(StoreError::Unavailable("refused".into()));
+        }
         self.written.lock().unwrap().extend_from_slice(events);
         Ok(())
     }
@@ -185,4 +196,23 @@ async fn a_full_queue_drops_new_auth_failed_events_and_keeps_key_changes() {
     store.set_open(true);
     writer.drain(Duration::from_secs(5)).await;
     assert_eq!(store.written_ids().len(), 8);
+}
+
+/// A write the store refuses is retried until it is taken, and each
+/// refusal counts in `keyrouter_store_errors_total{op="append_audit"}`.
+#[tokio::test]
+async fn refused_writes_are_retried_and_counted() {
+    let store = GatedStore::closed();
+    store.failures.store(2, Ordering::Relaxed);
+    store.set_open(true);
+    let metrics = Metrics::default();
+    let errors = metrics.store_errors_of(StoreOp::AppendAudit);
+    let (queue, writer) = AuditQueue::start(store.clone(), &metrics, 3);
+    let revoked = key_revoked();
+    queue.record(revoked.clone());
+    store.wait_for(1).await;
+    assert_eq!(store.written_ids(), [revoked.id]);
+    assert_eq!(errors.get(), 2);
+    assert_eq!(metrics.audit_pending.get(), 0);
+    writer.drain(Duration::from_secs(1)).await;
 }

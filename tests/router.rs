@@ -1680,6 +1680,7 @@ async fn counters_with_known_labels_exist_at_zero_from_the_start() {
         "update_key",
         "reseal_keys",
         "count_keys",
+        "append_audit",
         "list_audit",
         "prune_audit",
     ] {

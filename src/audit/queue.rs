@@ -16,7 +16,7 @@
 //! bounded by what operators and the router do, and never shed.
 
 use super::{AuditEvent, EventKind};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StoreOp};
 use crate::store::Store;
 use prometheus::{IntCounter, IntGauge};
 use std::sync::Arc;
@@ -51,6 +51,9 @@ struct Bound {
     queued: AtomicUsize,
     pending: IntGauge,
     dropped: IntCounter,
+    /// `keyrouter_store_errors_total{op="append_audit"}`: each failed write
+    /// (retried until it succeeds).
+    write_errors: IntCounter,
     /// Set by the first drop of a burst (which logs), cleared by the next
     /// `auth_failed` event accepted (which logs the burst's count).
     shedding: AtomicBool,
@@ -77,6 +80,7 @@ impl AuditQueue {
             queued: AtomicUsize::new(0),
             pending: metrics.audit_pending.clone(),
             dropped: metrics.audit_dropped.clone(),
+            write_errors: metrics.store_errors_of(StoreOp::AppendAudit),
             shedding: AtomicBool::new(false),
             dropped_in_burst: AtomicU64::new(0),
         });
@@ -170,6 +174,7 @@ async fn write_loop(
             match store.append_audit(&batch).await {
                 Ok(()) => break,
                 Err(e) => {
+                    bound.write_errors.inc();
                     tracing::warn!(error = %e, pending = bound.pending.get(), "audit write failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -14,12 +14,13 @@ pub enum StoreOp {
     UpdateKey,
     ResealKeys,
     CountKeys,
+    AppendAudit,
     ListAudit,
     PruneAudit,
 }
 
 impl StoreOp {
-    pub const ALL: [StoreOp; 9] = [
+    pub const ALL: [StoreOp; 10] = [
         StoreOp::InsertKey,
         StoreOp::GetKey,
         StoreOp::ListKeys,
@@ -27,6 +28,7 @@ impl StoreOp {
         StoreOp::UpdateKey,
         StoreOp::ResealKeys,
         StoreOp::CountKeys,
+        StoreOp::AppendAudit,
         StoreOp::ListAudit,
         StoreOp::PruneAudit,
     ];
@@ -42,6 +44,7 @@ impl StoreOp {
             StoreOp::UpdateKey => "update_key",
             StoreOp::ResealKeys => "reseal_keys",
             StoreOp::CountKeys => "count_keys",
+            StoreOp::AppendAudit => "append_audit",
             StoreOp::ListAudit => "list_audit",
             StoreOp::PruneAudit => "prune_audit",
         }
