@@ -80,17 +80,25 @@ impl App {
     }
 
     /// Reloads the key pool from the store (changes made through other
-    /// replicas or processes).
+    /// replicas or processes), and says whether this replica is ready: the
+    /// store answered, and if it holds keys that should serve, some of them
+    /// open (a replica started with the wrong Fernet keys is not ready).
     /// Cooldowns that ended are recorded as they are noticed here.
-    pub async fn reload_pool(self: &Arc<Self>) -> Result<(), StoreError> {
+    pub async fn reload_pool(self: &Arc<Self>) -> Result<bool, StoreError> {
         let records = self
             .store
             .all_keys()
             .await
             .map_err(|e| self.store_failed(StoreOp::AllKeys, e))?;
-        self.pool.reload(&records, &self.vault);
+        let loaded = self.pool.reload(&records, &self.vault);
+        if loaded.none_opens() {
+            tracing::error!(
+                keys = loaded.unopened,
+                "no stored key can be decrypted with KEYROUTER_FERNET_KEYS: not ready"
+            );
+        }
         Health::recover_cooled(self, &records);
-        Ok(())
+        Ok(!loaded.none_opens())
     }
 
     /// Refreshes `keyrouter_keys` from the store's counts.
@@ -198,7 +206,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
         audit,
         ready: AtomicBool::new(false),
     });
-    let ready = app.reload_pool().await.is_ok() && app.refresh_key_gauges().await.is_ok();
+    let ready = app.reload_pool().await.unwrap_or(false) && app.refresh_key_gauges().await.is_ok();
     app.ready.store(ready, Ordering::Relaxed);
     // One handler per proxy thread: each holds its own upstream clients.
     let proxies = ProxyApi::per_thread(&app, app.config.server.workers)?
@@ -297,8 +305,8 @@ async fn refresh_pool(app: Arc<App>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let ok = app.reload_pool().await.is_ok();
-        app.ready.store(ok, Ordering::Relaxed);
+        let ready = app.reload_pool().await.unwrap_or(false);
+        app.ready.store(ready, Ordering::Relaxed);
     }
 }
 

@@ -1313,6 +1313,45 @@ async fn audit_bounds_take_in_the_whole_millisecond_shown() {
     gw.stop().await;
 }
 
+async fn readyz(gw: &TestGateway) -> u16 {
+    let url = format!("{}/readyz", gw.ops);
+    gw.client().get(url).send().await.unwrap().status().as_u16()
+}
+
+/// A replica started with Fernet keys that open none of the stored keys
+/// would answer every request with 503: it reports not ready, so it gets
+/// no traffic. With a key ring that opens them, it is ready again.
+#[tokio::test]
+async fn a_replica_that_cannot_open_any_stored_key_is_not_ready() {
+    let right = Vault::generate_key();
+    let wrong = Vault::generate_key();
+    let dir = tempfile::tempdir().unwrap();
+
+    let first = TestGateway::builder()
+        .fernet_keys(&[&right])
+        .state_dir(dir.path())
+        .start()
+        .await;
+    assert_eq!(readyz(&first).await, 200, "no keys yet: ready");
+    first.register_key("openai", "sk-READY-0123456789abcdef").await;
+    first.stop().await;
+
+    let wrong_ring = TestGateway::builder()
+        .fernet_keys(&[&wrong])
+        .state_dir(dir.path())
+        .start()
+        .await;
+    assert_eq!(readyz(&wrong_ring).await, 503);
+    wrong_ring.stop().await;
+
+    let both = TestGateway::builder()
+        .fernet_keys(&[&wrong, &right])
+        .state_dir(dir.path())
+        .start()
+        .await;
+    assert_eq!(readyz(&both).await, 200);
+}
+
 #[tokio::test]
 async fn rotation_reencrypts_every_stored_key_with_the_primary() {
     let old = Vault::generate_key();

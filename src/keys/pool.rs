@@ -145,6 +145,25 @@ struct Ahead {
     until: Instant,
 }
 
+/// What a reload made of the keys that should serve (active or cooling
+/// down, material kept).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Loaded {
+    /// Keys in the pool.
+    pub opened: usize,
+    /// Keys left out: their material does not decrypt with any configured
+    /// Fernet key (or is not a valid header value); each is logged.
+    pub unopened: usize,
+}
+
+impl Loaded {
+    /// Keys exist but none opens: the Fernet keys are not the ones the
+    /// store was written with, and every request would find no key.
+    pub fn none_opens(&self) -> bool {
+        self.opened == 0 && self.unopened > 0
+    }
+}
+
 /// How long a change made here outranks the store's records of the key:
 /// as long as a stored transition is retried.
 const AHEAD_FOR: Duration = crate::health::PERSIST_GIVE_UP;
@@ -188,8 +207,9 @@ impl KeyPool {
     /// key changed here since the read, or refused by its provider with the
     /// transition not stored yet, keeps the entry it has until the store
     /// catches up. Entries whose revision did not change are kept as they
-    /// are.
-    pub fn reload(&self, records: &[KeyRecord], vault: &Vault) {
+    /// are. Returns how many keys that should serve could be opened and how
+    /// many could not.
+    pub fn reload(&self, records: &[KeyRecord], vault: &Vault) -> Loaded {
         // Changed keys are decrypted before the lock is taken, so the lock
         // (which a request refusing a key takes) is never held for all of
         // them at once.
@@ -209,6 +229,18 @@ impl KeyPool {
             })
             .collect();
         let read: HashMap<&KeyId, &KeyRecord> = records.iter().map(|r| (&r.id, r)).collect();
+        let mut loaded = Loaded::default();
+        for (record, entry) in built.iter().flat_map(|(_, mine)| mine) {
+            let serves = matches!(
+                record.status.state(),
+                KeyState::Active | KeyState::CoolingDown
+            );
+            match entry {
+                Some(_) => loaded.opened += 1,
+                None if serves && record.sealed.is_some() => loaded.unopened += 1,
+                None => {}
+            }
+        }
         // Counters of keys gone or revoked (through any replica) go too.
         self.counters
             .lock()
@@ -256,6 +288,7 @@ impl KeyPool {
                 cursor: AtomicUsize::new(current.cursor.load(Ordering::Relaxed)),
             }));
         }
+        loaded
     }
 
     /// Applies one changed record at once (a management API write, a stored
