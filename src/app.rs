@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 /// A start-up failure: the process prints it as one line and exits 1.
@@ -169,6 +169,11 @@ pub struct Running {
     tasks: JoinSet<()>,
     proxy: Workers,
     audit_writer: AuditWriter,
+    /// The ops listener outlives the others: it answers `/healthz`,
+    /// `/readyz` (503 once the stop began) and `/metrics` until the drain
+    /// is over.
+    ops: JoinHandle<()>,
+    ops_shutdown: CancellationToken,
 }
 
 /// How often background tasks refresh gauges, prune the audit log and check
@@ -228,6 +233,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
         shutdown_drain: s.shutdown_drain,
     };
     let shutdown = CancellationToken::new();
+    let ops_shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let tls_for = |listener: TlsListener| -> TlsSource { certs.clone().map(|c| (c, listener)) };
     tasks.spawn(server::serve(
@@ -239,14 +245,14 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
         opts,
         shutdown.clone(),
     ));
-    tasks.spawn(server::serve(
+    let ops = tokio::spawn(server::serve(
         "ops",
         listeners.ops,
         None,
         Arc::new(OpsApi::new(app.clone())),
         slots(),
         opts,
-        shutdown.clone(),
+        ops_shutdown.clone(),
     ));
     let proxy = Workers::start(
         "proxy",
@@ -278,6 +284,8 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
         tasks,
         proxy,
         audit_writer,
+        ops,
+        ops_shutdown,
     })
 }
 
@@ -355,11 +363,14 @@ async fn maintenance(app: Arc<App>, certs: Option<Arc<CertStore>>) {
 }
 
 impl Running {
-    /// Graceful stop: listeners stop accepting, open requests get the drain
-    /// time; then key state changes being written and queued audit events
-    /// get the drain time again, side by side.
+    /// Graceful stop: `/readyz` turns 503, the proxy and admin listeners
+    /// stop accepting, open requests get the drain time; then key state
+    /// changes being written and queued audit events get the drain time
+    /// again, side by side; the ops listener stops last.
     pub async fn stop(mut self) {
+        // After the pool refresh (which sets readiness) is stopped.
         self.shutdown.cancel();
+        self.app.ready.store(false, Ordering::Relaxed);
         while self.tasks.join_next().await.is_some() {}
         self.proxy.join().await;
         let drain = self.app.config.server.shutdown_drain;
@@ -367,5 +378,7 @@ impl Running {
             self.app.health.drain(tokio::time::Instant::now() + drain),
             self.audit_writer.drain(drain),
         );
+        self.ops_shutdown.cancel();
+        let _ = self.ops.await;
     }
 }

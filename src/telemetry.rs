@@ -6,6 +6,7 @@
 //! route templates, not raw paths with query strings.
 
 use crate::config::{LogConfig, LogFormat};
+use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides `log.level`.
@@ -23,6 +24,10 @@ pub fn init(cfg: &LogConfig) {
             .with_current_span(true)
             .with_span_list(false)
             .try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
+        // Colours only on a terminal: a log file or journald gets plain text.
+        LogFormat::Pretty => builder
+            .compact()
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
     };
 }

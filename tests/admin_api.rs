@@ -1333,7 +1333,9 @@ async fn a_replica_that_cannot_open_any_stored_key_is_not_ready() {
         .start()
         .await;
     assert_eq!(readyz(&first).await, 200, "no keys yet: ready");
-    first.register_key("openai", "sk-READY-0123456789abcdef").await;
+    first
+        .register_key("openai", "sk-READY-0123456789abcdef")
+        .await;
     first.stop().await;
 
     let wrong_ring = TestGateway::builder()

@@ -1349,6 +1349,45 @@ async fn the_first_event_reaches_the_client_before_the_stream_ends() {
     assert_openai_stream(&text, "gpt-4o");
 }
 
+/// While a graceful stop drains open requests, monitoring still reaches
+/// the ops listener: `/healthz` 200, `/readyz` 503 (take no new traffic),
+/// `/metrics` scraped; it closes once the stop is over.
+#[tokio::test]
+async fn the_ops_listener_answers_through_the_drain() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "[server]\nshutdown_drain = \"2s\"").await;
+    let mut held = gw
+        .client()
+        .post(gw.proxy_url("/openai/v1/chat/completions"))
+        .header("x-mock-hold", "1")
+        .json(&chat_stream("gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    first_event(&mut held).await;
+    let ops = gw.ops.clone();
+    let client = reqwest::Client::new();
+    let status = |path: &str| {
+        let req = client.get(format!("{ops}{path}"));
+        async move { req.send().await.map(|r| r.status().as_u16()) }
+    };
+    assert_eq!(status("/readyz").await.unwrap(), 200);
+    let stopping = tokio::spawn(gw.stop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !stopping.is_finished(),
+        "the held stream keeps the drain busy"
+    );
+    assert_eq!(status("/healthz").await.unwrap(), 200);
+    assert_eq!(status("/readyz").await.unwrap(), 503);
+    assert_eq!(status("/metrics").await.unwrap(), 200);
+    stopping.await.unwrap();
+    assert!(
+        status("/healthz").await.is_err(),
+        "still listening after the stop"
+    );
+}
+
 #[tokio::test]
 async fn a_client_leaving_mid_stream_closes_the_upstream_stream() {
     let mock = MockUpstream::start().await;

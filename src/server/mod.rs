@@ -128,6 +128,12 @@ struct Connections<H> {
     shutdown: CancellationToken,
 }
 
+/// The largest request head accepted, the same over HTTP/1.1 (hyper's
+/// read buffer; a larger head gets 431) and h2 (the header list size it
+/// advertises), so a request does not work or fail by the protocol
+/// negotiated.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
 impl<H: Handler> Connections<H> {
     fn new(
         name: &'static str,
@@ -141,9 +147,10 @@ impl<H: Handler> Connections<H> {
         builder
             .http1()
             .header_read_timeout(None)
-            .max_buf_size(64 * 1024);
+            .max_buf_size(MAX_HEADER_BYTES);
         builder
             .http2()
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .max_concurrent_streams(256);
