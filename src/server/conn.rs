@@ -226,7 +226,10 @@ pub async fn serve<I, H>(
 /// Resolves when the connection should close, and how: gracefully on
 /// `shutdown`, else as [`Activity::due`] says. Without `shutdown` the
 /// connection is closing gracefully already, and only [`Close::Now`] is
-/// still looked for. It looks at least once per `header_read_timeout` or
+/// still looked for: a late head, or an idle connection whose goodbye is
+/// not over within `header_read_timeout` (an h2 client that never answers
+/// the GOAWAY's PING would otherwise hold it until the keep-alive gives
+/// up, close to a minute). It looks at least once per `header_read_timeout` or
 /// `idle_timeout`, whichever is shorter, so a deadline that moved nearer
 /// meanwhile (a request ended, a head began to arrive) is never missed.
 async fn close_when_due(
@@ -241,6 +244,11 @@ async fn close_when_due(
         let wake = match activity.due(&opts) {
             Some((at, close)) if at <= now && (close == Close::Now || shutdown.is_some()) => {
                 return close;
+            }
+            Some((at, Close::Gracefully))
+                if shutdown.is_none() && at + opts.header_read_timeout <= now =>
+            {
+                return Close::Now;
             }
             Some((at, _)) if at > now => at.min(look_again),
             _ => look_again,

@@ -192,6 +192,35 @@ async fn an_h2_connection_may_wait_its_idle_timeout_for_its_first_request() {
     assert_eq!(resp.status(), 200);
 }
 
+/// An idle h2 connection is said goodbye to (GOAWAY and a PING); a client
+/// that never answers gets `header_read_timeout` more, not the minute the
+/// h2 keep-alive would give it.
+#[tokio::test]
+async fn an_idle_h2_client_that_ignores_the_goodbye_is_closed() {
+    let (addr, _shutdown, _task) =
+        start_with(Duration::from_millis(300), Duration::from_millis(600)).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // The preface and an empty SETTINGS frame; then nothing, not even the
+    // acknowledgements the server asks for.
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("connection was not closed");
+        if matches!(read, Ok(0) | Err(_)) {
+            break;
+        }
+    }
+    assert_took(
+        start.elapsed(),
+        Duration::from_millis(600)..Duration::from_millis(2500),
+    );
+}
+
 #[tokio::test]
 async fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout() {
     let (addr, _shutdown, _task) =
