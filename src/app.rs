@@ -66,6 +66,9 @@ pub struct App {
     /// Set once the store answered and the keys are loaded; cleared
     /// while the store is unreachable. `/readyz` reports it.
     pub ready: AtomicBool,
+    /// Set when a graceful stop begins: a request cut off from then on is
+    /// the stop's doing, not its client's (see `proxy::outcome`).
+    pub stopping: Arc<AtomicBool>,
 }
 
 impl App {
@@ -210,6 +213,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
         metrics,
         audit,
         ready: AtomicBool::new(false),
+        stopping: Arc::default(),
     });
     let ready = app.reload_pool().await.unwrap_or(false) && app.refresh_key_gauges().await.is_ok();
     app.ready.store(ready, Ordering::Relaxed);
@@ -371,6 +375,7 @@ impl Running {
         // After the pool refresh (which sets readiness) is stopped.
         self.shutdown.cancel();
         self.app.ready.store(false, Ordering::Relaxed);
+        self.app.stopping.store(true, Ordering::Relaxed);
         while self.tasks.join_next().await.is_some() {}
         self.proxy.join().await;
         let drain = self.app.config.server.shutdown_drain;

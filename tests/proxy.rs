@@ -1351,7 +1351,8 @@ async fn the_first_event_reaches_the_client_before_the_stream_ends() {
 
 /// While a graceful stop drains open requests, monitoring still reaches
 /// the ops listener: `/healthz` 200, `/readyz` 503 (take no new traffic),
-/// `/metrics` scraped; it closes once the stop is over.
+/// `/metrics` scraped; it closes once the stop is over. A stream the drain
+/// cut off counts as 503 (the gateway's doing), not as its client leaving.
 #[tokio::test]
 async fn the_ops_listener_answers_through_the_drain() {
     let mock = MockUpstream::start().await;
@@ -1372,6 +1373,7 @@ async fn the_ops_listener_answers_through_the_drain() {
         async move { req.send().await.map(|r| r.status().as_u16()) }
     };
     assert_eq!(status("/readyz").await.unwrap(), 200);
+    let app = gw.app().clone();
     let stopping = tokio::spawn(gw.stop());
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
@@ -1386,6 +1388,11 @@ async fn the_ops_listener_answers_through_the_drain() {
         status("/healthz").await.is_err(),
         "still listening after the stop"
     );
+    let metrics = String::from_utf8(app.metrics.render()).unwrap();
+    let line =
+        |code: &str| format!("keyrouter_requests_total{{code=\"{code}\",provider=\"openai\"}} 1");
+    assert!(metrics.contains(&line("503")), "{metrics}");
+    assert!(!metrics.contains(&line("499")), "{metrics}");
 }
 
 #[tokio::test]

@@ -46,14 +46,14 @@ use crate::health::Health;
 use crate::http::{Body, RequestId, finish};
 use crate::keys::pool::PoolKey;
 use crate::limits::Refusal;
-use crate::metrics::{ProviderMetrics, RateLimitScope, RetryReason};
+use crate::metrics::{RateLimitScope, RetryReason};
 use crate::server::{ConnInfo, Handler};
 use client_auth::ClientAuth;
 use cors::Cors;
 use error::ProxyError;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-use outcome::Completion;
+use outcome::{Accounts, Completion};
 use request_body::BodyReader;
 use respond::Answer;
 use route::RouteTable;
@@ -78,7 +78,7 @@ struct ProviderRuntime {
     policy: crate::config::Policy,
     retry_budget: u32,
     upstream: Upstream,
-    metrics: Arc<ProviderMetrics>,
+    accounts: Arc<Accounts>,
 }
 
 /// The proxy's handler; one per proxy thread (`server::workers`), so that
@@ -125,7 +125,10 @@ impl ProxyApi {
                 policy: p.policy,
                 retry_budget: p.retry_budget,
                 upstream: Upstream::new(p, &cfg.server, tls.clone()),
-                metrics: Arc::new(app.metrics.provider(&p.id)),
+                accounts: Arc::new(Accounts {
+                    metrics: app.metrics.provider(&p.id),
+                    stopping: app.stopping.clone(),
+                }),
             })
             .collect();
         ProxyApi {
@@ -151,7 +154,7 @@ impl ProxyApi {
     ) -> Result<Response<Body>, ProxyError> {
         let routed = self.routes.route(req.uri(), req.version(), req.headers())?;
         let provider = &self.providers[routed.provider];
-        *completion = Some(Completion::start(&provider.metrics, request_id, started));
+        *completion = Some(Completion::start(&provider.accounts, request_id, started));
         self.authorize_client(provider, req.headers()).await?;
 
         let (parts, body) = req.into_parts();
@@ -224,6 +227,7 @@ impl ProxyApi {
             let sent = Instant::now();
             let sent_result = provider.upstream.send(upstream_req).await;
             provider
+                .accounts
                 .metrics
                 .upstream_duration
                 .observe(sent.elapsed().as_secs_f64());

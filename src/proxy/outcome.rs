@@ -10,6 +10,7 @@ use crate::metrics::ProviderMetrics;
 use crate::sanitize::json::Usage;
 use http::StatusCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 /// How a request ended.
@@ -28,6 +29,9 @@ pub enum End {
     Stalled,
     /// The client went away first.
     ClientGone,
+    /// A graceful stop's drain ran out first (or the client left during
+    /// it): the gateway cut the request off.
+    Stopped,
 }
 
 impl End {
@@ -39,6 +43,7 @@ impl End {
             End::Oversized => "oversized_event",
             End::Stalled => "stalled",
             End::ClientGone => "client_gone",
+            End::Stopped => "stopped",
         }
     }
 }
@@ -46,9 +51,18 @@ impl End {
 /// The code counted for a client that left before its response was over.
 const CLIENT_CLOSED: u16 = 499;
 
+/// What the accounting of one provider's requests shares (one per proxy
+/// thread and provider).
+pub struct Accounts {
+    pub metrics: ProviderMetrics,
+    /// The gateway's stop began: a request that did not finish was cut off
+    /// by the stop, not abandoned by its client.
+    pub stopping: Arc<AtomicBool>,
+}
+
 /// Everything needed to account a request when it ends.
 pub struct Completion {
-    metrics: Arc<ProviderMetrics>,
+    accounts: Arc<Accounts>,
     request_id: RequestId,
     started: Instant,
     status: StatusCode,
@@ -62,10 +76,10 @@ pub struct Completion {
 impl Completion {
     /// Starts accounting a request routed to the provider of `metrics`
     /// (counted in flight from now on).
-    pub fn start(metrics: &Arc<ProviderMetrics>, request_id: &RequestId, started: Instant) -> Self {
-        metrics.inflight.inc();
+    pub fn start(accounts: &Arc<Accounts>, request_id: &RequestId, started: Instant) -> Self {
+        accounts.metrics.inflight.inc();
         Completion {
-            metrics: metrics.clone(),
+            accounts: accounts.clone(),
             request_id: request_id.clone(),
             started,
             status: StatusCode::OK,
@@ -94,7 +108,10 @@ impl Completion {
 
 impl Drop for Completion {
     fn drop(&mut self) {
-        let m = &self.metrics;
+        let m = &self.accounts.metrics;
+        if self.end == End::ClientGone && self.accounts.stopping.load(Ordering::Relaxed) {
+            self.end = End::Stopped;
+        }
         m.inflight.dec();
         let elapsed = self.started.elapsed();
         m.request_duration.observe(elapsed.as_secs_f64());
@@ -106,12 +123,13 @@ impl Drop for Completion {
         }
         // A stream that fails after its headers were sent is an upstream
         // error (a timeout when the provider stalled), whatever status line
-        // went out; an abandoned one is 499.
+        // went out; an abandoned one is 499, one a stop cut off 503.
         let code = match self.end {
             End::Complete => self.status,
             End::ErrorEvent | End::Broken | End::Oversized => StatusCode::BAD_GATEWAY,
             End::Stalled => StatusCode::GATEWAY_TIMEOUT,
             End::ClientGone => StatusCode::from_u16(CLIENT_CLOSED).expect("a valid code"),
+            End::Stopped => StatusCode::SERVICE_UNAVAILABLE,
         };
         m.requests.inc(code);
         let (key, permit) = self.key.take().unzip();
