@@ -90,6 +90,18 @@ fn chat(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
 }
 
+/// An OpenAI chat stream for `gpt-4o`, with the mock header `name: value`;
+/// the response as soon as its head arrives.
+async fn openai_stream_with(gw: &TestGateway, name: &str, value: &str) -> reqwest::Response {
+    gw.client()
+        .post(gw.proxy_url("/openai/v1/chat/completions"))
+        .header(name, value)
+        .json(&chat_stream("gpt-4o"))
+        .send()
+        .await
+        .unwrap()
+}
+
 fn chat_stream(model: &str) -> Value {
     json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "hi"}]})
 }
@@ -1320,14 +1332,7 @@ async fn the_first_event_reaches_the_client_before_the_stream_ends() {
     let mock = MockUpstream::start().await;
     let gw = gateway(&mock, "").await;
     let started = Instant::now();
-    let mut resp = gw
-        .client()
-        .post(gw.proxy_url("/openai/v1/chat/completions"))
-        .header("x-mock-pause-ms", "1500")
-        .json(&chat_stream("gpt-4o"))
-        .send()
-        .await
-        .unwrap();
+    let mut resp = openai_stream_with(&gw, "x-mock-pause-ms", "1500").await;
     assert_eq!(resp.status(), 200);
     let mut text = first_event(&mut resp).await;
     let first = started.elapsed();
@@ -1357,14 +1362,7 @@ async fn the_first_event_reaches_the_client_before_the_stream_ends() {
 async fn the_ops_listener_answers_through_the_drain() {
     let mock = MockUpstream::start().await;
     let gw = gateway(&mock, "[server]\nshutdown_drain = \"2s\"").await;
-    let mut held = gw
-        .client()
-        .post(gw.proxy_url("/openai/v1/chat/completions"))
-        .header("x-mock-hold", "1")
-        .json(&chat_stream("gpt-4o"))
-        .send()
-        .await
-        .unwrap();
+    let mut held = openai_stream_with(&gw, "x-mock-hold", "1").await;
     first_event(&mut held).await;
     let ops = gw.ops.clone();
     let client = reqwest::Client::new();
@@ -1764,14 +1762,7 @@ async fn answers_the_provider_breaks_off_count_as_upstream_errors() {
 
     // A stream cut short: the events that came are rewritten, the client
     // sees the stream break, and the request counts as an error.
-    let resp = gw
-        .client()
-        .post(gw.proxy_url("/openai/v1/chat/completions"))
-        .header("x-mock-truncate", "1")
-        .json(&chat_stream("gpt-4o"))
-        .send()
-        .await
-        .unwrap();
+    let resp = openai_stream_with(&gw, "x-mock-truncate", "1").await;
     assert_eq!(resp.status(), 200);
     let mut resp = resp;
     let mut text = String::new();
@@ -1814,14 +1805,7 @@ async fn one_slot_gateway(mock: &MockUpstream) -> TestGateway {
 async fn a_stream_the_provider_stalls_is_cut_off_and_frees_its_key() {
     let mock = MockUpstream::start().await;
     let gw = one_slot_gateway(&mock).await;
-    let mut resp = gw
-        .client()
-        .post(gw.proxy_url("/openai/v1/chat/completions"))
-        .header("x-mock-hold", "1")
-        .json(&chat_stream("gpt-4o"))
-        .send()
-        .await
-        .unwrap();
+    let mut resp = openai_stream_with(&gw, "x-mock-hold", "1").await;
     assert_eq!(resp.status(), 200);
     let mut text = first_event(&mut resp).await;
     let silent_since = Instant::now();
@@ -1919,14 +1903,7 @@ async fn a_stream_longer_than_the_read_timeout_that_keeps_sending_is_not_cut() {
 async fn a_stream_event_larger_than_the_body_limit_ends_the_stream() {
     let mock = MockUpstream::start().await;
     let gw = gateway(&mock, "[server]\nmax_body_bytes = 65536").await;
-    let mut resp = gw
-        .client()
-        .post(gw.proxy_url("/openai/v1/chat/completions"))
-        .header("x-mock-unterminated", "262144")
-        .json(&chat_stream("gpt-4o"))
-        .send()
-        .await
-        .unwrap();
+    let mut resp = openai_stream_with(&gw, "x-mock-unterminated", "262144").await;
     assert_eq!(resp.status(), 200);
     // The provider never ends its second event and then goes silent: the
     // client sees the stream break off instead of waiting while keyrouter
