@@ -278,7 +278,18 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
         }
     }
     spawn_until(&mut tasks, &shutdown, maintenance(app.clone(), certs));
-    tracing::info!(%proxy_addr, %admin_addr, %ops_addr, "keyrouter started");
+    let tls = app.config.tls.as_ref();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        %proxy_addr,
+        %admin_addr,
+        %ops_addr,
+        tls = tls.is_some(),
+        admin_client_certificates = tls.is_some_and(|t| t.client_ca_path.is_some()),
+        store = app.config.store.backend_name(),
+        rate_limit = app.config.rate_limit.backend.name(),
+        "keyrouter started"
+    );
     Ok(Running {
         admin_addr,
         ops_addr,

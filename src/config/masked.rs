@@ -165,21 +165,18 @@ pub fn render(cfg: &Config) -> String {
             .collect(),
         store: match &cfg.store {
             StoreConfig::Sqlite { path } => MaskedStore {
-                backend: "sqlite",
+                backend: cfg.store.backend_name(),
                 path: Some(path.display().to_string()),
                 database: None,
             },
             StoreConfig::MongoDb { database, .. } => MaskedStore {
-                backend: "mongodb",
+                backend: cfg.store.backend_name(),
                 path: None,
                 database: Some(database.clone()),
             },
         },
         rate_limit: MaskedRateLimit {
-            backend: match cfg.rate_limit.backend {
-                RateLimitBackend::Local => "local",
-                RateLimitBackend::Redis { .. } => "redis",
-            },
+            backend: cfg.rate_limit.backend.name(),
             on_backend_error: match cfg.rate_limit.on_backend_error {
                 super::OnBackendError::Local => "local",
                 super::OnBackendError::Deny => "deny",

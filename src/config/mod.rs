@@ -213,6 +213,16 @@ pub enum StoreConfig {
     MongoDb { uri: Secret, database: String },
 }
 
+impl StoreConfig {
+    /// The `store.backend` value.
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            StoreConfig::Sqlite { .. } => "sqlite",
+            StoreConfig::MongoDb { .. } => "mongodb",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct RateLimitConfig {
     pub backend: RateLimitBackend,
@@ -228,6 +238,16 @@ pub struct RateLimitConfig {
 pub enum RateLimitBackend {
     Local,
     Redis { url: Secret },
+}
+
+impl RateLimitBackend {
+    /// The `rate_limit.backend` value.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RateLimitBackend::Local => "local",
+            RateLimitBackend::Redis { .. } => "redis",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
