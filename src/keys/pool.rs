@@ -79,8 +79,9 @@ pub struct ProviderKeys {
     pub keys: Vec<Arc<PoolKey>>,
     /// Keys cooling down after a provider 429, with the end of each
     /// cooldown: they make "all keys busy" a 429 with `Retry-After` rather
-    /// than a 503.
-    pub cooling: Vec<(KeyId, DateTime<Utc>)>,
+    /// than a 503. A map: a request asks about each key it looks at, and
+    /// after a burst of 429s many keys rest at once.
+    pub cooling: HashMap<KeyId, DateTime<Utc>>,
     /// Rotating start position for round-robin and tie-breaking.
     pub cursor: AtomicUsize,
 }
@@ -91,17 +92,15 @@ impl ProviderKeys {
     /// its key serves meanwhile.)
     pub fn next_cooldown_end(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.cooling
-            .iter()
-            .map(|(_, until)| *until)
+            .values()
+            .copied()
             .filter(|until| *until > now)
             .min()
     }
 
     /// Whether key `id` is still resting at `now`.
     pub fn is_resting(&self, id: &KeyId, now: DateTime<Utc>) -> bool {
-        self.cooling
-            .iter()
-            .any(|(cooling, until)| cooling == id && *until > now)
+        self.cooling.get(id).is_some_and(|until| *until > now)
     }
 
     /// A copy with the same cursor position, with `id` taken out.
@@ -111,8 +110,8 @@ impl ProviderKeys {
             cooling: self
                 .cooling
                 .iter()
-                .filter(|(k, _)| k != id)
-                .cloned()
+                .filter(|(k, _)| *k != id)
+                .map(|(k, until)| (k.clone(), *until))
                 .collect(),
             cursor: AtomicUsize::new(self.cursor.load(Ordering::Relaxed)),
         }
@@ -279,7 +278,7 @@ impl KeyPool {
                         .cooling
                         .iter()
                         .filter(|(id, _)| is_ahead(id))
-                        .cloned(),
+                        .map(|(id, until)| (id.clone(), *until)),
                 )
                 .collect();
             slot.store(Arc::new(ProviderKeys {
@@ -323,8 +322,9 @@ impl KeyPool {
                 // Still held out: a cooldown the refusal started still
                 // counts, and a key resting for it stays in the list (with
                 // the record's limits and weight) for when it ends.
-                let cooling = current.cooling.iter().find(|(id, _)| id == &record.id);
-                next.cooling.extend(cooling.cloned());
+                let cooling = current.cooling.get(&record.id);
+                next.cooling
+                    .extend(cooling.map(|until| (record.id.clone(), *until)));
                 if cooling.is_some() {
                     next.keys.extend(self.entry(record, *kind, previous, vault));
                 }
@@ -332,7 +332,7 @@ impl KeyPool {
                 next.keys.extend(self.entry(record, *kind, previous, vault));
             }
             if let Some(until) = record.status.cooldown_until() {
-                next.cooling.push((record.id.clone(), until));
+                next.cooling.insert(record.id.clone(), until);
             }
             next
         });
@@ -364,11 +364,11 @@ impl KeyPool {
             });
         slot.rcu(|current| {
             let entry = current.keys.iter().find(|k| &k.id == id);
-            let known = entry.is_some() || current.cooling.iter().any(|(k, _)| k == id);
+            let known = entry.is_some() || current.cooling.contains_key(id);
             let mut next = current.without(id);
             if let (true, KeyEvent::RateLimited { until }) = (known, event) {
                 next.keys.extend(entry.cloned());
-                next.cooling.push((id.clone(), until));
+                next.cooling.insert(id.clone(), until);
             }
             next
         });
