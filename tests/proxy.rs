@@ -422,6 +422,71 @@ async fn credentials_are_swapped_toward_an_https_provider_too() {
     credentials_are_swapped(&mock, &gw).await;
 }
 
+/// Requests in a row go over one kept provider connection: HTTP/1.1 to a
+/// plain HTTP provider, with the provider's own `Host`. A connection the
+/// provider closes after its answer is not used again.
+#[tokio::test]
+async fn provider_connections_are_kept_and_reused() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "").await;
+    for _ in 0..5 {
+        let a = post(&gw, "/openai/v1/chat/completions", &chat("gpt-4o")).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+    }
+    let received = mock.received();
+    assert_eq!(received.len(), 5);
+    let first = received[0].connection;
+    assert!(
+        received.iter().all(|r| r.connection == first),
+        "one connection for requests in a row: {:?}",
+        received.iter().map(|r| r.connection).collect::<Vec<_>>()
+    );
+    assert!(received.iter().all(|r| r.version == http::Version::HTTP_11));
+    let host = format!("localhost:{}", mock.addr.port());
+    assert_eq!(received[0].header("host"), Some(host.as_str()));
+
+    let closing = [("x-mock-close", "1")];
+    let a = post_with(
+        &gw,
+        "/openai/v1/chat/completions",
+        &chat("gpt-4o"),
+        &closing,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let b = post(&gw, "/openai/v1/chat/completions", &chat("gpt-4o")).await;
+    assert_eq!(b.status, 200, "{}", b.text);
+    let received = mock.received();
+    assert_eq!(received[5].connection, first);
+    assert_ne!(
+        received[6].connection, first,
+        "a closed connection was used again"
+    );
+}
+
+/// An HTTPS provider that offers HTTP/2 gets every request over one
+/// HTTP/2 connection, addressed by `:authority` (no `Host`).
+#[tokio::test]
+async fn an_https_provider_offering_http2_gets_one_http2_connection() {
+    let ca = TestCa::new("keyrouter test upstream CA");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = ca.write(dir.path());
+    let mock = MockUpstream::start_tls(ca.leaf("localhost").server_config()).await;
+    let gw = gateway_with(all_kinds(&mock, Some(&ca_path)), "").await;
+    for _ in 0..3 {
+        let a = post(&gw, "/openai/v1/chat/completions", &chat("gpt-4o")).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+    }
+    let received = mock.received();
+    assert!(received.iter().all(|r| r.version == http::Version::HTTP_2));
+    assert!(
+        received
+            .iter()
+            .all(|r| r.connection == received[0].connection)
+    );
+    assert!(received.iter().all(|r| r.header("host").is_none()));
+}
+
 /// Writes `request` on a fresh connection to `addr` and reads one response.
 async fn raw_request(addr: SocketAddr, request: &[u8]) -> RawReply {
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -347,7 +347,9 @@ impl Handler for ProxyApi {
         }
         let origin = self.cors.allowed(req.headers()).cloned();
         let mut completion = None;
-        let mut resp = match self.forward(req, &id, started, &mut completion).await {
+        // Boxed: the server moves a request's future several times, and
+        // this one holds every stage's state (a few KiB).
+        let mut resp = match Box::pin(self.forward(req, &id, started, &mut completion)).await {
             Ok(resp) => resp,
             Err(e) => {
                 let label = e.as_str();

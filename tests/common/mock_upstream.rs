@@ -16,6 +16,8 @@
 //!   [`MockUpstream::release`];
 //! - `x-mock-fragment: N` sends the SSE bytes in N-byte frames, about 1 ms
 //!   apart, so events arrive split anywhere (even inside `data:` or `\n\n`);
+//! - `x-mock-close: 1` answers with `Connection: close` and closes the
+//!   connection after the response;
 //! - `x-mock-gzip: 1` sends the body gzip-compressed with
 //!   `Content-Encoding: gzip`, whatever the request's `Accept-Encoding`;
 //! - `x-mock-truncate: 1` announces the whole body's `Content-Length` but
@@ -71,6 +73,10 @@ type Body = BoxBody<Bytes, Infallible>;
 /// What the mock received.
 #[derive(Clone, Debug)]
 pub struct Received {
+    /// Which connection it came on: the mock numbers them as it accepts
+    /// them, from 0.
+    pub connection: usize,
+    pub version: http::Version,
     pub method: http::Method,
     pub path_and_query: String,
     pub headers: HeaderMap,
@@ -365,7 +371,7 @@ async fn serve_shared(
     shared: Arc<Shared>,
     open: Arc<AtomicUsize>,
 ) {
-    loop {
+    for connection in 0.. {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
@@ -375,7 +381,7 @@ async fn serve_shared(
         let tls = tls.clone();
         tokio::spawn(async move {
             open.fetch_add(1, Ordering::SeqCst);
-            let service = service_fn(move |req| answer(req, shared.clone()));
+            let service = service_fn(move |req| answer(req, shared.clone(), connection));
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             match tls {
                 None => {
@@ -397,6 +403,21 @@ async fn serve_shared(
 async fn answer(
     req: Request<Incoming>,
     shared: Arc<Shared>,
+    connection: usize,
+) -> Result<Response<Body>, ResetConnection> {
+    let close = req.headers().contains_key("x-mock-close");
+    let mut resp = answer_request(req, shared, connection).await?;
+    if close {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(resp)
+}
+
+async fn answer_request(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    connection: usize,
 ) -> Result<Response<Body>, ResetConnection> {
     let (parts, body) = req.into_parts();
     let body = body
@@ -409,6 +430,8 @@ async fn answer(
     };
     let key = credential(&parts.headers);
     received.lock().unwrap().push(Received {
+        connection,
+        version: parts.version,
         method: parts.method.clone(),
         path_and_query: parts
             .uri

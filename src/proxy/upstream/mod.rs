@@ -1,8 +1,10 @@
-//! The upstream side: one pooled HTTP client per provider (HTTP/1.1, or
+//! The upstream side: a pool of connections per provider (HTTP/1.1, or
 //! HTTP/2 where the provider offers it over TLS), and the request that goes
 //! to the provider: the client's credentials and hop-by-hop headers removed,
 //! the chosen key injected the way the provider kind expects it, identity
 //! encoding asked for so that no compressed body can bypass sanitization.
+
+mod pool;
 
 use super::error::ProxyError;
 use super::read_timeout::ReadTimeout;
@@ -12,21 +14,23 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri};
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use pool::{Pool, Pooled};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use std::time::Duration;
 
 /// A provider's response body: cut off when it stalls.
-pub type UpstreamBody = ReadTimeout<Incoming>;
+pub type UpstreamBody = ReadTimeout<Pooled>;
+
+/// How long an upstream connection is kept unused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle upstream connections kept per provider and proxy thread.
+const MAX_IDLE: usize = 1024;
 
 /// A provider's HTTP client.
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    pool: Pool,
     kind: ProviderKind,
     first_byte_timeout: Duration,
     read_timeout: Duration,
@@ -76,14 +80,8 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .build(connector);
         Upstream {
-            client,
+            pool: Pool::new(connector, &p.base_url, IDLE_TIMEOUT, MAX_IDLE),
             kind: p.kind,
             first_byte_timeout: server.upstream_first_byte_timeout,
             read_timeout: server.upstream_read_timeout,
@@ -96,7 +94,7 @@ impl Upstream {
         &self,
         req: Request<Full<Bytes>>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        match tokio::time::timeout(self.first_byte_timeout, self.client.request(req)).await {
+        match tokio::time::timeout(self.first_byte_timeout, self.pool.send(req)).await {
             Err(_) => Err(ProxyError::UpstreamTimeout),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "upstream request failed");
