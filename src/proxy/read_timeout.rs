@@ -12,11 +12,13 @@
 //! to take frames, the body is not polled and its clock does not run, so a
 //! slow reader never makes the provider look stalled.
 //!
-//! This sits on every frame of every stream, so it costs one `Sleep` per
-//! response and no timer work per frame: each wait notes when it began (one
-//! clock read), and the sleep, armed for the deadline of some earlier wait,
-//! is moved to the current wait's deadline only when it fires early. It
-//! fires about once per timeout period however many frames flow.
+//! This sits on every frame of every stream, so it costs at most one
+//! `Sleep` per response and no timer work per frame: each wait notes when
+//! it began (one clock read), and the sleep, armed for the deadline of some
+//! earlier wait, is moved to the current wait's deadline only when it fires
+//! early. It fires about once per timeout period however many frames flow.
+//! A body that never makes keyrouter wait (a JSON answer that arrived with
+//! its headers, the common case) never arms one.
 
 use crate::http::BoxError;
 use http_body::{Body, Frame, SizeHint};
@@ -37,18 +39,19 @@ pub struct ReadTimeout<B> {
     inner: B,
     timeout: Duration,
     /// Never fires after the current wait's deadline; may fire before it.
-    sleep: Pin<Box<Sleep>>,
+    /// Armed at the first wait.
+    sleep: Option<Pin<Box<Sleep>>>,
     /// When the current wait for a frame began; `None` after a frame.
     waiting_since: Option<Instant>,
 }
 
 impl<B> ReadTimeout<B> {
-    /// Must be called within the Tokio runtime.
+    /// Must be polled within the Tokio runtime.
     pub fn new(inner: B, timeout: Duration) -> Self {
         ReadTimeout {
             inner,
             timeout,
-            sleep: Box::pin(tokio::time::sleep(timeout)),
+            sleep: None,
             waiting_since: None,
         }
     }
@@ -72,13 +75,16 @@ where
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         let deadline = *this.waiting_since.get_or_insert_with(Instant::now) + this.timeout;
-        while this.sleep.as_mut().poll(cx).is_ready() {
-            if this.sleep.deadline() >= deadline {
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        while sleep.as_mut().poll(cx).is_ready() {
+            if sleep.deadline() >= deadline {
                 return Poll::Ready(Some(Err(BodyStalled.into())));
             }
             // Armed for an earlier wait: re-armed, and polled again to
             // register for the new deadline.
-            this.sleep.as_mut().reset(deadline);
+            sleep.as_mut().reset(deadline);
         }
         Poll::Pending
     }
