@@ -412,13 +412,21 @@ async fn an_azure_deployment_below_a_base_path_is_the_answers_model() {
     assert_eq!(a.json()["model"], "gpt4o");
 }
 
-#[tokio::test]
-async fn credentials_are_swapped_toward_an_https_provider_too() {
+/// An HTTPS mock provider whose certificate a test CA signed, and a gateway
+/// with every provider kind in front of it, trusting that CA. The CA file
+/// lives in the returned directory.
+async fn https_provider_gateway() -> (MockUpstream, TestGateway, tempfile::TempDir) {
     let ca = TestCa::new("keyrouter test upstream CA");
     let dir = tempfile::tempdir().unwrap();
     let ca_path = ca.write(dir.path());
     let mock = MockUpstream::start_tls(ca.leaf("localhost").server_config()).await;
     let gw = gateway_with(all_kinds(&mock, Some(&ca_path)), "").await;
+    (mock, gw, dir)
+}
+
+#[tokio::test]
+async fn credentials_are_swapped_toward_an_https_provider_too() {
+    let (mock, gw, _ca_dir) = https_provider_gateway().await;
     credentials_are_swapped(&mock, &gw).await;
 }
 
@@ -468,11 +476,7 @@ async fn provider_connections_are_kept_and_reused() {
 /// HTTP/2 connection, addressed by `:authority` (no `Host`).
 #[tokio::test]
 async fn an_https_provider_offering_http2_gets_one_http2_connection() {
-    let ca = TestCa::new("keyrouter test upstream CA");
-    let dir = tempfile::tempdir().unwrap();
-    let ca_path = ca.write(dir.path());
-    let mock = MockUpstream::start_tls(ca.leaf("localhost").server_config()).await;
-    let gw = gateway_with(all_kinds(&mock, Some(&ca_path)), "").await;
+    let (mock, gw, _ca_dir) = https_provider_gateway().await;
     for _ in 0..3 {
         let a = post(&gw, "/openai/v1/chat/completions", &chat("gpt-4o")).await;
         assert_eq!(a.status, 200, "{}", a.text);
@@ -2539,11 +2543,7 @@ async fn without_cors_origins_no_cors_header_ever_appears() {
 async fn an_sdk_style_client_works_through_to_an_https_provider() {
     use futures_util::StreamExt;
 
-    let ca = TestCa::new("keyrouter test upstream CA");
-    let dir = tempfile::tempdir().unwrap();
-    let ca_path = ca.write(dir.path());
-    let mock = MockUpstream::start_tls(ca.leaf("localhost").server_config()).await;
-    let gw = gateway_with(all_kinds(&mock, Some(&ca_path)), "").await;
+    let (mock, gw, _ca_dir) = https_provider_gateway().await;
     let sdk = reqwest::Client::builder()
         .user_agent("OpenAI/Python 1.54.0")
         .build()
