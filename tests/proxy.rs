@@ -10,7 +10,7 @@ use bytes::Bytes;
 use common::TestGateway;
 use common::answer::{Answer, assert_error_shape};
 use common::mock_upstream::{
-    ANTHROPIC_ID, ANTHROPIC_MODEL, FILE_ID, FINE_TUNED_MODEL, FINE_TUNING_JOB_ID,
+    ANTHROPIC_ID, ANTHROPIC_MODEL, Behaviour, FILE_ID, FINE_TUNED_MODEL, FINE_TUNING_JOB_ID,
     GEMINI_MODEL_VERSION, GEMINI_RESPONSE_ID, LEAKED_KEY, MODEL_OWNER_USER, MockUpstream,
     OLLAMA_MODEL, ORGANIZATION, PROVIDER_HEADERS, PROVIDER_ID, PROVIDER_MODEL, Received,
     STREAM_DECORATION, file_object,
@@ -470,6 +470,25 @@ async fn provider_connections_are_kept_and_reused() {
         received[6].connection, first,
         "a closed connection was used again"
     );
+}
+
+/// A provider's error answer is dropped unread, yet the connection that
+/// carried it is kept: the next request goes over it.
+#[tokio::test]
+async fn a_connection_that_carried_an_error_answer_is_kept() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "").await;
+    mock.script(OPENAI_KEY, Behaviour::ServerError);
+    let a = post(&gw, "/openai/v1/chat/completions", &chat("gpt-4o")).await;
+    assert_eq!(a.status, 502, "{}", a.text);
+    mock.script(OPENAI_KEY, Behaviour::Ok);
+    // The connection returns once hyper has read off the rest of the answer.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b = post(&gw, "/openai/v1/chat/completions", &chat("gpt-4o")).await;
+    assert_eq!(b.status, 200, "{}", b.text);
+    let received = mock.received();
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[0].connection, received[1].connection);
 }
 
 /// An HTTPS provider that offers HTTP/2 gets every request over one

@@ -6,7 +6,8 @@
 //! connection goes back on the stack when its response body was read to
 //! the end (one cut off mid-body is closed, as its stream is mid-message).
 //! HTTP/2, when the provider offers it over TLS (ALPN), is one connection
-//! shared by every request of the thread, replaced when it closes.
+//! shared by every request of the thread, pinged while requests are open
+//! and replaced when it closes.
 //!
 //! Why not hyper-util's pooled `Client`: it serves any number of origins
 //! from one pool, so every checkout and every return hashes the origin to
@@ -32,13 +33,23 @@ use hyper::client::conn::{http1, http2};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tokio::runtime::Handle;
 use tower_service::Service;
 
 type H1 = http1::SendRequest<Full<Bytes>>;
+
+/// How often a shared HTTP/2 connection is pinged while requests are open,
+/// and how long a ping may go unanswered.
+const H2_PING_EVERY: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection whose response was dropped unread may take to
+/// finish that response (hyper reads off what is left) and be kept.
+const DRAIN_WAIT: Duration = Duration::from_secs(1);
 type H2 = http2::SendRequest<Full<Bytes>>;
 
 /// One provider's connections on one proxy thread.
@@ -56,31 +67,27 @@ pub struct Pool {
     shared: Mutex<Option<H2>>,
 }
 
-/// Idle HTTP/1.1 connections, with when each was last used.
+/// Idle HTTP/1.1 connections, with when each was last used: the oldest at
+/// the front, the most recently used at the back.
 struct Idle {
-    stack: Mutex<Vec<(H1, Instant)>>,
+    stack: Mutex<VecDeque<(H1, Instant)>>,
     /// Kept no longer than this unused.
     timeout: Duration,
-    /// Kept no more than this many; one more is closed.
+    /// Kept no more than this many; one more closes the oldest.
     max: usize,
 }
 
 impl Idle {
-    fn stack(&self) -> std::sync::MutexGuard<'_, Vec<(H1, Instant)>> {
+    fn stack(&self) -> std::sync::MutexGuard<'_, VecDeque<(H1, Instant)>> {
         self.stack.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The most recently used connection that can take a request now.
-    /// Connections the provider closed are dropped on the way; if the one on
-    /// top waited longer than the idle timeout, so did every one under it,
-    /// and all are closed.
+    /// Connections the provider closed are dropped on the way.
     fn take(&self) -> Option<H1> {
         let mut stack = self.stack();
-        while let Some((conn, since)) = stack.pop() {
-            if since.elapsed() > self.timeout {
-                stack.clear();
-                return None;
-            }
+        expire(&mut stack, self.timeout, Instant::now());
+        while let Some((conn, _)) = stack.pop_back() {
             if conn.is_ready() {
                 return Some(conn);
             }
@@ -92,9 +99,42 @@ impl Idle {
         if conn.is_closed() {
             return;
         }
+        let now = Instant::now();
         let mut stack = self.stack();
-        if stack.len() < self.max {
-            stack.push((conn, Instant::now()));
+        expire(&mut stack, self.timeout, now);
+        if stack.len() >= self.max {
+            stack.pop_front();
+        }
+        stack.push_back((conn, now));
+    }
+
+    /// Closes the connections that waited too long, for a pool that sees no
+    /// requests (see [`sweep`]).
+    fn sweep(&self) {
+        expire(&mut self.stack(), self.timeout, Instant::now());
+    }
+}
+
+/// Drops the connections unused for longer than `timeout`: the oldest, at
+/// the front.
+fn expire<C>(stack: &mut VecDeque<(C, Instant)>, timeout: Duration, now: Instant) {
+    let expired =
+        stack.partition_point(|(_, since)| now.saturating_duration_since(*since) > timeout);
+    stack.drain(..expired);
+}
+
+/// Closes a pool's expired idle connections every `every` while the pool
+/// exists: a pool that stops getting requests must not hold its connections
+/// open for as long as the provider allows (some servers never close idle
+/// connections themselves).
+async fn sweep(idle: Weak<Idle>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match idle.upgrade() {
+            Some(idle) => idle.sweep(),
+            None => return,
         }
     }
 }
@@ -122,6 +162,14 @@ impl Pool {
             Some(port) if port != default_port => authority.as_str().to_owned(),
             _ => authority.host().to_owned(),
         };
+        let idle = Arc::new(Idle {
+            stack: Mutex::new(VecDeque::new()),
+            timeout: idle_timeout,
+            max: max_idle,
+        });
+        if let Ok(runtime) = Handle::try_current() {
+            runtime.spawn(sweep(Arc::downgrade(&idle), idle_timeout / 3));
+        }
         Pool {
             connector,
             origin: Uri::builder()
@@ -133,11 +181,7 @@ impl Pool {
             scheme,
             authority,
             host: HeaderValue::try_from(host).expect("an authority is a valid header value"),
-            idle: Arc::new(Idle {
-                stack: Mutex::new(Vec::new()),
-                timeout: idle_timeout,
-                max: max_idle,
-            }),
+            idle,
             shared: Mutex::new(None),
         }
     }
@@ -206,8 +250,14 @@ impl Pool {
     async fn connect(&self) -> Result<Conn, BoxError> {
         let io = self.connector.clone().call(self.origin.clone()).await?;
         if io.connected().is_negotiated_h2() {
+            // Pings while requests are open: a connection that went dead
+            // without a reset is given up within about 40 s, not left to
+            // the kernel's retransmission limit (every request of the
+            // thread shares it).
             let (conn, driver) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .keep_alive_interval(H2_PING_EVERY)
+                .keep_alive_timeout(H2_PING_TIMEOUT)
                 .handshake(io)
                 .await?;
             tokio::spawn(async move {
@@ -256,8 +306,8 @@ impl Pool {
     }
 }
 
-/// A response body from a pooled connection. When it is dropped after its
-/// end was read, its HTTP/1.1 connection goes back to the idle stack.
+/// A response body from a pooled connection. When it is dropped, its
+/// HTTP/1.1 connection goes back to the idle stack (see the module notes).
 pub struct Pooled {
     body: Incoming,
     ended: bool,
@@ -276,10 +326,27 @@ impl Pooled {
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        if let Some((conn, idle)) = self.conn.take()
-            && (self.ended || self.body.is_end_stream())
-        {
+        let Some((mut conn, idle)) = self.conn.take() else {
+            return;
+        };
+        if self.ended || self.body.is_end_stream() {
             idle.put(conn);
+            return;
+        }
+        // Dropped before its end: an error answer that was not read, or a
+        // stream whose client left. Once this body is gone, hyper reads
+        // off what the provider already sent; if that was the rest, the
+        // connection is ready again (as a provider's 5xx usually is) and
+        // kept, else hyper closes it.
+        if conn.is_closed() {
+            return;
+        }
+        if let Ok(runtime) = Handle::try_current() {
+            runtime.spawn(async move {
+                if let Ok(Ok(())) = tokio::time::timeout(DRAIN_WAIT, conn.ready()).await {
+                    idle.put(conn);
+                }
+            });
         }
     }
 }
@@ -305,5 +372,24 @@ impl Body for Pooled {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_connections_unused_for_the_idle_timeout_expire() {
+        let timeout = Duration::from_secs(90);
+        let now = Instant::now() + Duration::from_secs(1000);
+        let ago = |secs| now - Duration::from_secs(secs);
+        // Oldest first, as connections come back.
+        let mut stack: VecDeque<(u32, Instant)> =
+            [(1, ago(300)), (2, ago(91)), (3, ago(90)), (4, ago(5))].into();
+        expire(&mut stack, timeout, now);
+        assert_eq!(stack.iter().map(|(c, _)| *c).collect::<Vec<_>>(), [3, 4]);
+        expire(&mut stack, timeout, now + Duration::from_secs(100));
+        assert!(stack.is_empty());
     }
 }
