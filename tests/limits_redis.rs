@@ -29,6 +29,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KEY_ID: &str = "key_sharedtest01";
 
+/// Held by the tests that make a limiter log that Redis is down or back.
+/// Log capture is per thread, and `tracing` caches whether a log line is
+/// wanted when the line is first reached: a test without a capture reaching
+/// a line while another test installs its capture can leave the line cached
+/// as unwanted, and the capturing test then misses it. These tests do not
+/// overlap, so the cache is rebuilt between them.
+static LIMITER_LOGS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn config(url: &str, prefix: &str, on_error: OnBackendError) -> RateLimitConfig {
     RateLimitConfig {
         backend: RateLimitBackend::Redis {
@@ -373,6 +381,7 @@ fn free_port() -> u16 {
 
 #[tokio::test]
 async fn counts_locally_while_redis_is_down_and_returns_to_it() {
+    let _serial = LIMITER_LOGS.lock().await;
     let logs = Captured::default();
     let _guard = capture(&logs);
     let server = OwnRedis::start(None).await;
@@ -452,6 +461,7 @@ async fn counts_locally_while_redis_is_down_and_returns_to_it() {
 
 #[tokio::test]
 async fn starts_when_redis_is_unreachable() {
+    let _serial = LIMITER_LOGS.lock().await;
     let url = format!("redis://127.0.0.1:{}", free_port());
     let prefix = unique_prefix("closed");
     let started = Instant::now();
@@ -477,6 +487,7 @@ async fn starts_when_redis_is_unreachable() {
 
 #[tokio::test]
 async fn the_redis_url_is_never_logged() {
+    let _serial = LIMITER_LOGS.lock().await;
     let logs = Captured::default();
     let _guard = capture(&logs);
     let prefix = unique_prefix("secret");
@@ -542,6 +553,7 @@ async fn slow_relay(url: &str, slow: Arc<AtomicBool>, delay: Duration) -> String
 
 #[tokio::test]
 async fn a_slot_granted_after_the_caller_gave_up_is_given_back() {
+    let _serial = LIMITER_LOGS.lock().await;
     let url = redis_url();
     let mut conn = plain(&url).await;
     away_from_window_edge(&mut conn).await;
