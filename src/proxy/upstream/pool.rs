@@ -24,7 +24,7 @@
 use crate::http::BoxError;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
@@ -57,8 +57,6 @@ pub struct Pool {
     connector: HttpsConnector<HttpConnector>,
     /// `scheme://authority` of the provider, where connections go.
     origin: Uri,
-    scheme: Scheme,
-    authority: Authority,
     /// The `Host` header of HTTP/1.1 requests (the port only when it is not
     /// the scheme's default, as browsers and curl send it).
     host: HeaderValue,
@@ -173,13 +171,11 @@ impl Pool {
         Pool {
             connector,
             origin: Uri::builder()
-                .scheme(scheme.clone())
-                .authority(authority.clone())
+                .scheme(scheme)
+                .authority(authority)
                 .path_and_query("/")
                 .build()
                 .expect("scheme and authority of a valid URI"),
-            scheme,
-            authority,
             host: HeaderValue::try_from(host).expect("an authority is a valid header value"),
             idle,
             shared: Mutex::new(None),
@@ -245,8 +241,7 @@ impl Pool {
     }
 
     /// Opens a connection (TLS when the provider's scheme is https), HTTP/2
-    /// when the provider picks it in the handshake. Its driver runs as a
-    /// task on this thread's runtime until the connection closes.
+    /// when the provider picks it in the handshake.
     async fn connect(&self) -> Result<Conn, BoxError> {
         let io = self.connector.clone().call(self.origin.clone()).await?;
         if io.connected().is_negotiated_h2() {
@@ -260,21 +255,13 @@ impl Pool {
                 .keep_alive_timeout(H2_PING_TIMEOUT)
                 .handshake(io)
                 .await?;
-            tokio::spawn(async move {
-                if let Err(e) = driver.await {
-                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-                }
-            });
+            drive(driver);
             let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
             *shared = Some(conn.clone());
             Ok(Conn::H2(conn))
         } else {
             let (conn, driver) = http1::Builder::new().handshake(io).await?;
-            tokio::spawn(async move {
-                if let Err(e) = driver.await {
-                    tracing::debug!(error = %e, "upstream connection ended");
-                }
-            });
+            drive(driver);
             Ok(Conn::H1(conn))
         }
     }
@@ -288,22 +275,36 @@ impl Pool {
     }
 
     /// HTTP/2 requests carry scheme and authority in the URI (sent as
-    /// `:scheme` and `:authority`), and no `Host`.
+    /// `:scheme` and `:authority`), and no `Host`. The URI a request comes
+    /// with names them already; it lost them only when an HTTP/1.1
+    /// connection handed it back.
     fn for_http2(&self, req: &mut Request<Full<Bytes>>) {
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(path);
-        if let Ok(uri) = Uri::from_parts(parts) {
-            *req.uri_mut() = uri;
+        if req.uri().authority().is_none() {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = self.origin.scheme().cloned();
+            parts.authority = self.origin.authority().cloned();
+            parts.path_and_query = Some(
+                req.uri()
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            );
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+            req.headers_mut().remove(header::HOST);
         }
-        req.headers_mut().remove(header::HOST);
     }
+}
+
+/// Runs a connection's driver as a task on this thread's runtime until the
+/// connection closes.
+fn drive(driver: impl Future<Output = hyper::Result<()>> + Send + 'static) {
+    tokio::spawn(async move {
+        if let Err(e) = driver.await {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+    });
 }
 
 /// A response body from a pooled connection. When it is dropped, its
