@@ -20,7 +20,7 @@ use crate::audit::{Actor, AuditEvent, EventKind};
 use crate::keys::{KeyEvent, KeyId, KeyRecord, transition};
 use crate::metrics::{RetryReason, StoreOp};
 use crate::store::StoreError;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, DurationRound, Utc};
 use dashmap::DashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -134,10 +134,9 @@ impl Health {
         let until = now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX);
         // On a whole second: the key object shows `cooldown_until` in
         // whole seconds, and the shown time must not come before the end.
-        let until = match until.timestamp_subsec_nanos() {
-            0 => until,
-            nanos => until + chrono::Duration::nanoseconds(1_000_000_000 - i64::from(nanos)),
-        };
+        let until = until
+            .duration_round_up(chrono::TimeDelta::seconds(1))
+            .unwrap_or(until);
         streak.last_until = until;
         until
     }

@@ -232,7 +232,7 @@ const MAX_PROVIDER_WAIT: Duration = Duration::from_secs(24 * 3600);
 pub fn retry_after(headers: &HeaderMap, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
     let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
     let secs = match value.parse::<f64>() {
-        Ok(secs) if secs.is_finite() && secs >= 0.0 => secs.ceil(),
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => secs,
         Ok(_) => return None,
         Err(_) => {
             let date = chrono::DateTime::parse_from_rfc2822(value).ok()?;
