@@ -192,6 +192,11 @@ awk -v k="$RPS_keyrouter" -v d="$RPS_direct" 'BEGIN {printf "  keyrouter / direc
 if [ -n "${RPS_nginx:-}" ]; then
   awk -v k="$RPS_keyrouter" -v n="$RPS_nginx" -v kp="$P99_keyrouter" -v np="$P99_nginx" \
     'BEGIN {printf "  keyrouter / nginx:  %.2fx requests/s, p99 %+.3f ms (target: >= 0.90x, <= +1 ms)\n", k/n, kp-np}'
+  # Each round's keyrouter figure against the nginx figure measured just
+  # before it: the machine's speed drifts over minutes, less within a round.
+  paired=$(awk '$1=="nginx" {n=$2} $1=="keyrouter" && n {printf "%.3f\n", $2/n}' "$RESULTS")
+  printf '  keyrouter / nginx, round by round: %s (median %.2fx)\n' \
+    "$(echo "$paired" | paste -sd' ')" "$(echo "$paired" | median)"
   awk -v k="$CPU_keyrouter" -v n="$CPU_nginx" 'BEGIN {printf "  CPU per request:    keyrouter %.1f us, nginx %.1f us (%.2fx)\n", k, n, k/n}'
 fi
 
