@@ -64,6 +64,9 @@ pub struct Metrics {
     /// `keyrouter_rate_limit_fallback`: 1 while limits are counted in this
     /// process because Redis is unreachable.
     pub rate_limit_fallback: IntGauge,
+    /// `keyrouter_tls_certificate_expiry_timestamp_seconds`, exported only
+    /// when TLS is on (see [`Metrics::certificate_expiry`]).
+    certificate_expiry: IntGauge,
 }
 
 /// Latency buckets from 1 ms to 5 min: LLM calls range from a cached
@@ -200,6 +203,11 @@ impl Metrics {
                 "1 while rate limits are counted locally because Redis is unreachable",
             )
             .expect("valid metric"),
+            certificate_expiry: IntGauge::new(
+                "keyrouter_tls_certificate_expiry_timestamp_seconds",
+                "End of validity of the TLS certificate in force, in Unix seconds",
+            )
+            .expect("valid metric"),
             registry,
         };
         for c in [
@@ -225,6 +233,17 @@ impl Metrics {
         }
         m.start_at_zero(providers);
         m
+    }
+
+    /// The TLS certificate's expiry gauge, exported from now on. Without TLS
+    /// it is never exported: a gauge at zero would look like a certificate
+    /// that expired in 1970 to an expiry alert.
+    pub fn certificate_expiry(&self) -> IntGauge {
+        // Registering it twice is refused by the registry and harmless.
+        let _ = self
+            .registry
+            .register(Box::new(self.certificate_expiry.clone()));
+        self.certificate_expiry.clone()
     }
 
     /// Creates the zero series of every label combination known before its

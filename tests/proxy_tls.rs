@@ -17,6 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const OPENAI_KEY: &str = "sk-openai-tls-test-key-0123456789";
+/// The day the gateway's certificate is valid until (midnight UTC).
+const LEAF_EXPIRY: (i32, u8, u8) = (2036, 1, 1);
 
 /// A gateway serving TLS with `leaf` (files in `dir`), in front of `mock`.
 struct TlsGateway {
@@ -37,7 +39,7 @@ fn toml_path(p: &Path) -> String {
 async fn tls_gateway(cn: &str, client_ca: Option<&TestCa>, identity: Option<&Leaf>) -> TlsGateway {
     let ca = TestCa::new("keyrouter test CA");
     let dir = tempfile::tempdir().unwrap();
-    let (cert_path, key_path) = ca.leaf(cn).write(dir.path());
+    let (cert_path, key_path) = ca.leaf_until(cn, LEAF_EXPIRY).write(dir.path());
     let mut tls = format!(
         "[tls]\ncert_path = {}\nkey_path = {}\n",
         toml_path(&cert_path),
@@ -189,6 +191,22 @@ async fn handshake_alpn_and_hsts() {
     let ops = reqwest::get(format!("{}/healthz", t.gw.ops)).await.unwrap();
     assert_eq!(ops.status(), 200);
     assert!(ops.headers().get("strict-transport-security").is_none());
+}
+
+/// Monitoring sees when the certificate in force expires; a gateway without
+/// TLS exports no such series (a zero would read as long expired).
+#[tokio::test]
+async fn the_certificate_expiry_is_exported() {
+    const NAME: &str = "keyrouter_tls_certificate_expiry_timestamp_seconds";
+    let t = tls_gateway("gateway.test", None, None).await;
+    let expiry = chrono::DateTime::parse_from_rfc3339("2036-01-01T00:00:00Z").unwrap();
+    assert_eq!(
+        t.gw.metric(NAME, &[]).await,
+        Some(expiry.timestamp() as f64)
+    );
+
+    let plain = TestGateway::builder().start().await;
+    assert!(!plain.metrics().await.contains(NAME));
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 //! serve connections the same way ([`Connections`]). Only the handler
 //! differs.
 
+mod cert_info;
 mod conn;
 pub mod tls;
 pub mod workers;

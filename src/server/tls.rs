@@ -3,8 +3,10 @@
 //! admin listener, and reload without restart of all three files (a rotated
 //! client CA is picked up like a rotated certificate).
 
+use super::cert_info::CertInfo;
 use crate::config::TlsConfig;
 use arc_swap::ArcSwap;
+use prometheus::IntGauge;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -47,6 +49,9 @@ pub struct ServerConfigs {
     pub proxy: Arc<rustls::ServerConfig>,
     /// Requires client certificates when `client_ca_path` is set.
     pub admin: Arc<rustls::ServerConfig>,
+    /// The served certificate's subject and expiry, for the logs and the
+    /// expiry gauge.
+    pub leaf: Option<CertInfo>,
 }
 
 /// Reads and checks the certificate, key and optional client CA.
@@ -68,6 +73,7 @@ pub fn load_server_config(tls: &TlsConfig) -> Result<ServerConfigs, TlsError> {
             "holds no certificate",
         ));
     }
+    let leaf = certs[0].clone();
     let key = PrivateKeyDer::from_pem_file(&tls.key_path).map_err(|_| {
         tls_err(
             "tls.key_path",
@@ -142,6 +148,7 @@ pub fn load_server_config(tls: &TlsConfig) -> Result<ServerConfigs, TlsError> {
     Ok(ServerConfigs {
         proxy: finish(proxy),
         admin: finish(admin),
+        leaf: CertInfo::of(&leaf),
     })
 }
 
@@ -159,16 +166,21 @@ pub struct CertStore {
     files: TlsConfig,
     current: ArcSwap<ServerConfigs>,
     stamp: std::sync::Mutex<Option<Stamp>>,
+    /// `keyrouter_tls_certificate_expiry_timestamp_seconds`.
+    expiry: IntGauge,
 }
 
 impl CertStore {
-    pub fn new(files: TlsConfig) -> Result<Self, TlsError> {
+    /// Loads the files; `expiry` is set to the served certificate's end of
+    /// validity (Unix seconds) now and on every reload.
+    pub fn new(files: TlsConfig, expiry: IntGauge) -> Result<Self, TlsError> {
         let configs = load_server_config(&files)?;
-        let stamp = std::sync::Mutex::new(file_stamp(&files));
+        announce(configs.leaf.as_ref(), &expiry, false);
         Ok(CertStore {
+            stamp: std::sync::Mutex::new(file_stamp(&files)),
             files,
             current: ArcSwap::from_pointee(configs),
-            stamp,
+            expiry,
         })
     }
 
@@ -186,8 +198,8 @@ impl CertStore {
     pub fn reload(&self) {
         match load_server_config(&self.files) {
             Ok(configs) => {
+                announce(configs.leaf.as_ref(), &self.expiry, true);
                 self.current.store(Arc::new(configs));
-                tracing::info!("TLS certificate reloaded");
             }
             Err(e) => {
                 tracing::error!(error = %e, "TLS reload failed; keeping the previous certificate and client CA")
@@ -205,6 +217,22 @@ impl CertStore {
             *last = now;
             drop(last);
             self.reload();
+        }
+    }
+}
+
+/// Logs the certificate about to be in force and sets the expiry gauge.
+fn announce(leaf: Option<&CertInfo>, expiry: &IntGauge, reloaded: bool) {
+    match leaf {
+        Some(leaf) => {
+            leaf.announce(reloaded, chrono::Utc::now());
+            expiry.set(leaf.not_after.timestamp());
+        }
+        None => {
+            tracing::warn!(
+                "the TLS certificate's subject and expiry cannot be read; it is served all the same"
+            );
+            expiry.set(0);
         }
     }
 }
@@ -283,11 +311,14 @@ mod tests {
         let (old_client, new_client) = (old_ca.client("old"), new_ca.client("new"));
         let ca_path = dir.path().join("clients.pem");
         std::fs::write(&ca_path, &old_ca.pem).unwrap();
-        let certs = CertStore::new(TlsConfig {
-            cert_path,
-            key_path,
-            client_ca_path: Some(ca_path.clone()),
-        })
+        let certs = CertStore::new(
+            TlsConfig {
+                cert_path,
+                key_path,
+                client_ca_path: Some(ca_path.clone()),
+            },
+            IntGauge::new("expiry", "test").unwrap(),
+        )
         .unwrap();
         assert!(admits(&certs, &server_ca, &old_client).await);
         assert!(!admits(&certs, &server_ca, &new_client).await);
@@ -314,5 +345,39 @@ broken
         certs.reload();
         assert!(admits(&certs, &server_ca, &old_client).await);
         assert!(!admits(&certs, &server_ca, &new_client).await);
+    }
+
+    #[test]
+    fn the_expiry_gauge_follows_the_certificate_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new("server CA");
+        let (cert_path, key_path) = ca
+            .leaf_until("gateway.test", (2031, 5, 17))
+            .write(dir.path());
+        let gauge = IntGauge::new("expiry", "test").unwrap();
+        let files = TlsConfig {
+            cert_path: cert_path.clone(),
+            key_path: key_path.clone(),
+            client_ca_path: None,
+        };
+        let certs = CertStore::new(files, gauge.clone()).unwrap();
+        let until = |rfc3339| {
+            chrono::DateTime::parse_from_rfc3339(rfc3339)
+                .unwrap()
+                .timestamp()
+        };
+        assert_eq!(gauge.get(), until("2031-05-17T00:00:00Z"));
+        let leaf = certs.current.load().leaf.clone().unwrap();
+        assert_eq!(leaf.subject, "CN=gateway.test");
+
+        // A renewed certificate moves it; a broken one leaves it.
+        let renewed = ca.leaf_until("gateway.test", (2032, 1, 2));
+        rewrite(&cert_path, &renewed.cert_pem, 2);
+        rewrite(&key_path, &renewed.key_pem, 2);
+        certs.reload_if_changed();
+        assert_eq!(gauge.get(), until("2032-01-02T00:00:00Z"));
+        rewrite(&cert_path, "not a certificate", 4);
+        certs.reload_if_changed();
+        assert_eq!(gauge.get(), until("2032-01-02T00:00:00Z"));
     }
 }

@@ -48,11 +48,23 @@ impl TestCa {
 
     /// A server certificate for `localhost` and 127.0.0.1.
     pub fn leaf(&self, cn: &str) -> Leaf {
+        self.sign(Self::server_params(cn))
+    }
+
+    /// A server certificate like [`TestCa::leaf`]'s, valid until the end of
+    /// the day `(year, month, day)` begins (midnight UTC).
+    pub fn leaf_until(&self, cn: &str, (year, month, day): (i32, u8, u8)) -> Leaf {
+        let mut params = Self::server_params(cn);
+        params.not_after = rcgen::date_time_ymd(year, month, day);
+        self.sign(params)
+    }
+
+    fn server_params(cn: &str) -> CertificateParams {
         let mut params =
             CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
         params.distinguished_name.push(DnType::CommonName, cn);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.sign(params)
+        params
     }
 
     /// A client certificate (for mTLS) named `cn`.
