@@ -29,6 +29,7 @@ mod body;
 mod client_auth;
 mod cors;
 pub mod error;
+mod json_members;
 mod outcome;
 mod peek;
 mod pick;

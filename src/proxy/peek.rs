@@ -2,12 +2,14 @@
 //! client asked for (written back into responses) and its output token cap
 //! (for the `tpm` reservation).
 
+use super::json_members;
 use crate::config::ProviderKind;
 use http::HeaderMap;
 use http::header;
 use std::borrow::Cow;
 
-/// The request's model and output cap, read in one pass over the body.
+/// The request's model and output cap, read in one pass over the body
+/// (see [`json_members`]: only the top level's structure is followed).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RequestPeek {
     pub model: Option<String>,
@@ -44,14 +46,6 @@ pub fn peek_request(
 }
 
 fn peek_body(headers: &HeaderMap, body: &[u8]) -> RequestPeek {
-    #[derive(serde::Deserialize)]
-    struct Peek<'a> {
-        #[serde(borrow)]
-        model: Option<Cow<'a, str>>,
-        max_tokens: Option<u64>,
-        max_completion_tokens: Option<u64>,
-        max_output_tokens: Option<u64>,
-    }
     // `application/json`, `…+json`, in any case (media types are not case
     // sensitive).
     let json = headers.get(header::CONTENT_TYPE).is_some_and(|ct| {
@@ -62,19 +56,31 @@ fn peek_body(headers: &HeaderMap, body: &[u8]) -> RequestPeek {
     if !json || body.is_empty() {
         return RequestPeek::default();
     }
-    // One UTF-8 check for the whole body instead of one per string.
-    let Ok(text) = std::str::from_utf8(body) else {
+    // The last of a name given twice, as providers read it.
+    let (mut model, mut max_tokens, mut max_completion_tokens, mut max_output_tokens) =
+        (None, None, None, None);
+    let scanned = json_members::each_member(body, |name, value| {
+        let slot = match json_members::string(name).as_deref() {
+            Some("model") => &mut model,
+            Some("max_tokens") => &mut max_tokens,
+            Some("max_completion_tokens") => &mut max_completion_tokens,
+            Some("max_output_tokens") => &mut max_output_tokens,
+            _ => return,
+        };
+        *slot = Some(value);
+    });
+    if scanned.is_err() {
         return RequestPeek::default();
+    }
+    let count = |raw: Option<&[u8]>| {
+        raw.and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse::<u64>().ok())
     };
-    match serde_json::from_str::<Peek>(text) {
-        Ok(p) => RequestPeek {
-            model: p.model.map(Cow::into_owned),
-            max_output_tokens: p
-                .max_completion_tokens
-                .or(p.max_tokens)
-                .or(p.max_output_tokens),
-        },
-        Err(_) => RequestPeek::default(),
+    RequestPeek {
+        model: model.and_then(json_members::string).map(Cow::into_owned),
+        max_output_tokens: count(max_completion_tokens)
+            .or(count(max_tokens))
+            .or(count(max_output_tokens)),
     }
 }
 
@@ -165,6 +171,36 @@ mod tests {
             br#"{"model":"o3","max_output_tokens":7}"#,
         );
         assert_eq!(responses_api.estimated_tokens(4), 8);
+    }
+
+    #[test]
+    fn reads_the_top_level_as_a_provider_would() {
+        let h = json_headers();
+        let peek = |body: &str| {
+            peek_request(
+                ProviderKind::OpenAi,
+                &h,
+                "/v1/chat/completions",
+                body.as_bytes(),
+            )
+        };
+        // Names inside messages are content, not the request's.
+        let nested = r#"{"messages":[{"role":"user","content":"{\"model\":\"x\"}","model":"y"}],"model":"gpt-4o"}"#;
+        assert_eq!(peek(nested).model.as_deref(), Some("gpt-4o"));
+        // Escapes in names and values are decoded; a name given twice
+        // counts once, the last time.
+        let escaped = r#"{"mod\u0065l":"gpt\u002d4o","max_tokens":5,"max_tokens":9}"#;
+        let escaped = peek(escaped);
+        assert_eq!(escaped.model.as_deref(), Some("gpt-4o"));
+        assert_eq!(escaped.estimated_tokens(0), 9);
+        // A model that is not a string, or a cap that is not a count, is
+        // not taken; a body cut short gives nothing at all.
+        let odd = peek(r#"{"model":7,"max_tokens":-1}"#);
+        assert_eq!(odd, RequestPeek::default());
+        assert_eq!(
+            peek(r#"{"model":"gpt-4o","messages":[{"#),
+            RequestPeek::default()
+        );
     }
 
     /// Checks the model read from each path when the body names none, and
