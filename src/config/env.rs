@@ -106,10 +106,17 @@ impl Overrides {
                 .ok()
                 .and_then(|mut t| t.remove("v"))
                 .unwrap_or(toml::Value::String(value));
-            set_path(table, &path, parsed).map_err(|()| {
-                ConfigError::Other(format!(
-                    "{name}: does not match the shape of the configuration"
-                ))
+            set_path(table, &path, parsed).map_err(|e| {
+                ConfigError::Other(match e {
+                    PathError::Shape => {
+                        format!("{name}: does not match the shape of the configuration")
+                    }
+                    PathError::PastTheEnd { index, len } => format!(
+                        "{name}: there is no entry {index} to set in a list of {len}; \
+                         an override can only add the next one, entry {len}, and that \
+                         with all of its required settings"
+                    ),
+                })
             })?;
             applied.push((setting_path(&path), name));
         }
@@ -143,7 +150,7 @@ impl Overrides {
 fn setting_path(segments: &[String]) -> String {
     let mut path = String::new();
     for segment in segments {
-        if segment.bytes().all(|b| b.is_ascii_digit()) {
+        if is_index(segment) {
             path.push('[');
             path.push_str(segment);
             path.push(']');
@@ -165,28 +172,55 @@ fn holds(outer: &str, inner: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
 }
 
-fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), ()> {
-    let (first, rest) = path.split_first().ok_or(())?;
+/// Why an override's path does not fit the configuration.
+enum PathError {
+    /// It runs into a value that is not a table or a list, or names a
+    /// list entry by something other than a number.
+    Shape,
+    /// It names a list entry beyond the next one.
+    PastTheEnd { index: usize, len: usize },
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), PathError> {
+    let (first, rest) = path.split_first().ok_or(PathError::Shape)?;
     if rest.is_empty() {
         table.insert(first.clone(), value);
         return Ok(());
     }
-    let next = table
-        .entry(first.clone())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    // What is missing is made as what the next segment asks for: a list
+    // for an index (`PROVIDERS__0__ID` without `[[providers]]` in the
+    // file), else a table.
+    let next = table.entry(first.clone()).or_insert_with(|| {
+        if is_index(&rest[0]) {
+            toml::Value::Array(Vec::new())
+        } else {
+            toml::Value::Table(toml::Table::new())
+        }
+    });
     set_value_path(next, rest, value)
 }
 
-fn set_value_path(node: &mut toml::Value, path: &[String], value: toml::Value) -> Result<(), ()> {
+fn is_index(segment: &str) -> bool {
+    segment.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn set_value_path(
+    node: &mut toml::Value,
+    path: &[String],
+    value: toml::Value,
+) -> Result<(), PathError> {
     match node {
         toml::Value::Table(t) => set_path(t, path, value),
         toml::Value::Array(items) => {
-            let (index, rest) = path.split_first().ok_or(())?;
-            let index: usize = index.parse().map_err(|_| ())?;
+            let (index, rest) = path.split_first().ok_or(PathError::Shape)?;
+            let index: usize = index.parse().map_err(|_| PathError::Shape)?;
             if index == items.len() {
                 items.push(toml::Value::Table(toml::Table::new()));
             }
-            let item = items.get_mut(index).ok_or(())?;
+            let len = items.len();
+            let item = items
+                .get_mut(index)
+                .ok_or(PathError::PastTheEnd { index, len })?;
             if rest.is_empty() {
                 *item = value;
                 Ok(())
@@ -194,6 +228,6 @@ fn set_value_path(node: &mut toml::Value, path: &[String], value: toml::Value) -
                 set_value_path(item, rest, value)
             }
         }
-        _ => Err(()),
+        _ => Err(PathError::Shape),
     }
 }

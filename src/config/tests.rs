@@ -77,6 +77,33 @@ fn env_overrides_file_values_at_any_depth() {
 }
 
 #[test]
+fn a_list_entry_can_be_added_by_overrides_only_as_the_next_one() {
+    let provider = |i: usize| {
+        [
+            ("ID", "extra"),
+            ("KIND", "openai"),
+            ("BASE_URL", "https://api.openai.com"),
+            ("ROUTE_PREFIX", "/extra"),
+        ]
+        .map(|(k, v)| (format!("KEYROUTER_PROVIDERS__{i}__{k}"), v.to_string()))
+    };
+    // Without `[[providers]]` in the file: the first entry comes whole
+    // from the environment.
+    let mut e = env(&[]);
+    e.extend(provider(0));
+    assert_eq!(load("", &e).unwrap().providers[0].id, "extra");
+    // An entry past the next one is named as such.
+    let msg = err("", &env(&[("KEYROUTER_PROVIDERS__2__ID", "foo")]));
+    assert!(
+        msg.starts_with(
+            "KEYROUTER_PROVIDERS__2__ID: there is no entry 2 to set in a list of 0; \
+             an override can only add the next one, entry 0"
+        ),
+        "{msg}"
+    );
+}
+
+#[test]
 fn fernet_keys_are_required_and_checked_without_echo() {
     let mut e = env(&[]);
     e.remove("KEYROUTER_FERNET_KEYS");
