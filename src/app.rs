@@ -193,7 +193,7 @@ pub async fn start(config: Config, listeners: Listeners) -> Result<Running, Init
     let certs = config
         .tls
         .clone()
-        .map(|files| CertStore::new(files, metrics.certificate_expiry()))
+        .map(|files| CertStore::new(files, metrics.clone()))
         .transpose()
         .map_err(|e| ConfigError::Other(e.to_string()))?
         .map(Arc::new);

@@ -65,7 +65,7 @@ pub struct Metrics {
     /// process because Redis is unreachable.
     pub rate_limit_fallback: IntGauge,
     /// `keyrouter_tls_certificate_expiry_timestamp_seconds`, exported only
-    /// when TLS is on (see [`Metrics::certificate_expiry`]).
+    /// while it is known (see [`Metrics::set_certificate_expiry`]).
     certificate_expiry: IntGauge,
 }
 
@@ -235,15 +235,22 @@ impl Metrics {
         m
     }
 
-    /// The TLS certificate's expiry gauge, exported from now on. Without TLS
-    /// it is never exported: a gauge at zero would look like a certificate
-    /// that expired in 1970 to an expiry alert.
-    pub fn certificate_expiry(&self) -> IntGauge {
-        // Registering it twice is refused by the registry and harmless.
-        let _ = self
-            .registry
-            .register(Box::new(self.certificate_expiry.clone()));
-        self.certificate_expiry.clone()
+    /// Sets the TLS certificate's expiry (Unix seconds), or stops
+    /// exporting it when it is unknown: without TLS, or for a certificate
+    /// whose expiry cannot be read. A gauge at zero would look like a
+    /// certificate that expired in 1970 to an expiry alert.
+    pub fn set_certificate_expiry(&self, expiry: Option<i64>) {
+        let gauge = || Box::new(self.certificate_expiry.clone());
+        match expiry {
+            Some(at) => {
+                self.certificate_expiry.set(at);
+                // Registering it twice is refused by the registry and harmless.
+                let _ = self.registry.register(gauge());
+            }
+            None => {
+                let _ = self.registry.unregister(gauge());
+            }
+        }
     }
 
     /// Creates the zero series of every label combination known before its

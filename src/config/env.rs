@@ -84,18 +84,24 @@ impl Overrides {
     /// read as a TOML value when it parses as one (numbers, booleans,
     /// arrays), else as a string.
     pub fn apply(table: &mut toml::Table, env: &dyn Env) -> Result<Overrides, ConfigError> {
-        let mut vars: Vec<(String, String)> = env
+        let mut vars: Vec<(Vec<Segment>, String, String)> = env
             .vars()
             .into_iter()
             .filter(|(k, _)| k.starts_with("KEYROUTER_") && k.contains("__"))
+            .map(|(name, value)| {
+                let path = name["KEYROUTER_".len()..]
+                    .split("__")
+                    .map(Segment::of)
+                    .collect();
+                (path, name, value)
+            })
             .collect();
+        // In the order of their paths, list indices as numbers: entry 9 of a
+        // list is added before entry 10.
         vars.sort();
         let mut applied = Vec::with_capacity(vars.len());
-        for (name, value) in vars {
-            let path: Vec<String> = name["KEYROUTER_".len()..]
-                .split("__")
-                .map(str::to_ascii_lowercase)
-                .collect();
+        for (path, name, value) in vars {
+            let path: Vec<String> = path.iter().map(Segment::to_string).collect();
             if path.iter().any(String::is_empty) {
                 return Err(ConfigError::Other(format!(
                     "{name}: malformed override name"
@@ -142,6 +148,33 @@ impl Overrides {
                 error: Box::new(error),
             },
             None => error,
+        }
+    }
+}
+
+/// A segment of an override's path: a list index (written without leading
+/// zeros from then on, so `00` and `0` name the same entry everywhere) or a
+/// setting's name, lowercase.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Segment {
+    Index(usize),
+    Name(String),
+}
+
+impl Segment {
+    fn of(raw: &str) -> Segment {
+        match raw.parse::<usize>() {
+            Ok(index) if is_index(raw) => Segment::Index(index),
+            _ => Segment::Name(raw.to_ascii_lowercase()),
+        }
+    }
+}
+
+impl std::fmt::Display for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Segment::Index(i) => write!(f, "{i}"),
+            Segment::Name(n) => f.write_str(n),
         }
     }
 }
@@ -201,7 +234,7 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Res
 }
 
 fn is_index(segment: &str) -> bool {
-    segment.bytes().all(|b| b.is_ascii_digit())
+    !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit())
 }
 
 fn set_value_path(

@@ -92,6 +92,31 @@ fn a_list_entry_can_be_added_by_overrides_only_as_the_next_one() {
     let mut e = env(&[]);
     e.extend(provider(0));
     assert_eq!(load("", &e).unwrap().providers[0].id, "extra");
+    // Entries are added in the order of their indices (10 after 9, where
+    // names alone would put it before 2), and `00` is entry 0.
+    let mut e = env(&[]);
+    for i in 0..11 {
+        let index = if i == 0 {
+            "00".to_string()
+        } else {
+            i.to_string()
+        };
+        for (key, value) in [
+            ("ID", format!("p{i}")),
+            ("KIND", "openai".to_string()),
+            ("BASE_URL", "https://api.openai.com".to_string()),
+            ("ROUTE_PREFIX", format!("/p{i}")),
+        ] {
+            e.insert(format!("KEYROUTER_PROVIDERS__{index}__{key}"), value);
+        }
+    }
+    let ids: Vec<String> = load("", &e)
+        .unwrap()
+        .providers
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(ids, (0..11).map(|i| format!("p{i}")).collect::<Vec<_>>());
     // An entry past the next one is named as such.
     let msg = err("", &env(&[("KEYROUTER_PROVIDERS__2__ID", "foo")]));
     assert!(

@@ -24,7 +24,10 @@ impl RequestPeek {
     /// Tokens to reserve before the provider reports usage: the input at
     /// about four bytes per token plus the output cap.
     pub fn estimated_tokens(&self, body_len: usize) -> u64 {
-        (body_len as u64).div_ceil(4) + self.max_output_tokens.unwrap_or(DEFAULT_OUTPUT_TOKENS)
+        // Saturating: a client may name any cap up to `u64::MAX`.
+        (body_len as u64)
+            .div_ceil(4)
+            .saturating_add(self.max_output_tokens.unwrap_or(DEFAULT_OUTPUT_TOKENS))
     }
 }
 
@@ -195,6 +198,8 @@ mod tests {
         assert_eq!(escaped.estimated_tokens(0), 9);
         // A model that is not a string, or a cap that is not a count, is
         // not taken; a body cut short gives nothing at all.
+        let huge = peek(r#"{"max_tokens":18446744073709551615}"#);
+        assert_eq!(huge.estimated_tokens(400), u64::MAX);
         let odd = peek(r#"{"model":7,"max_tokens":-1}"#);
         assert_eq!(odd, RequestPeek::default());
         assert_eq!(

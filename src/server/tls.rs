@@ -5,8 +5,8 @@
 
 use super::cert_info::CertInfo;
 use crate::config::TlsConfig;
+use crate::metrics::Metrics;
 use arc_swap::ArcSwap;
-use prometheus::IntGauge;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -166,21 +166,21 @@ pub struct CertStore {
     files: TlsConfig,
     current: ArcSwap<ServerConfigs>,
     stamp: std::sync::Mutex<Option<Stamp>>,
-    /// `keyrouter_tls_certificate_expiry_timestamp_seconds`.
-    expiry: IntGauge,
+    /// Where the served certificate's expiry is exported.
+    metrics: Metrics,
 }
 
 impl CertStore {
-    /// Loads the files; `expiry` is set to the served certificate's end of
-    /// validity (Unix seconds) now and on every reload.
-    pub fn new(files: TlsConfig, expiry: IntGauge) -> Result<Self, TlsError> {
+    /// Loads the files; the served certificate's expiry is exported now
+    /// and after every reload.
+    pub fn new(files: TlsConfig, metrics: Metrics) -> Result<Self, TlsError> {
         let configs = load_server_config(&files)?;
-        announce(configs.leaf.as_ref(), &expiry, false);
+        announce(configs.leaf.as_ref(), &metrics, false);
         Ok(CertStore {
             stamp: std::sync::Mutex::new(file_stamp(&files)),
             files,
             current: ArcSwap::from_pointee(configs),
-            expiry,
+            metrics,
         })
     }
 
@@ -198,7 +198,7 @@ impl CertStore {
     pub fn reload(&self) {
         match load_server_config(&self.files) {
             Ok(configs) => {
-                announce(configs.leaf.as_ref(), &self.expiry, true);
+                announce(configs.leaf.as_ref(), &self.metrics, true);
                 self.current.store(Arc::new(configs));
             }
             Err(e) => {
@@ -221,20 +221,15 @@ impl CertStore {
     }
 }
 
-/// Logs the certificate about to be in force and sets the expiry gauge.
-fn announce(leaf: Option<&CertInfo>, expiry: &IntGauge, reloaded: bool) {
+/// Logs the certificate about to be in force and exports its expiry.
+fn announce(leaf: Option<&CertInfo>, metrics: &Metrics, reloaded: bool) {
     match leaf {
-        Some(leaf) => {
-            leaf.announce(reloaded, chrono::Utc::now());
-            expiry.set(leaf.not_after.timestamp());
-        }
-        None => {
-            tracing::warn!(
-                "the TLS certificate's subject and expiry cannot be read; it is served all the same"
-            );
-            expiry.set(0);
-        }
+        Some(leaf) => leaf.announce(reloaded, chrono::Utc::now()),
+        None => tracing::warn!(
+            "the TLS certificate's subject and expiry cannot be read; it is served all the same"
+        ),
     }
+    metrics.set_certificate_expiry(leaf.map(|l| l.not_after.timestamp()));
 }
 
 /// Modification times of the files a reload reads.
@@ -317,7 +312,7 @@ mod tests {
                 key_path,
                 client_ca_path: Some(ca_path.clone()),
             },
-            IntGauge::new("expiry", "test").unwrap(),
+            Metrics::new([]),
         )
         .unwrap();
         assert!(admits(&certs, &server_ca, &old_client).await);
@@ -354,19 +349,30 @@ broken
         let (cert_path, key_path) = ca
             .leaf_until("gateway.test", (2031, 5, 17))
             .write(dir.path());
-        let gauge = IntGauge::new("expiry", "test").unwrap();
+        let metrics = Metrics::new([]);
+        let exported = || {
+            let text = String::from_utf8(metrics.render()).unwrap();
+            text.lines()
+                .find_map(|l| l.strip_prefix("keyrouter_tls_certificate_expiry_timestamp_seconds "))
+                .map(|v| v.parse::<i64>().unwrap())
+        };
+        assert_eq!(
+            exported(),
+            None,
+            "not exported before a certificate is loaded"
+        );
         let files = TlsConfig {
             cert_path: cert_path.clone(),
             key_path: key_path.clone(),
             client_ca_path: None,
         };
-        let certs = CertStore::new(files, gauge.clone()).unwrap();
+        let certs = CertStore::new(files, metrics.clone()).unwrap();
         let until = |rfc3339| {
             chrono::DateTime::parse_from_rfc3339(rfc3339)
                 .unwrap()
                 .timestamp()
         };
-        assert_eq!(gauge.get(), until("2031-05-17T00:00:00Z"));
+        assert_eq!(exported(), Some(until("2031-05-17T00:00:00Z")));
         let leaf = certs.current.load().leaf.clone().unwrap();
         assert_eq!(leaf.subject, "CN=gateway.test");
 
@@ -375,9 +381,19 @@ broken
         rewrite(&cert_path, &renewed.cert_pem, 2);
         rewrite(&key_path, &renewed.key_pem, 2);
         certs.reload_if_changed();
-        assert_eq!(gauge.get(), until("2032-01-02T00:00:00Z"));
+        assert_eq!(exported(), Some(until("2032-01-02T00:00:00Z")));
         rewrite(&cert_path, "not a certificate", 4);
         certs.reload_if_changed();
-        assert_eq!(gauge.get(), until("2032-01-02T00:00:00Z"));
+        assert_eq!(exported(), Some(until("2032-01-02T00:00:00Z")));
+
+        // A certificate served all the same though its expiry cannot be
+        // read here (a serial number longer than RFC 5280 allows): its
+        // expiry is not exported, rather than exported as 0.
+        let unreadable = ca.leaf_serial("gateway.test", vec![0x42; 25]);
+        rewrite(&cert_path, &unreadable.cert_pem, 6);
+        rewrite(&key_path, &unreadable.key_pem, 6);
+        certs.reload_if_changed();
+        assert!(certs.current.load().leaf.is_none());
+        assert_eq!(exported(), None);
     }
 }

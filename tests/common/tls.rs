@@ -59,6 +59,13 @@ impl TestCa {
         self.sign(params)
     }
 
+    /// A server certificate like [`TestCa::leaf`]'s with this serial number.
+    pub fn leaf_serial(&self, cn: &str, serial: Vec<u8>) -> Leaf {
+        let mut params = Self::server_params(cn);
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        self.sign(params)
+    }
+
     fn server_params(cn: &str) -> CertificateParams {
         let mut params =
             CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
