@@ -1820,6 +1820,56 @@ async fn provider_failures_and_compressed_bodies_are_upstream_errors() {
     stream.error(502, "upstream_error");
 }
 
+/// A provider that leaves out `Content-Type` cannot pass its ids through:
+/// the body is judged by how it opens.
+#[tokio::test]
+async fn answers_without_a_content_type_are_sanitized_by_how_they_open() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "").await;
+    let unlabelled = [("x-mock-unlabelled", "1")];
+
+    let a = post_with(
+        &gw,
+        "/openai/v1/chat/completions",
+        &chat("gpt-4o"),
+        &unlabelled,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert!(a.header("content-type").is_none());
+    assert_no_provider_traces(&a.text);
+    let v = a.json();
+    assert_eq!(v["model"], "gpt-4o");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+
+    let stream = post_with(
+        &gw,
+        "/openai/v1/chat/completions",
+        &chat_stream("gpt-4o"),
+        &unlabelled,
+    )
+    .await;
+    assert_eq!(stream.status, 200, "{}", stream.text);
+    assert_no_provider_traces(&stream.text);
+    assert!(
+        stream.text.contains("\"model\":\"gpt-4o\""),
+        "{}",
+        stream.text
+    );
+    assert!(stream.text.ends_with("data: [DONE]\n\n"), "{}", stream.text);
+
+    // One cut short is refused like a labelled one.
+    let cut = post_with(
+        &gw,
+        "/openai/v1/chat/completions",
+        &chat("gpt-4o"),
+        &[("x-mock-unlabelled", "1"), ("x-mock-cut-json", "1")],
+    )
+    .await;
+    cut.error(502, "upstream_error");
+    assert_no_provider_traces(&cut.text);
+}
+
 #[tokio::test]
 async fn answers_the_provider_breaks_off_count_as_upstream_errors() {
     let mock = MockUpstream::start().await;

@@ -1,7 +1,11 @@
 //! Turning the provider's answer into the client's: error statuses become
 //! gateway errors, headers pass an allow-list, JSON bodies are rewritten
 //! whole, event streams and JSON-lines streams are rewritten event by event
-//! (line by line) as they flow, other bodies stream through unchanged.
+//! (line by line) as they flow, other bodies stream through unchanged. A
+//! body the provider sent without a `Content-Type` is judged by its first
+//! bytes: one that opens like a JSON document is rewritten as JSON, one that
+//! opens like an event stream (`data:`, `event:`, a `:` comment) as events,
+//! so a provider that leaves the header out cannot pass its ids through.
 
 use super::body::{Mode, RewriteSpec, StreamBody};
 use super::error::ProxyError;
@@ -10,13 +14,17 @@ use super::provider_error::ProviderError;
 use super::read_timeout::BodyStalled;
 use super::upstream::UpstreamBody;
 use crate::health::Verdict;
-use crate::http::{Body, ReadBodyError, full, read_limited};
+use crate::http::{Body, BoxError, ReadBodyError, full, read_limited};
 use crate::keys::pool::PoolKey;
 use crate::sanitize::json::{Unrewritten, Usage, rewrite};
 use crate::sanitize::stream::{Framing, StreamRewriter};
+use bytes::Bytes;
 use http::Response;
 use http::header::{self, HeaderMap};
+use http_body::Frame;
 use http_body_util::BodyExt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// Largest JSON body rewritten in one piece (a big embeddings batch is tens
@@ -108,11 +116,10 @@ pub async fn respond(
         tracing::warn!("provider sent a compressed body despite accept-encoding: identity");
         return Err(ProxyError::UpstreamFailed);
     }
-    let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
-    let kind = content_type
-        .as_ref()
-        .and_then(|v| v.to_str().ok())
-        .map_or(BodyKind::Other, BodyKind::of);
+    let kind = match resp.headers().get(header::CONTENT_TYPE) {
+        None => BodyKind::Unlabelled,
+        Some(v) => v.to_str().map_or(BodyKind::Other, BodyKind::of),
+    };
     let mut out = Response::builder().status(status);
     let headers = out.headers_mut().expect("builder without errors");
     // Room for the allowed headers and the ones every response gets
@@ -124,52 +131,41 @@ pub async fn respond(
         .take()
         .expect("completion started before respond");
     acct.set_status(status);
+    let mut body = Prepended {
+        first: None,
+        rest: resp.into_body(),
+    };
+    let kind = match kind {
+        BodyKind::Unlabelled => match body.rest.frame().await.transpose() {
+            Ok(first) => {
+                body.first = first.and_then(|f| f.into_data().ok());
+                BodyKind::sniff(body.first.as_deref().unwrap_or_default())
+            }
+            Err(e) => {
+                *completion = Some(acct);
+                return Err(unreadable(e));
+            }
+        },
+        known => known,
+    };
     let body: Body = match kind {
-        BodyKind::Json => {
-            let bytes = match read_limited(resp.into_body(), MAX_JSON_BODY).await {
-                Ok(bytes) => bytes,
-                Err(e) => {
-                    // Handed back so that the caller accounts the request
-                    // once, as the error the client gets.
-                    *completion = Some(acct);
-                    return Err(match e {
-                        ReadBodyError::Broken(e) if e.is::<BodyStalled>() => {
-                            ProxyError::UpstreamTimeout
-                        }
-                        ReadBodyError::Broken(_) | ReadBodyError::TooLarge => {
-                            ProxyError::UpstreamUnreachable
-                        }
-                    });
-                }
-            };
-            let mut usage = Usage::default();
-            let mut rewritten = Vec::new();
-            let body = match rewrite(&bytes, &spec.as_rewrite(), &mut rewritten, &mut usage) {
-                Ok(_) => full(rewritten),
-                Err(Unrewritten::NotJson) => full(bytes),
-                Err(Unrewritten::Broken) => {
-                    // Cut short or garbled: it may name the provider's id
-                    // and model snapshot, and cannot be rewritten.
-                    tracing::warn!("the provider's JSON body does not parse; not passed on");
-                    *completion = Some(acct);
-                    return Err(ProxyError::UpstreamFailed);
-                }
-            };
-            acct.finish(End::Complete, usage);
-            body
-        }
+        BodyKind::Json => json_body(body, &spec, acct, completion).await?,
         BodyKind::Records(framing) => {
             let stream = StreamRewriter::new(framing, max_record);
             let mode = Mode::Records(Box::new(stream), spec);
-            BodyExt::boxed(StreamBody::new(resp.into_body(), mode, acct))
+            BodyExt::boxed(StreamBody::new(body, mode, acct))
         }
-        BodyKind::Other => BodyExt::boxed(StreamBody::new(resp.into_body(), Mode::Raw, acct)),
+        BodyKind::Other | BodyKind::Unlabelled => {
+            BodyExt::boxed(StreamBody::new(body, Mode::Raw, acct))
+        }
     };
     out.body(body).map_err(|_| ProxyError::UpstreamFailed)
 }
 
 enum BodyKind {
     Json,
+    /// No `Content-Type`: judged by how the body opens.
+    Unlabelled,
     /// A stream of records rewritten one by one.
     Records(Framing),
     Other,
@@ -184,6 +180,23 @@ const JSON_LINES: [&str; 4] = [
 ];
 
 impl BodyKind {
+    /// What a body without a `Content-Type` is, by how it opens: a JSON
+    /// document, an event stream (`data:`, `event:`, a `:` comment), or
+    /// anything else.
+    fn sniff(opening: &[u8]) -> Self {
+        let opening = opening.trim_ascii_start();
+        if matches!(opening.first(), Some(b'{' | b'[')) {
+            BodyKind::Json
+        } else if [&b"data:"[..], b"event:", b":"]
+            .iter()
+            .any(|field| opening.starts_with(field))
+        {
+            BodyKind::Records(Framing::Events)
+        } else {
+            BodyKind::Other
+        }
+    }
+
     fn of(content_type: &str) -> Self {
         let essence = content_type.split(';').next().unwrap_or("").trim();
         if essence.eq_ignore_ascii_case("text/event-stream") {
@@ -195,6 +208,81 @@ impl BodyKind {
         } else {
             BodyKind::Other
         }
+    }
+}
+
+/// A JSON answer read whole and rewritten. On failure `acct` is handed back
+/// through `completion`, so that the caller accounts the request once, as
+/// the error the client gets.
+async fn json_body<B>(
+    body: B,
+    spec: &RewriteSpec,
+    acct: Completion,
+    completion: &mut Option<Completion>,
+) -> Result<Body, ProxyError>
+where
+    B: http_body::Body<Data = Bytes, Error = BoxError>,
+{
+    let bytes = match read_limited(body, MAX_JSON_BODY).await {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            *completion = Some(acct);
+            return Err(match e {
+                ReadBodyError::Broken(e) => unreadable(e),
+                ReadBodyError::TooLarge => ProxyError::UpstreamUnreachable,
+            });
+        }
+    };
+    let mut usage = Usage::default();
+    let mut rewritten = Vec::new();
+    let body = match rewrite(&bytes, &spec.as_rewrite(), &mut rewritten, &mut usage) {
+        Ok(_) => full(rewritten),
+        Err(Unrewritten::NotJson) => full(bytes),
+        Err(Unrewritten::Broken) => {
+            // Cut short or garbled: it may name the provider's id and model
+            // snapshot, and cannot be rewritten.
+            tracing::warn!("the provider's JSON body does not parse; not passed on");
+            *completion = Some(acct);
+            return Err(ProxyError::UpstreamFailed);
+        }
+    };
+    acct.finish(End::Complete, usage);
+    Ok(body)
+}
+
+/// A provider body, with its first chunk in front when that was taken to
+/// be looked at (a body without a `Content-Type`).
+struct Prepended {
+    first: Option<Bytes>,
+    rest: UpstreamBody,
+}
+
+impl http_body::Body for Prepended {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.first.take() {
+            Some(first) => Poll::Ready(Some(Ok(Frame::data(first)))),
+            None => Pin::new(&mut self.rest).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
+    }
+}
+
+/// The error for a provider body that broke off while being read: a stall
+/// is a timeout, anything else a lost provider.
+fn unreadable(e: BoxError) -> ProxyError {
+    if e.is::<BodyStalled>() {
+        ProxyError::UpstreamTimeout
+    } else {
+        ProxyError::UpstreamUnreachable
     }
 }
 
@@ -293,5 +381,18 @@ mod tests {
             BodyKind::Json
         ));
         assert!(matches!(BodyKind::of("audio/mpeg"), BodyKind::Other));
+        // Without a Content-Type, by how the body opens.
+        for json in [&b" {\"id\":1}"[..], b"\n[{}]"] {
+            assert!(matches!(BodyKind::sniff(json), BodyKind::Json));
+        }
+        for events in [&b"data: {}"[..], b"event: x", b": keep-alive"] {
+            assert!(matches!(
+                BodyKind::sniff(events),
+                BodyKind::Records(Framing::Events)
+            ));
+        }
+        for other in [&b""[..], b"plain words", b"\xff\xd8 jpeg", b"WEBVTT"] {
+            assert!(matches!(BodyKind::sniff(other), BodyKind::Other));
+        }
     }
 }

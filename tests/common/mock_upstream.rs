@@ -20,6 +20,7 @@
 //!   connection after the response;
 //! - `x-mock-gzip: 1` sends the body gzip-compressed with
 //!   `Content-Encoding: gzip`, whatever the request's `Accept-Encoding`;
+//! - `x-mock-unlabelled: 1` sends the answer without its `Content-Type`;
 //! - `x-mock-truncate: 1` announces the whole body's `Content-Length` but
 //!   breaks the connection off after half of it (a provider failing
 //!   mid-response);
@@ -563,6 +564,18 @@ struct Pacing {
 
 /// The answer for a request, honouring the `x-mock-*` behaviours.
 async fn scripted(parts: &http::request::Parts, body: &Bytes, shared: &Shared) -> Response<Body> {
+    let mut resp = scripted_answer(parts, body, shared).await;
+    if parts.headers.contains_key("x-mock-unlabelled") {
+        resp.headers_mut().remove(header::CONTENT_TYPE);
+    }
+    resp
+}
+
+async fn scripted_answer(
+    parts: &http::request::Parts,
+    body: &Bytes,
+    shared: &Shared,
+) -> Response<Body> {
     let h = &parts.headers;
     let flag = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     if flag("x-mock-hang").is_some() {
