@@ -101,8 +101,7 @@ impl Overrides {
         vars.sort();
         let mut applied = Vec::with_capacity(vars.len());
         for (path, name, value) in vars {
-            let path: Vec<String> = path.iter().map(Segment::to_string).collect();
-            if path.iter().any(String::is_empty) {
+            if path.contains(&Segment::Name(String::new())) {
                 return Err(ConfigError::Other(format!(
                     "{name}: malformed override name"
                 )));
@@ -153,7 +152,7 @@ impl Overrides {
 }
 
 /// A segment of an override's path: a list index (written without leading
-/// zeros from then on, so `00` and `0` name the same entry everywhere) or a
+/// zeros in errors, so `00` and `0` name the same entry everywhere) or a
 /// setting's name, lowercase.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Segment {
@@ -164,34 +163,34 @@ enum Segment {
 impl Segment {
     fn of(raw: &str) -> Segment {
         match raw.parse::<usize>() {
-            Ok(index) if is_index(raw) => Segment::Index(index),
+            Ok(index) if !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) => {
+                Segment::Index(index)
+            }
             _ => Segment::Name(raw.to_ascii_lowercase()),
         }
     }
-}
 
-impl std::fmt::Display for Segment {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    /// The key of a table this segment names.
+    fn key(&self) -> String {
         match self {
-            Segment::Index(i) => write!(f, "{i}"),
-            Segment::Name(n) => f.write_str(n),
+            Segment::Index(i) => i.to_string(),
+            Segment::Name(n) => n.clone(),
         }
     }
 }
 
 /// A setting's path as errors spell it: `providers[0].base_url`.
-fn setting_path(segments: &[String]) -> String {
+fn setting_path(segments: &[Segment]) -> String {
     let mut path = String::new();
     for segment in segments {
-        if is_index(segment) {
-            path.push('[');
-            path.push_str(segment);
-            path.push(']');
-        } else {
-            if !path.is_empty() {
-                path.push('.');
+        match segment {
+            Segment::Index(i) => path.push_str(&format!("[{i}]")),
+            Segment::Name(name) => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(name);
             }
-            path.push_str(segment);
         }
     }
     path
@@ -214,39 +213,36 @@ enum PathError {
     PastTheEnd { index: usize, len: usize },
 }
 
-fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), PathError> {
+fn set_path(
+    table: &mut toml::Table,
+    path: &[Segment],
+    value: toml::Value,
+) -> Result<(), PathError> {
     let (first, rest) = path.split_first().ok_or(PathError::Shape)?;
-    if rest.is_empty() {
-        table.insert(first.clone(), value);
+    let Some(next_segment) = rest.first() else {
+        table.insert(first.key(), value);
         return Ok(());
-    }
+    };
     // What is missing is made as what the next segment asks for: a list
     // for an index (`PROVIDERS__0__ID` without `[[providers]]` in the
     // file), else a table.
-    let next = table.entry(first.clone()).or_insert_with(|| {
-        if is_index(&rest[0]) {
-            toml::Value::Array(Vec::new())
-        } else {
-            toml::Value::Table(toml::Table::new())
-        }
-    });
+    let next = table
+        .entry(first.key())
+        .or_insert_with(|| match next_segment {
+            Segment::Index(_) => toml::Value::Array(Vec::new()),
+            Segment::Name(_) => toml::Value::Table(toml::Table::new()),
+        });
     set_value_path(next, rest, value)
-}
-
-fn is_index(segment: &str) -> bool {
-    !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit())
 }
 
 fn set_value_path(
     node: &mut toml::Value,
-    path: &[String],
+    path: &[Segment],
     value: toml::Value,
 ) -> Result<(), PathError> {
-    match node {
-        toml::Value::Table(t) => set_path(t, path, value),
-        toml::Value::Array(items) => {
-            let (index, rest) = path.split_first().ok_or(PathError::Shape)?;
-            let index: usize = index.parse().map_err(|_| PathError::Shape)?;
+    match (node, path.split_first()) {
+        (toml::Value::Table(t), _) => set_path(t, path, value),
+        (toml::Value::Array(items), Some((&Segment::Index(index), rest))) => {
             if index == items.len() {
                 items.push(toml::Value::Table(toml::Table::new()));
             }

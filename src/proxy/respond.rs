@@ -116,10 +116,11 @@ pub async fn respond(
         tracing::warn!("provider sent a compressed body despite accept-encoding: identity");
         return Err(ProxyError::UpstreamFailed);
     }
-    let kind = match resp.headers().get(header::CONTENT_TYPE) {
-        None => BodyKind::Unlabelled,
-        Some(v) => v.to_str().map_or(BodyKind::Other, BodyKind::of),
-    };
+    // `None` without a `Content-Type`: judged by how the body opens.
+    let labelled = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().map_or(BodyKind::Other, BodyKind::of));
     let mut out = Response::builder().status(status);
     let headers = out.headers_mut().expect("builder without errors");
     // Room for the allowed headers and the ones every response gets
@@ -135,8 +136,9 @@ pub async fn respond(
         first: None,
         rest: resp.into_body(),
     };
-    let kind = match kind {
-        BodyKind::Unlabelled => match body.rest.frame().await.transpose() {
+    let kind = match labelled {
+        Some(kind) => kind,
+        None => match body.rest.frame().await.transpose() {
             Ok(first) => {
                 body.first = first.and_then(|f| f.into_data().ok());
                 BodyKind::sniff(body.first.as_deref().unwrap_or_default())
@@ -146,7 +148,6 @@ pub async fn respond(
                 return Err(unreadable(e));
             }
         },
-        known => known,
     };
     let body: Body = match kind {
         BodyKind::Json => json_body(body, &spec, acct, completion).await?,
@@ -155,17 +156,13 @@ pub async fn respond(
             let mode = Mode::Records(Box::new(stream), spec);
             BodyExt::boxed(StreamBody::new(body, mode, acct))
         }
-        BodyKind::Other | BodyKind::Unlabelled => {
-            BodyExt::boxed(StreamBody::new(body, Mode::Raw, acct))
-        }
+        BodyKind::Other => BodyExt::boxed(StreamBody::new(body, Mode::Raw, acct)),
     };
     out.body(body).map_err(|_| ProxyError::UpstreamFailed)
 }
 
 enum BodyKind {
     Json,
-    /// No `Content-Type`: judged by how the body opens.
-    Unlabelled,
     /// A stream of records rewritten one by one.
     Records(Framing),
     Other,
