@@ -10,6 +10,7 @@ pub mod error;
 pub mod health;
 pub mod http;
 pub mod ids;
+pub mod json_members;
 pub mod jwt;
 pub mod keys;
 pub mod limits;

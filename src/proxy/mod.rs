@@ -29,7 +29,6 @@ mod body;
 mod client_auth;
 mod cors;
 pub mod error;
-mod json_members;
 mod outcome;
 mod peek;
 mod pick;

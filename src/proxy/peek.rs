@@ -2,8 +2,8 @@
 //! client asked for (written back into responses) and its output token cap
 //! (for the `tpm` reservation).
 
-use super::json_members;
 use crate::config::ProviderKind;
+use crate::json_members;
 use http::HeaderMap;
 use http::header;
 use std::borrow::Cow;
@@ -62,8 +62,9 @@ fn peek_body(headers: &HeaderMap, body: &[u8]) -> RequestPeek {
     // The last of a name given twice, as providers read it.
     let (mut model, mut max_tokens, mut max_completion_tokens, mut max_output_tokens) =
         (None, None, None, None);
+    let text = |raw: std::ops::Range<usize>| std::str::from_utf8(&body[raw]).ok();
     let scanned = json_members::each_member(body, |name, value| {
-        let slot = match json_members::string(name).as_deref() {
+        let slot = match text(name).and_then(json_members::string).as_deref() {
             Some("model") => &mut model,
             Some("max_tokens") => &mut max_tokens,
             Some("max_completion_tokens") => &mut max_completion_tokens,
@@ -75,12 +76,12 @@ fn peek_body(headers: &HeaderMap, body: &[u8]) -> RequestPeek {
     if scanned.is_err() {
         return RequestPeek::default();
     }
-    let count = |raw: Option<&[u8]>| {
-        raw.and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|v| v.parse::<u64>().ok())
-    };
+    let count = |raw: Option<_>| raw.and_then(text).and_then(|v| v.parse::<u64>().ok());
     RequestPeek {
-        model: model.and_then(json_members::string).map(Cow::into_owned),
+        model: model
+            .and_then(text)
+            .and_then(json_members::string)
+            .map(Cow::into_owned),
         max_output_tokens: count(max_completion_tokens)
             .or(count(max_tokens))
             .or(count(max_output_tokens)),

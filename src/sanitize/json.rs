@@ -32,16 +32,15 @@
 //! tool argument named `project_id` reaches the client intact.
 //!
 //! Only what must change is touched: an object is split into its members as
-//! raw slices (`serde_json::value::RawValue`), the few members that matter
-//! are rewritten, and everything else is copied byte for byte. Parsing the
-//! whole body into a `Value` and serializing it again costs several times
-//! more per request.
+//! raw slices by following its structure ([`json_members`]), the few
+//! members that matter are rewritten, and everything else is copied byte
+//! for byte. Parsing the whole body into a `Value` and serializing it again
+//! costs several times more per request, and even splitting it with a
+//! validating parser costs more than the rest of the rewrite.
 
+use crate::json_members;
 use crate::secret::Secret;
-use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
-use serde_json::value::RawValue;
 use std::borrow::Cow;
-use std::fmt;
 
 /// What to write into a response.
 pub struct Rewrite<'a> {
@@ -72,7 +71,7 @@ impl Usage {
     /// Ollama answer, which carries them among its own members), whose
     /// members are already split (the object is walked for output anyway).
     fn absorb(&mut self, members: &Members) {
-        let count = |name: &str| members.get(name).and_then(|v| v.get().parse::<u64>().ok());
+        let count = |name: &str| members.get(name).and_then(|v| v.parse::<u64>().ok());
         // OpenAI, Anthropic and Gemini spellings of the same counts.
         let prompt = count("prompt_tokens")
             .or_else(|| count("input_tokens"))
@@ -121,71 +120,40 @@ fn names_account(owner: &str) -> bool {
         .any(|p| owner.starts_with(p))
 }
 
-/// The members of an object, in order, values as raw slices.
-struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+/// The members of an object, in order: names decoded (borrowed from the
+/// document unless they have escapes), values as written.
+struct Members<'a>(Vec<(Cow<'a, str>, &'a str)>);
 
-impl<'de> Deserialize<'de> for Members<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Members<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON object")
+impl<'a> Members<'a> {
+    /// The members of `json` when it is one object.
+    fn parse(json: &'a str) -> Option<Self> {
+        let mut members = Vec::with_capacity(12);
+        let mut names_decode = true;
+        json_members::each_member(json.as_bytes(), |name, value| {
+            match json_members::string(&json[name]) {
+                Some(name) => members.push((name, &json[value])),
+                None => names_decode = false,
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(12));
-                while let Some((Name(k), v)) = map.next_entry::<Name<'de>, &'de RawValue>()? {
-                    members.push((k, v));
-                }
-                Ok(Members(members))
-            }
-        }
-        d.deserialize_map(V)
+        })
+        .ok()?;
+        names_decode.then_some(Members(members))
     }
-}
 
-/// A member name, borrowed from the document unless it has escapes.
-/// (`Cow<str>` itself always deserializes to an owned `String`: one
-/// allocation per member.)
-struct Name<'a>(Cow<'a, str>);
-
-impl<'de> Deserialize<'de> for Name<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Name<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a member name")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Name(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Name(Cow::Owned(v.to_owned())))
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
-
-impl Members<'_> {
-    fn get(&self, name: &str) -> Option<&RawValue> {
+    fn get(&self, name: &str) -> Option<&'a str> {
         self.0.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
     }
 
     /// A member's value when it is a string.
-    fn text(&self, name: &str) -> Option<Cow<'_, str>> {
-        self.get(name).and_then(as_text)
+    fn text(&self, name: &str) -> Option<Cow<'a, str>> {
+        self.get(name).and_then(json_members::string)
     }
 }
 
-/// A string value, borrowed from the document unless it has escapes.
-fn as_text(raw: &RawValue) -> Option<Cow<'_, str>> {
-    let text = raw.get();
-    match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
-        Some(plain) if !plain.contains('\\') => Some(Cow::Borrowed(plain)),
-        _ => serde_json::from_str::<String>(text).ok().map(Cow::Owned),
-    }
+/// The elements of `json` when it is an array, as written.
+fn elements(json: &str) -> Option<Vec<&str>> {
+    let mut items = Vec::new();
+    json_members::each_element(json.as_bytes(), |item| items.push(&json[item])).ok()?;
+    Some(items)
 }
 
 /// What an object is; decides which of its members change.
@@ -234,10 +202,7 @@ impl Kind {
         }
         // Some OpenAI-compatible servers leave `object` out of their
         // completions; their `choices` mark them.
-        if members
-            .get("choices")
-            .is_some_and(|c| c.get().starts_with('['))
-        {
+        if members.get("choices").is_some_and(|c| c.starts_with('[')) {
             return Kind::Answer;
         }
         // Moderation results carry no `object`; their `modr-` id marks them.
@@ -260,15 +225,9 @@ impl Kind {
         // `done` flag, an embeddings answer its `embeddings`. (A Google
         // long-running operation has a `done` flag too, but neither of the
         // others.)
-        let has = |name: &str, opening: &str| {
-            members
-                .get(name)
-                .is_some_and(|v| v.get().starts_with(opening))
-        };
-        let done_flag = matches!(
-            members.get("done").map(RawValue::get),
-            Some("true" | "false")
-        );
+        let has =
+            |name: &str, opening: &str| members.get(name).is_some_and(|v| v.starts_with(opening));
+        let done_flag = matches!(members.get("done"), Some("true" | "false"));
         let generated = done_flag && has("created_at", "\"");
         if has("model", "\"") && (generated || has("embeddings", "[")) {
             return Kind::Ollama;
@@ -290,17 +249,13 @@ impl Kind {
 /// Whether the first element of the array `data` is an object whose
 /// `object` is `kind`. Reads only that element: an embeddings list can be
 /// megabytes of numbers, scanned once already.
-fn first_item_is(data: Option<&RawValue>, kind: &str) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Probe<'a> {
-        #[serde(borrow)]
-        object: Option<Cow<'a, str>>,
-    }
-    let Some(rest) = data.and_then(|d| d.get().strip_prefix('[')) else {
+fn first_item_is(data: Option<&str>, kind: &str) -> bool {
+    let Some(data) = data else {
         return false;
     };
-    let mut de = serde_json::Deserializer::from_str(rest);
-    Probe::deserialize(&mut de).is_ok_and(|p| p.object.as_deref() == Some(kind))
+    json_members::first_element(data.as_bytes())
+        .and_then(|first| Members::parse(&data[first]))
+        .is_some_and(|item| item.text("object").as_deref() == Some(kind))
 }
 
 /// What a rewritten document was.
@@ -316,7 +271,7 @@ pub enum Rewritten {
 
 impl Rewritten {
     fn of(members: &Members) -> Rewritten {
-        let error_member = members.get("error").is_some_and(|e| e.get() != "null");
+        let error_member = members.get("error").is_some_and(|e| e != "null");
         let error_type = matches!(
             members.text("type").as_deref(),
             Some("error" | "response.failed")
@@ -364,11 +319,11 @@ pub fn rewrite(
     // (as `from_slice` does for every string and every raw value).
     let input_text = std::str::from_utf8(input).map_err(|_| failed())?;
     out.reserve(input.len() + 16);
-    if let Ok(members) = serde_json::from_str::<Members>(input_text) {
+    if let Some(members) = Members::parse(input_text) {
         write_object(&members, Kind::of(&members), rw, out, usage);
         return Ok(Rewritten::of(&members));
     }
-    let items = serde_json::from_str::<Vec<&RawValue>>(input_text).map_err(|_| failed())?;
+    let items = elements(input_text).ok_or_else(failed)?;
     write_items(&items, Kind::of, rw, out, usage);
     Ok(Rewritten::Document)
 }
@@ -378,17 +333,17 @@ enum Member<'r> {
     /// Left out, name and all.
     Dropped,
     /// Copied byte for byte.
-    Kept(&'r RawValue),
+    Kept(&'r str),
     /// Replaced by this string.
     Text(&'r str),
     /// A keyrouter id, with the provider id's type prefix when it has one.
-    NewId(&'r RawValue),
+    NewId(&'r str),
     /// An object walked as `kind_of` says (anything else copied).
-    Walked(&'r RawValue, fn(&Members) -> Kind),
+    Walked(&'r str, fn(&Members) -> Kind),
     /// A `usage` object: counted, then walked.
-    Usage(&'r RawValue),
+    Usage(&'r str),
     /// A resource list's items, each walked as a resource.
-    Items(&'r RawValue),
+    Items(&'r str),
 }
 
 fn resource(_: &Members) -> Kind {
@@ -398,7 +353,7 @@ fn resource(_: &Members) -> Kind {
 fn member<'r>(
     kind: Kind,
     key: &str,
-    raw: &'r RawValue,
+    raw: &'r str,
     rw: &Rewrite<'r>,
     usage: &mut Usage,
 ) -> Member<'r> {
@@ -406,7 +361,7 @@ fn member<'r>(
         return Member::Dropped;
     }
     match (kind, key) {
-        (_, "owned_by") => match as_text(raw) {
+        (_, "owned_by") => match json_members::string(raw) {
             Some(owner) if names_account(&owner) => Member::Text(ACCOUNT_OWNER),
             _ => Member::Kept(raw),
         },
@@ -422,7 +377,7 @@ fn member<'r>(
         | (Kind::Gemini, "usageMetadata") => {
             if rw.strip_usage {
                 // Counted all the same: limits and metrics need the tokens.
-                if let Ok(members) = serde_json::from_str::<Members>(raw.get()) {
+                if let Some(members) = Members::parse(raw) {
                     usage.absorb(&members);
                 }
                 Member::Dropped
@@ -463,20 +418,20 @@ fn write_object(members: &Members, kind: Kind, rw: &Rewrite, out: &mut Vec<u8>, 
         out.push(b':');
         match action {
             Member::Dropped => {}
-            Member::Kept(raw) => out.extend_from_slice(raw.get().as_bytes()),
+            Member::Kept(raw) => out.extend_from_slice(raw.as_bytes()),
             Member::Text(text) => write_str(out, text),
             Member::NewId(raw) => write_new_id(out, raw, rw.id_suffix),
             Member::Walked(raw, kind_of) => write_walked(raw, kind_of, rw, out, usage),
-            Member::Usage(raw) => match serde_json::from_str::<Members>(raw.get()) {
-                Ok(counts) => {
+            Member::Usage(raw) => match Members::parse(raw) {
+                Some(counts) => {
                     usage.absorb(&counts);
                     write_object(&counts, Kind::Resource, rw, out, usage);
                 }
-                Err(_) => out.extend_from_slice(raw.get().as_bytes()),
+                None => out.extend_from_slice(raw.as_bytes()),
             },
-            Member::Items(raw) => match serde_json::from_str::<Vec<&RawValue>>(raw.get()) {
-                Ok(items) => write_items(&items, resource, rw, out, usage),
-                Err(_) => out.extend_from_slice(raw.get().as_bytes()),
+            Member::Items(raw) => match elements(raw) {
+                Some(items) => write_items(&items, resource, rw, out, usage),
+                None => out.extend_from_slice(raw.as_bytes()),
             },
         }
     }
@@ -486,21 +441,21 @@ fn write_object(members: &Members, kind: Kind, rw: &Rewrite, out: &mut Vec<u8>, 
 /// Writes a nested value walked as the kind `kind_of` gives it when it is
 /// an object, else as it is.
 fn write_walked(
-    raw: &RawValue,
+    raw: &str,
     kind_of: fn(&Members) -> Kind,
     rw: &Rewrite,
     out: &mut Vec<u8>,
     usage: &mut Usage,
 ) {
-    match serde_json::from_str::<Members>(raw.get()) {
-        Ok(members) => write_object(&members, kind_of(&members), rw, out, usage),
-        Err(_) => out.extend_from_slice(raw.get().as_bytes()),
+    match Members::parse(raw) {
+        Some(members) => write_object(&members, kind_of(&members), rw, out, usage),
+        None => out.extend_from_slice(raw.as_bytes()),
     }
 }
 
 /// Writes an array, each element walked.
 fn write_items(
-    items: &[&RawValue],
+    items: &[&str],
     kind_of: fn(&Members) -> Kind,
     rw: &Rewrite,
     out: &mut Vec<u8>,
@@ -519,8 +474,8 @@ fn write_items(
 /// The keyrouter id for a provider id: the provider's type prefix (letters up
 /// to the first `-` or `_`, e.g. `chatcmpl-`, `msg_`, `resp_`) and our own
 /// random part. Anything else about the provider's id is dropped.
-fn write_new_id(out: &mut Vec<u8>, raw: &RawValue, suffix: &str) {
-    let original = as_text(raw);
+fn write_new_id(out: &mut Vec<u8>, raw: &str, suffix: &str) {
+    let original = json_members::string(raw);
     let prefix = original
         .as_deref()
         .and_then(|id| {
@@ -555,6 +510,7 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::json_members::tests::any_json;
     use proptest::prelude::*;
     use serde_json::{Value, json};
 
@@ -1069,26 +1025,6 @@ mod tests {
         assert_eq!(v["id"], "modr-kr0123456789");
         assert_eq!(v["model"], "omni-moderation-latest");
         assert_eq!(v["results"], body["results"]);
-    }
-
-    /// Any JSON value.
-    fn any_json() -> impl Strategy<Value = Value> {
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::from),
-            any::<i64>().prop_map(Value::from),
-            any::<f64>()
-                .prop_filter("finite", |f| f.is_finite())
-                .prop_map(Value::from),
-            ".{0,12}".prop_map(Value::from),
-        ];
-        leaf.prop_recursive(4, 48, 6, |inner| {
-            prop_oneof![
-                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
-                proptest::collection::btree_map(".{0,8}", inner, 0..6)
-                    .prop_map(|m| Value::Object(m.into_iter().collect())),
-            ]
-        })
     }
 
     proptest! {
