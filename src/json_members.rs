@@ -43,46 +43,47 @@ pub fn each_member(
     json: &[u8],
     mut each: impl FnMut(Range<usize>, Range<usize>),
 ) -> Result<(), Malformed> {
-    let mut i = skip_ws(json, 0);
-    expect(json, i, b'{')?;
-    i = skip_ws(json, i + 1);
-    if json.get(i) == Some(&b'}') {
-        return only_ws_after(json, i + 1);
-    }
-    loop {
-        expect(json, i, b'"')?;
-        let name_end = string_end(json, i)?;
-        let name = i..name_end;
-        i = skip_ws(json, name_end);
-        expect(json, i, b':')?;
-        let start = skip_ws(json, i + 1);
+    each_item(json, [b'{', b'}'], |at| {
+        expect(json, at, b'"')?;
+        let name = at..string_end(json, at)?;
+        let colon = skip_ws(json, name.end);
+        expect(json, colon, b':')?;
+        let start = skip_ws(json, colon + 1);
         let end = value_end(json, start)?;
         each(name, start..end);
-        i = skip_ws(json, end);
-        match json.get(i) {
-            Some(b',') => i = skip_ws(json, i + 1),
-            Some(b'}') => return only_ws_after(json, i + 1),
-            _ => return Err(Malformed),
-        }
-    }
+        Ok(end)
+    })
 }
 
 /// Calls `each` with where every element of the array `json` is, in order.
 /// On `Err`, as for [`each_member`].
 pub fn each_element(json: &[u8], mut each: impl FnMut(Range<usize>)) -> Result<(), Malformed> {
+    each_item(json, [b'[', b']'], |at| {
+        let end = value_end(json, at)?;
+        each(at..end);
+        Ok(end)
+    })
+}
+
+/// Walks the comma-separated items between the `brackets` that make up
+/// the whole of `json`; `item` reads the one at the given offset and says
+/// where it ends.
+fn each_item(
+    json: &[u8],
+    [open, close]: [u8; 2],
+    mut item: impl FnMut(usize) -> Result<usize, Malformed>,
+) -> Result<(), Malformed> {
     let mut i = skip_ws(json, 0);
-    expect(json, i, b'[')?;
+    expect(json, i, open)?;
     i = skip_ws(json, i + 1);
-    if json.get(i) == Some(&b']') {
+    if json.get(i) == Some(&close) {
         return only_ws_after(json, i + 1);
     }
     loop {
-        let end = value_end(json, i)?;
-        each(i..end);
-        i = skip_ws(json, end);
+        i = skip_ws(json, item(i)?);
         match json.get(i) {
             Some(b',') => i = skip_ws(json, i + 1),
-            Some(b']') => return only_ws_after(json, i + 1),
+            Some(&b) if b == close => return only_ws_after(json, i + 1),
             _ => return Err(Malformed),
         }
     }
