@@ -13,16 +13,18 @@
 //! a member of the object read begins and ends:
 //!
 //! - at the level read: the quotes of names, colons and commas, and that a
-//!   value that is not a string, object or array is a bare word or number
-//!   (`true`, `-2.5e3`), so no quote can hide inside one;
+//!   value that is not a string, object or array is `true`, `false`, `null`
+//!   or made of a number's characters (`-2.5e3`), so no quote can hide
+//!   inside one;
 //! - below it: quotes and escapes, and the nesting and matching of
-//!   brackets;
+//!   brackets, to any depth;
 //! - that nothing but whitespace follows the document.
 //!
-//! So the members found are the members any JSON parser finds, and a
-//! document cut short anywhere yields nothing. What a member's value holds
-//! below that (a misplaced comma deep in `choices`) is not judged: it is
-//! passed on as the provider wrote it, for the client to judge.
+//! So in a valid JSON document the members found are the ones a JSON parser
+//! finds, and a document cut short anywhere yields nothing. What a member's
+//! value holds below the level read (a misplaced comma deep in `choices`)
+//! is not judged here; a caller that goes on to read an object inside a
+//! value reads it with the same rules.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -31,9 +33,6 @@ use std::ops::Range;
 /// somewhere.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Malformed;
-
-/// Deepest nesting followed (serde_json's limit too).
-const MAX_DEPTH: u32 = 128;
 
 /// Calls `each` with every member of the object `json`, in order: where its
 /// name is (with its quotes, see [`string`]) and where its value is. On
@@ -96,6 +95,9 @@ pub fn first_element(json: &[u8]) -> Option<Range<usize>> {
     let mut i = skip_ws(json, 0);
     expect(json, i, b'[').ok()?;
     i = skip_ws(json, i + 1);
+    if json.get(i) == Some(&b']') {
+        return None;
+    }
     let end = value_end(json, i).ok()?;
     Some(i..end)
 }
@@ -186,10 +188,15 @@ fn value_end(json: &[u8], at: usize) -> Result<usize, Malformed> {
 
 /// Where the object or array opening at `at` closes. Open brackets are a
 /// stack of bits (1 for an object) so each closing bracket is checked
-/// against its opening one.
+/// against its opening one: 128 levels in a register, deeper ones spilled
+/// to the heap. There is no depth limit, as clients' parsers (Python's,
+/// JavaScript's) have none that a provider's answer could be kept within:
+/// a limit here would refuse, or leave unread, what they read.
 fn container_end(json: &[u8], at: usize) -> Result<usize, Malformed> {
+    const WORD: u32 = u128::BITS;
     let mut open: u128 = 0;
-    let mut depth = 0;
+    let mut spilled: Vec<u128> = Vec::new();
+    let mut depth: u32 = 0;
     let mut i = at;
     loop {
         match *json.get(i).ok_or(Malformed)? {
@@ -198,8 +205,9 @@ fn container_end(json: &[u8], at: usize) -> Result<usize, Malformed> {
                 continue;
             }
             opening @ (b'{' | b'[') => {
-                if depth == MAX_DEPTH {
-                    return Err(Malformed);
+                if depth > 0 && depth.is_multiple_of(WORD) {
+                    spilled.push(open);
+                    open = 0;
                 }
                 open = (open << 1) | u128::from(opening == b'{');
                 depth += 1;
@@ -212,6 +220,9 @@ fn container_end(json: &[u8], at: usize) -> Result<usize, Malformed> {
                 depth -= 1;
                 if depth == 0 {
                     return Ok(i + 1);
+                }
+                if depth.is_multiple_of(WORD) {
+                    open = spilled.pop().ok_or(Malformed)?;
                 }
             }
             _ => {}
@@ -358,9 +369,47 @@ pub(crate) mod tests {
         ] {
             assert_eq!(members(broken), Err(Malformed), "{broken}");
         }
-        let deep = |n| format!(r#"{{"a":{}{}}}"#, "[".repeat(n), "]".repeat(n));
-        assert!(members(&deep(MAX_DEPTH as usize)).is_ok());
-        assert_eq!(members(&deep(MAX_DEPTH as usize + 1)), Err(Malformed));
+    }
+
+    #[test]
+    fn nesting_has_no_depth_limit_and_every_bracket_is_matched() {
+        // Around and well past the 128 levels kept in a register.
+        for depth in [1, 127, 128, 129, 255, 256, 257, 1000] {
+            let opening: String = (0..depth)
+                .map(|d| if d % 3 == 0 { '{' } else { '[' })
+                .collect();
+            let inner: String = (0..depth)
+                .map(|d| if d % 3 == 0 { r#""k":"# } else { "" })
+                .zip(opening.chars())
+                .map(|(name, bracket)| format!("{bracket}{name}"))
+                .collect();
+            let closing: String = opening
+                .chars()
+                .rev()
+                .map(|b| if b == '{' { '}' } else { ']' })
+                .collect();
+            let document = format!(r#"{{"a":{inner}1{closing},"b":2}}"#);
+            let found = members(&document).unwrap();
+            assert_eq!(found[0].1, format!("{inner}1{closing}"), "depth {depth}");
+            assert_eq!(
+                found[1],
+                ("\"b\"".to_owned(), "2".to_owned()),
+                "depth {depth}"
+            );
+            // One bracket swapped at any level is caught.
+            for level in [0, depth / 2, depth - 1] {
+                let mut wrong: Vec<char> = closing.chars().collect();
+                let at = depth - 1 - level;
+                wrong[at] = if wrong[at] == '}' { ']' } else { '}' };
+                let wrong: String = wrong.into_iter().collect();
+                let document = format!(r#"{{"a":{inner}1{wrong},"b":2}}"#);
+                assert_eq!(
+                    members(&document),
+                    Err(Malformed),
+                    "depth {depth}, level {level}"
+                );
+            }
+        }
     }
 
     fn elements(json: &str) -> Result<Vec<String>, Malformed> {

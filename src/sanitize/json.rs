@@ -305,28 +305,36 @@ pub fn rewrite(
     out: &mut Vec<u8>,
     usage: &mut Usage,
 ) -> Result<Rewritten, Unrewritten> {
-    let failed = || {
-        let opening = |b: &[u8]| b.trim_ascii_start().first().copied();
-        match opening(input) {
-            Some(b'{') => Unrewritten::Broken,
-            Some(b'[') if opening(&input.trim_ascii_start()[1..]) == Some(b'{') => {
-                Unrewritten::Broken
-            }
-            _ => Unrewritten::NotJson,
-        }
+    // Whatever opens as an object or an array may hold what must not pass;
+    // of the arrays, only the stream sentinel `[DONE]` is not one.
+    let failed = || match input.trim_ascii() {
+        b"[DONE]" => Unrewritten::NotJson,
+        [b'{' | b'[', ..] => Unrewritten::Broken,
+        _ => Unrewritten::NotJson,
     };
-    // Checked once here, the text is not checked again member by member
-    // (as `from_slice` does for every string and every raw value).
+    // Checked once here, the text is not checked again member by member.
     let input_text = std::str::from_utf8(input).map_err(|_| failed())?;
     out.reserve(input.len() + 16);
-    if let Some(members) = Members::parse(input_text) {
-        write_object(&members, Kind::of(&members), rw, out, usage);
-        return Ok(Rewritten::of(&members));
-    }
-    let items = elements(input_text).ok_or_else(failed)?;
-    write_items(&items, Kind::of, rw, out, usage);
-    Ok(Rewritten::Document)
+    let start = out.len();
+    let written = match Members::parse(input_text) {
+        Some(members) => write_object(&members, Kind::of(&members), rw, out, usage)
+            .map(|()| Rewritten::of(&members)),
+        None => {
+            let items = elements(input_text).ok_or_else(failed)?;
+            write_items(&items, Kind::of, rw, out, usage).map(|()| Rewritten::Document)
+        }
+    };
+    written.map_err(|Garbled| {
+        out.truncate(start);
+        Unrewritten::Broken
+    })
 }
+
+/// An object (or list) inside the document, among those rewritten, opens
+/// as one but breaks. Its members cannot be told apart, and it may hold
+/// what must not pass, so the whole document is refused: copying it as it
+/// is would show it to any lenient parser (Python's reads `NaN`).
+struct Garbled;
 
 /// What becomes of one member.
 enum Member<'r> {
@@ -393,7 +401,13 @@ fn member<'r>(
 
 /// Writes an object's members, each as [`member`] decides, straight into
 /// `out` (no buffer per member).
-fn write_object(members: &Members, kind: Kind, rw: &Rewrite, out: &mut Vec<u8>, usage: &mut Usage) {
+fn write_object(
+    members: &Members,
+    kind: Kind,
+    rw: &Rewrite,
+    out: &mut Vec<u8>,
+    usage: &mut Usage,
+) -> Result<(), Garbled> {
     if kind == Kind::Ollama {
         // Its counts are members of the answer itself, not of a `usage`.
         usage.absorb(members);
@@ -421,21 +435,33 @@ fn write_object(members: &Members, kind: Kind, rw: &Rewrite, out: &mut Vec<u8>, 
             Member::Kept(raw) => out.extend_from_slice(raw.as_bytes()),
             Member::Text(text) => write_str(out, text),
             Member::NewId(raw) => write_new_id(out, raw, rw.id_suffix),
-            Member::Walked(raw, kind_of) => write_walked(raw, kind_of, rw, out, usage),
+            Member::Walked(raw, kind_of) => write_walked(raw, kind_of, rw, out, usage)?,
             Member::Usage(raw) => match Members::parse(raw) {
                 Some(counts) => {
                     usage.absorb(&counts);
-                    write_object(&counts, Kind::Resource, rw, out, usage);
+                    write_object(&counts, Kind::Resource, rw, out, usage)?;
                 }
-                None => out.extend_from_slice(raw.as_bytes()),
+                None => copy_unless_opening(out, raw, '{')?,
             },
             Member::Items(raw) => match elements(raw) {
-                Some(items) => write_items(&items, resource, rw, out, usage),
-                None => out.extend_from_slice(raw.as_bytes()),
+                Some(items) => write_items(&items, resource, rw, out, usage)?,
+                None => copy_unless_opening(out, raw, '[')?,
             },
         }
     }
     out.push(b'}');
+    Ok(())
+}
+
+/// Copies a value that was to be walked but is not an object or list (a
+/// `null` usage, a string message): anything opening with `bracket` is
+/// one that breaks.
+fn copy_unless_opening(out: &mut Vec<u8>, raw: &str, bracket: char) -> Result<(), Garbled> {
+    if raw.starts_with(bracket) {
+        return Err(Garbled);
+    }
+    out.extend_from_slice(raw.as_bytes());
+    Ok(())
 }
 
 /// Writes a nested value walked as the kind `kind_of` gives it when it is
@@ -446,10 +472,10 @@ fn write_walked(
     rw: &Rewrite,
     out: &mut Vec<u8>,
     usage: &mut Usage,
-) {
+) -> Result<(), Garbled> {
     match Members::parse(raw) {
         Some(members) => write_object(&members, kind_of(&members), rw, out, usage),
-        None => out.extend_from_slice(raw.as_bytes()),
+        None => copy_unless_opening(out, raw, '{'),
     }
 }
 
@@ -460,15 +486,16 @@ fn write_items(
     rw: &Rewrite,
     out: &mut Vec<u8>,
     usage: &mut Usage,
-) {
+) -> Result<(), Garbled> {
     out.push(b'[');
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        write_walked(item, kind_of, rw, out, usage);
+        write_walked(item, kind_of, rw, out, usage)?;
     }
     out.push(b']');
+    Ok(())
 }
 
 /// The keyrouter id for a provider id: the provider's type prefix (letters up
@@ -713,7 +740,13 @@ mod tests {
         let mut out = Vec::new();
         let mut usage = Usage::default();
         let mut left = |input: &[u8]| rewrite(input, &rw, &mut out, &mut usage).unwrap_err();
-        for text in [&b"\"text\""[..], b"[DONE]", b"42", b"plain words", b"[1, 2"] {
+        for text in [
+            &b"\"text\""[..],
+            b"[DONE]",
+            b" [DONE]\n",
+            b"42",
+            b"plain words",
+        ] {
             assert_eq!(left(text), Unrewritten::NotJson, "{text:?}");
         }
         // A document cut short (or not UTF-8) may hold what must not pass.
@@ -721,11 +754,34 @@ mod tests {
             &b"{not json"[..],
             br#"{"id": "chatcmpl-LEAK", "model": "gpt-4o-2024-08-06", "choices": ["#,
             br#" [{"id": "chatcmpl-LEAK", "#,
+            br#"[1, {"id": "chatcmpl-LEAK", "object": "chat.completion", "x": NaN}]"#,
+            b"[1, 2",
             b"{\"id\": \"\xff\"}",
         ] {
             assert_eq!(left(broken), Unrewritten::Broken, "{broken:?}");
         }
         assert!(out.is_empty());
+        // So may an object inside it that is rewritten too (a nested
+        // answer, a list item, `usage`, an array element), when that object
+        // breaks: lenient parsers (Python's reads `NaN`) would read it.
+        for garbled in [
+            &br#"{"type":"message_start","message":{"type":"message","id":"msg_LEAK","model":"claude-3-5-sonnet-20241022","x":NaN}}"#[..],
+            br#"{"type":"response.completed","response":{"object":"response","id":"resp_LEAK","model":"gpt-4o-2024-08-06",}}"#,
+            br#"[{"responseId":"LEAK","modelVersion":"gemini-1.5-pro-002","candidates":[],"t":Infinity}]"#,
+            br#"{"object":"list","data":[{"id":"file-1","object":"file","system_fingerprint":"fp_LEAK","n":NaN}]}"#,
+            br#"{"object":"list","data":[{"id":"file-1"} {"id":"file-2"}]}"#,
+            br#"{"id":"chatcmpl-1","object":"chat.completion","usage":{"prompt_tokens":1,"x_leak":NaN}}"#,
+        ] {
+            out.clear();
+            out.extend_from_slice(b"kept");
+            assert_eq!(
+                rewrite(garbled, &rw, &mut out, &mut usage),
+                Err(Unrewritten::Broken),
+                "{}",
+                String::from_utf8_lossy(garbled)
+            );
+            assert_eq!(out, b"kept", "what was written before stays as it was");
+        }
     }
 
     #[test]
