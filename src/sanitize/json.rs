@@ -139,8 +139,14 @@ impl<'a> Members<'a> {
         names_decode.then_some(Members(members))
     }
 
+    /// The value of the last member named `name`: the one a client's
+    /// parser keeps when a name is given twice.
     fn get(&self, name: &str) -> Option<&'a str> {
-        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| *v)
     }
 
     /// A member's value when it is a string.
@@ -701,6 +707,27 @@ mod tests {
         let body = json!({"we\"ird": "a\nb\u{1F600}", "list": [1, {"id": "inner-keeps"}]});
         let (v, _) = run(&body, None, false);
         assert_eq!(v, body);
+    }
+
+    #[test]
+    fn a_name_given_twice_is_read_as_clients_read_it() {
+        // Clients keep the last of a duplicated name: it decides what the
+        // object is, and every `id` of an answer is replaced.
+        let body = br#"{"object":"file","id":"chatcmpl-LEAK","object":"chat.completion","id":"chatcmpl-LEAK2","usage":{"prompt_tokens":1},"usage":{"prompt_tokens":7}}"#;
+        let rw = Rewrite {
+            id_suffix: "kr0123456789",
+            model: Some("m"),
+            strip_usage: false,
+            key: None,
+        };
+        let (mut out, mut usage) = (Vec::new(), Usage::default());
+        rewrite(body, &rw, &mut out, &mut usage).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains("LEAK"), "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["object"], "chat.completion");
+        assert_eq!(v["id"], "chatcmpl-kr0123456789");
+        assert_eq!(usage.prompt, 7);
     }
 
     #[test]
