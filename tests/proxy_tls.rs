@@ -199,7 +199,12 @@ async fn handshake_alpn_and_hsts() {
 async fn the_certificate_expiry_is_exported() {
     const NAME: &str = "keyrouter_tls_certificate_expiry_timestamp_seconds";
     let t = tls_gateway("gateway.test", None, None).await;
-    let expiry = chrono::DateTime::parse_from_rfc3339("2036-01-01T00:00:00Z").unwrap();
+    let (year, month, day) = LEAF_EXPIRY;
+    let expiry = chrono::NaiveDate::from_ymd_opt(year, month.into(), day.into())
+        .unwrap()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc();
     assert_eq!(
         t.gw.metric(NAME, &[]).await,
         Some(expiry.timestamp() as f64)

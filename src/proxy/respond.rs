@@ -211,15 +211,12 @@ impl BodyKind {
 /// A JSON answer read whole and rewritten. On failure `acct` is handed back
 /// through `completion`, so that the caller accounts the request once, as
 /// the error the client gets.
-async fn json_body<B>(
-    body: B,
+async fn json_body(
+    body: Prepended,
     spec: &RewriteSpec,
     acct: Completion,
     completion: &mut Option<Completion>,
-) -> Result<Body, ProxyError>
-where
-    B: http_body::Body<Data = Bytes, Error = BoxError>,
-{
+) -> Result<Body, ProxyError> {
     let bytes = match read_limited(body, MAX_JSON_BODY).await {
         Ok(bytes) => bytes,
         Err(e) => {
