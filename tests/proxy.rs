@@ -1738,6 +1738,13 @@ async fn traversal_foreign_targets_and_unknown_prefixes_are_refused() {
     )
     .await;
     reply.error(400, "invalid_request");
+    // As a forward proxy's client sends it: `Host` names the target too.
+    let reply = raw_request(
+        addr,
+        b"GET http://api.openai.com/v1/models HTTP/1.1\r\nHost: api.openai.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    reply.error(400, "invalid_request");
     // The same form naming this gateway is an ordinary request.
     let reply = raw_request(
         addr,
@@ -2107,6 +2114,51 @@ async fn a_provider_400_keeps_its_message_without_key_material() {
         message.contains("The model 'gpt-9' does not exist."),
         "{message}"
     );
+}
+
+/// A JSON body labelled as a form (as `curl -d` sends it) names the model
+/// the client asked for all the same.
+#[tokio::test]
+async fn a_json_body_labelled_as_a_form_names_the_model_all_the_same() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "").await;
+    let form = gw
+        .client()
+        .post(gw.proxy_url("/openai/v1/chat/completions"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(chat("gpt-4o-mini").to_string())
+        .send()
+        .await
+        .unwrap();
+    let form = Answer::of(form).await;
+    assert_eq!(form.status, 200, "{}", form.text);
+    assert_eq!(form.json()["model"], "gpt-4o-mini");
+}
+
+/// A provider error inside a successful answer (some OpenAI-compatible
+/// servers send them) loses the key it quotes, as an error answer does.
+#[tokio::test]
+async fn an_error_in_a_successful_answer_loses_the_key_it_quotes() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "").await;
+    for path in ["/openai/v1/chat/completions", "/anthropic/v1/messages"] {
+        let a = post_with(
+            &gw,
+            path,
+            &chat("gpt-4o"),
+            &[("x-mock-echo", OPENAI_KEY), ("x-mock-echo-status", "200")],
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        assert!(
+            a.text.contains("Input should be") || a.text.contains("Invalid value"),
+            "{}",
+            a.text
+        );
+        for secret in [OPENAI_KEY, ANTHROPIC_KEY, &OPENAI_KEY[..12]] {
+            assert!(!a.text.contains(secret), "{}", a.text);
+        }
+    }
 }
 
 /// Key material glued to a name (`key=sk-…`) and account ids quoted in a

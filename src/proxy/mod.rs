@@ -148,11 +148,12 @@ impl ProxyApi {
     async fn forward(
         &self,
         req: Request<Incoming>,
+        conn: ConnInfo,
         request_id: &RequestId,
         started: Instant,
         completion: &mut Option<Completion>,
     ) -> Result<Response<Body>, ProxyError> {
-        let routed = self.routes.route(req.uri(), req.version(), req.headers())?;
+        let routed = self.routes.route(req.uri(), req.version(), conn.local)?;
         let provider = &self.providers[routed.provider];
         *completion = Some(Completion::start(&provider.accounts, request_id, started));
         self.authorize_client(provider, req.headers()).await?;
@@ -164,7 +165,7 @@ impl ProxyApi {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         let body = self.bodies.read(body, declared).await?;
-        let peek = peek::peek_request(provider.kind, &parts.headers, routed.rest(), &body);
+        let peek = peek::peek_request(provider.kind, routed.rest(), &body);
 
         let mut tried: Vec<Arc<PoolKey>> = Vec::new();
         let mut last: Option<Failure> = None;
@@ -349,7 +350,8 @@ impl Handler for ProxyApi {
         let mut completion = None;
         // Boxed: the server moves a request's future several times, and
         // this one holds every stage's state (a few KiB).
-        let mut resp = match Box::pin(self.forward(req, &id, started, &mut completion)).await {
+        let mut resp = match Box::pin(self.forward(req, conn, &id, started, &mut completion)).await
+        {
             Ok(resp) => resp,
             Err(e) => {
                 let label = e.as_str();

@@ -4,8 +4,6 @@
 
 use crate::config::ProviderKind;
 use crate::json_members;
-use http::HeaderMap;
-use http::header;
 use std::borrow::Cow;
 
 /// The request's model and output cap, read in one pass over the body
@@ -35,28 +33,20 @@ impl RequestPeek {
 /// none names it in its path (`path` below the provider's base URL):
 /// Gemini's `…/models/{model}:generateContent`, Azure's
 /// `/openai/deployments/{deployment}/…`.
-pub fn peek_request(
-    kind: ProviderKind,
-    headers: &HeaderMap,
-    path: &str,
-    body: &[u8],
-) -> RequestPeek {
-    let mut peek = peek_body(headers, body);
+pub fn peek_request(kind: ProviderKind, path: &str, body: &[u8]) -> RequestPeek {
+    let mut peek = peek_body(body);
     if peek.model.is_none() {
         peek.model = model_in_path(kind, path).map(str::to_owned);
     }
     peek
 }
 
-fn peek_body(headers: &HeaderMap, body: &[u8]) -> RequestPeek {
-    // `application/json`, `…+json`, in any case (media types are not case
-    // sensitive).
-    let json = headers.get(header::CONTENT_TYPE).is_some_and(|ct| {
-        ct.as_bytes()
-            .windows(4)
-            .any(|w| w.eq_ignore_ascii_case(b"json"))
-    });
-    if !json || body.is_empty() {
+/// Reads a body that is a JSON object, whatever its `Content-Type` says:
+/// providers read such a body as JSON even when the client labels it
+/// otherwise (`curl -d` sends `application/x-www-form-urlencoded`). Forms
+/// and multipart bodies never open with `{`.
+fn peek_body(body: &[u8]) -> RequestPeek {
+    if body.trim_ascii_start().first() != Some(&b'{') {
         return RequestPeek::default();
     }
     // The last of a name given twice, as providers read it.
@@ -130,47 +120,37 @@ fn is_plain_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
-
-    fn json_headers() -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h
-    }
 
     #[test]
-    fn reads_json_bodies_only() {
-        let h = json_headers();
+    fn reads_bodies_that_are_json_objects() {
         let body =
             br#"{"messages":[{"role":"user","content":"hi"}],"model":"gpt-4o","max_tokens":100}"#;
-        let peek = peek_request(ProviderKind::OpenAi, &h, "/v1/chat/completions", body);
+        let peek = peek_request(ProviderKind::OpenAi, "/v1/chat/completions", body);
         assert_eq!(peek.model.as_deref(), Some("gpt-4o"));
         assert_eq!(peek.estimated_tokens(400), 200);
-        assert_eq!(
-            peek_request(
-                ProviderKind::OpenAi,
-                &HeaderMap::new(),
-                "/v1/chat/completions",
-                body
-            ),
-            RequestPeek::default()
+        let indented = peek_request(
+            ProviderKind::OpenAi,
+            "/v1/chat/completions",
+            b" \n{ \"model\": \"gpt-4o\" }",
         );
-        let mut upper = HeaderMap::new();
-        upper.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("Application/JSON; charset=utf-8"),
-        );
-        let peek = peek_request(ProviderKind::OpenAi, &upper, "/v1/chat/completions", body);
-        assert_eq!(peek.model.as_deref(), Some("gpt-4o"));
-        let uncapped = peek_request(ProviderKind::OpenAi, &h, "/v1/chat/completions", b"{}");
+        assert_eq!(indented.model.as_deref(), Some("gpt-4o"));
+        // A form, a multipart upload, an array: no model to read.
+        for other in [
+            &b"model=gpt-4o&prompt=hi"[..],
+            b"--boundary\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--boundary--",
+            br#"[{"model":"gpt-4o"}]"#,
+            b"",
+        ] {
+            assert_eq!(
+                peek_request(ProviderKind::OpenAi, "/v1/audio/transcriptions", other),
+                RequestPeek::default()
+            );
+        }
+        let uncapped = peek_request(ProviderKind::OpenAi, "/v1/chat/completions", b"{}");
         assert_eq!(uncapped.model, None);
         assert_eq!(uncapped.estimated_tokens(0), DEFAULT_OUTPUT_TOKENS);
         let responses_api = peek_request(
             ProviderKind::OpenAi,
-            &h,
             "/v1/responses",
             br#"{"model":"o3","max_output_tokens":7}"#,
         );
@@ -179,11 +159,9 @@ mod tests {
 
     #[test]
     fn reads_the_top_level_as_a_provider_would() {
-        let h = json_headers();
         let peek = |body: &str| {
             peek_request(
                 ProviderKind::OpenAi,
-                &h,
                 "/v1/chat/completions",
                 body.as_bytes(),
             )
@@ -212,11 +190,10 @@ mod tests {
     /// Checks the model read from each path when the body names none, and
     /// that a model the body names wins over the path.
     fn check_path_models(kind: ProviderKind, body: &[u8], cases: &[(&str, Option<&str>)]) {
-        let h = json_headers();
         for (path, model) in cases {
-            let peek = peek_request(kind, &h, path, body);
+            let peek = peek_request(kind, path, body);
             assert_eq!(peek.model.as_deref(), *model, "{path}");
-            let named = peek_request(kind, &h, path, br#"{"model":"from-body"}"#);
+            let named = peek_request(kind, path, br#"{"model":"from-body"}"#);
             assert_eq!(named.model.as_deref(), Some("from-body"), "{path}");
         }
     }
@@ -280,7 +257,6 @@ mod tests {
         // A body-less request still has its path read.
         let get = peek_request(
             ProviderKind::Gemini,
-            &HeaderMap::new(),
             "/v1beta/models/gemini-1.5-pro:countTokens",
             b"",
         );

@@ -16,7 +16,8 @@ use super::upstream::UpstreamBody;
 use crate::health::Verdict;
 use crate::http::{Body, BoxError, ReadBodyError, full, read_limited};
 use crate::keys::pool::PoolKey;
-use crate::sanitize::json::{Unrewritten, Usage, rewrite};
+use crate::sanitize::json::{Rewritten, Unrewritten, Usage, rewrite};
+use crate::sanitize::scrub;
 use crate::sanitize::stream::{Framing, StreamRewriter};
 use bytes::Bytes;
 use http::Response;
@@ -229,8 +230,13 @@ async fn json_body(
     };
     let mut usage = Usage::default();
     let mut rewritten = Vec::new();
-    let body = match rewrite(&bytes, &spec.as_rewrite(), &mut rewritten, &mut usage) {
-        Ok(_) => full(rewritten),
+    let rw = spec.as_rewrite();
+    let body = match rewrite(&bytes, &rw, &mut rewritten, &mut usage) {
+        Ok(Rewritten::Document) => full(rewritten),
+        // A provider error in a successful answer (OpenAI-compatible
+        // servers send some): its text may quote the key, as an error
+        // event in a stream may.
+        Ok(Rewritten::Error) => full(scrub::scrub(&rewritten, rw.key).into_owned()),
         Err(Unrewritten::NotJson) => full(bytes),
         Err(Unrewritten::Broken) => {
             // Cut short or garbled: it may name the provider's id and model

@@ -5,12 +5,13 @@
 //! the query kept. Targets that could make the upstream resolve a different
 //! path than the one routed (`..` segments, encoded or not; encoded slashes
 //! or backslashes) are refused, as are absolute-form targets naming another
-//! host.
+//! host (a request meant for a forward proxy).
 
 use super::error::ProxyError;
 use crate::config::{ProviderConfig, ProviderKind};
 use http::uri::{Authority, Scheme};
-use http::{HeaderMap, Uri, Version, header};
+use http::{Uri, Version};
+use std::net::{IpAddr, SocketAddr};
 
 /// A provider's routing data, prepared once at start-up.
 pub struct RouteTable {
@@ -26,7 +27,8 @@ struct Target {
     authority: Authority,
     /// Path of `base_url` without a trailing slash (usually empty).
     base_path: String,
-    /// Gemini clients may put their own key in `?key=`; it is removed.
+    /// Gemini clients may put their own credentials in the query (`?key=`,
+    /// `?access_token=`); they are removed.
     strip_key_param: bool,
 }
 
@@ -80,9 +82,9 @@ impl RouteTable {
         &self,
         uri: &Uri,
         version: Version,
-        headers: &HeaderMap,
+        local: SocketAddr,
     ) -> Result<Routed, ProxyError> {
-        check_absolute_form(uri, version, headers)?;
+        check_absolute_form(uri, version, local)?;
         let path = uri.path();
         check_path(path)?;
         let (provider, rest) = self
@@ -118,11 +120,21 @@ impl RouteTable {
     }
 }
 
-fn append_query(out: &mut String, query: &str, strip_key: bool) {
+/// Appends `query` without its empty parts and, for Gemini
+/// (`strip_credentials`), without the client's own credentials: the API key
+/// (`key`) and an OAuth token (`access_token`), their names compared
+/// percent-decoded and in any case, so no spelling of them gets through.
+fn append_query(out: &mut String, query: &str, strip_credentials: bool) {
+    let credential = |name: &str| {
+        let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+        ["key", "access_token"]
+            .iter()
+            .any(|c| name.eq_ignore_ascii_case(c))
+    };
     let mut first = true;
     for pair in query.split('&') {
         let name = pair.split('=').next().unwrap_or("");
-        if pair.is_empty() || (strip_key && name == "key") {
+        if pair.is_empty() || (strip_credentials && credential(name)) {
             continue;
         }
         out.push(if first { '?' } else { '&' });
@@ -131,18 +143,33 @@ fn append_query(out: &mut String, query: &str, strip_key: bool) {
     }
 }
 
-/// HTTP/1 absolute-form (`GET http://other-host/...`) is accepted only for
-/// the host the request is addressed to. HTTP/2 always carries scheme and
-/// authority, which name this gateway.
-fn check_absolute_form(uri: &Uri, version: Version, headers: &HeaderMap) -> Result<(), ProxyError> {
+/// An HTTP/1 target in absolute-form (`GET http://host:port/...`) or
+/// authority-form (`CONNECT host:port`) is what a client sends to a forward
+/// proxy, unless it names the address the client connected to (`local`),
+/// which RFC 9112 requires a server to accept. The `Host` header is no
+/// evidence either way: a proxy's client sets it to the target too. HTTP/2
+/// always carries scheme and authority, which name this gateway.
+fn check_absolute_form(uri: &Uri, version: Version, local: SocketAddr) -> Result<(), ProxyError> {
     if version >= Version::HTTP_2 {
         return Ok(());
     }
     let Some(authority) = uri.authority() else {
         return Ok(());
     };
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    if host.is_some_and(|h| h.eq_ignore_ascii_case(authority.as_str())) {
+    let default_port = if uri.scheme() == Some(&Scheme::HTTPS) {
+        443
+    } else {
+        80
+    };
+    let host = authority.host();
+    let ip = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+        .parse::<IpAddr>();
+    let ours = ip.is_ok_and(|ip| ip.to_canonical() == local.ip().to_canonical())
+        && authority.port_u16().unwrap_or(default_port) == local.port();
+    if ours {
         Ok(())
     } else {
         Err(ProxyError::BadTarget)
@@ -247,12 +274,11 @@ mod tests {
         ])
     }
 
+    /// The address the test clients connect to.
+    const LOCAL: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
+
     fn route(target: &str) -> Result<Routed, ProxyError> {
-        table().route(
-            &target.parse().unwrap(),
-            Version::HTTP_11,
-            &HeaderMap::new(),
-        )
+        table().route(&target.parse().unwrap(), Version::HTTP_11, LOCAL)
     }
 
     #[test]
@@ -277,6 +303,15 @@ mod tests {
         );
         // Below the base path: what the client addressed after the prefix.
         assert_eq!(r.rest(), "/v1beta/models/x:generateContent");
+        // Every spelling of the client's credentials goes.
+        let r = route(
+            "/gemini/v1beta/models/x:generateContent?%6Bey=A&KEY=B&access_token=C&Access%5FToken=D&alt=sse&keys=E",
+        )
+        .unwrap();
+        assert_eq!(
+            r.upstream,
+            "https://g.example/base/v1beta/models/x:generateContent?alt=sse&keys=E"
+        );
         assert_eq!(route("/openai").unwrap().rest(), "/");
         assert_eq!(route("/v1/models").unwrap().rest(), "/v1/models");
     }
@@ -320,19 +355,32 @@ mod tests {
     }
 
     #[test]
-    fn absolute_form_only_for_our_own_host() {
-        let t = table();
-        let uri: Uri = "http://evil.example/openai/v1/models".parse().unwrap();
-        let mut h = HeaderMap::new();
-        h.insert(header::HOST, "gateway.local:8080".parse().unwrap());
+    fn absolute_form_only_for_the_address_connected_to() {
+        for own in [
+            "http://127.0.0.1:8080/openai/v1/models",
+            "http://[::ffff:127.0.0.1]:8080/openai/v1/models",
+        ] {
+            assert!(route(own).is_ok(), "{own}");
+        }
+        for foreign in [
+            "http://evil.example/openai/v1/models",
+            "http://evil.example:8080/openai/v1/models",
+            // The right host on another port, or by a name.
+            "http://127.0.0.1/openai/v1/models",
+            "https://127.0.0.1:443/openai/v1/models",
+            "http://localhost:8080/openai/v1/models",
+            "http://127.0.0.2:8080/openai/v1/models",
+        ] {
+            assert_eq!(route(foreign), Err(ProxyError::BadTarget), "{foreign}");
+        }
+        // Authority-form, as in `CONNECT api.openai.com:443`.
+        let connect = Uri::from_static("api.openai.com:443");
         assert_eq!(
-            t.route(&uri, Version::HTTP_11, &h),
+            table().route(&connect, Version::HTTP_11, LOCAL),
             Err(ProxyError::BadTarget)
         );
-        let own: Uri = "http://gateway.local:8080/openai/v1/models"
-            .parse()
-            .unwrap();
-        assert!(t.route(&own, Version::HTTP_11, &h).is_ok());
-        assert!(t.route(&uri, Version::HTTP_2, &h).is_ok());
+        // HTTP/2 always names scheme and authority.
+        let uri: Uri = "https://evil.example/openai/v1/models".parse().unwrap();
+        assert!(table().route(&uri, Version::HTTP_2, LOCAL).is_ok());
     }
 }

@@ -28,6 +28,9 @@ use tokio_util::task::TaskTracker;
 #[derive(Clone, Copy, Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The address the client connected to (what an HTTP/1 absolute-form
+    /// target must name, see `proxy::route`).
+    pub local: SocketAddr,
     /// Whether the connection is TLS (adds HSTS to responses).
     pub tls: bool,
 }
@@ -171,6 +174,11 @@ impl<H: Handler> Connections<H> {
     fn serve(&self, accepted: Accepted) {
         let Accepted { stream, peer, slot } = accepted;
         let _ = stream.set_nodelay(true);
+        // Unknown (it never is for an accepted socket): no absolute-form
+        // target names it.
+        let local = stream
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let (name, opts) = (self.name, self.opts);
         let handler = self.handler.clone();
         let builder = self.builder.clone();
@@ -180,7 +188,11 @@ impl<H: Handler> Connections<H> {
             let _slot = slot;
             match tls {
                 None => {
-                    let info = ConnInfo { peer, tls: false };
+                    let info = ConnInfo {
+                        peer,
+                        local,
+                        tls: false,
+                    };
                     conn::serve(&builder, stream, info, handler, opts, shutdown).await;
                 }
                 Some((certs, listener)) => {
@@ -188,7 +200,11 @@ impl<H: Handler> Connections<H> {
                     let Some(tls_stream) = handshake(name, config, stream, peer, opts).await else {
                         return;
                     };
-                    let info = ConnInfo { peer, tls: true };
+                    let info = ConnInfo {
+                        peer,
+                        local,
+                        tls: true,
+                    };
                     conn::serve(&builder, tls_stream, info, handler, opts, shutdown).await;
                 }
             }

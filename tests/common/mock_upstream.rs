@@ -591,7 +591,12 @@ async fn scripted_answer(
         return resp;
     }
     if let Some(text) = flag("x-mock-echo") {
-        return echo_error(&text, anthropic);
+        let status = flag("x-mock-echo-status")
+            .and_then(|s| s.parse::<u16>().ok())
+            .map_or(StatusCode::BAD_REQUEST, |s| {
+                StatusCode::from_u16(s).unwrap()
+            });
+        return echo_error(&text, status, anthropic);
     }
     if flag("x-mock-cut-json").is_some() {
         let whole = openai_completion().to_string();
@@ -1160,7 +1165,7 @@ fn error_response(status: StatusCode, anthropic: bool) -> Response<Body> {
 
 /// A 400 whose message quotes `text` as the value the client sent, in
 /// OpenAI's or Anthropic's shape.
-fn echo_error(text: &str, anthropic: bool) -> Response<Body> {
+fn echo_error(text: &str, status: StatusCode, anthropic: bool) -> Response<Body> {
     let body = if anthropic {
         serde_json::json!({"type": "error", "error": {"type": "invalid_request_error",
             "message": format!("messages.0.role: Input should be 'user' or 'assistant', got '{text}'")}})
@@ -1169,7 +1174,7 @@ fn echo_error(text: &str, anthropic: bool) -> Response<Body> {
             "message": format!("Invalid value: '{text}'. Supported values are: 'system', 'assistant', 'user'.")}})
     };
     let mut resp = json(body.to_string().into());
-    *resp.status_mut() = StatusCode::BAD_REQUEST;
+    *resp.status_mut() = status;
     resp
 }
 
