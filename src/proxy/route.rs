@@ -29,7 +29,7 @@ struct Target {
     base_path: String,
     /// Gemini clients may put their own credentials in the query (`?key=`,
     /// `?access_token=`); they are removed.
-    strip_key_param: bool,
+    strip_query_credentials: bool,
 }
 
 /// The routing decision for one request.
@@ -71,7 +71,7 @@ impl RouteTable {
                         .cloned()
                         .expect("validated base_url has an authority"),
                     base_path: p.base_url.path().trim_end_matches('/').to_owned(),
-                    strip_key_param: p.kind == ProviderKind::Gemini,
+                    strip_query_credentials: p.kind == ProviderKind::Gemini,
                 })
                 .collect(),
         }
@@ -104,7 +104,7 @@ impl RouteTable {
         path_and_query.push_str(&target.base_path);
         path_and_query.push_str(if rest.is_empty() { "/" } else { rest });
         if let Some(query) = uri.query() {
-            append_query(&mut path_and_query, query, target.strip_key_param);
+            append_query(&mut path_and_query, query, target.strip_query_credentials);
         }
         let upstream = Uri::builder()
             .scheme(target.scheme.clone())
