@@ -14,7 +14,7 @@ mod logs;
 mod test_redis;
 use keyrouter::config::{OnBackendError, RateLimitBackend, RateLimitConfig};
 use keyrouter::keys::Limits;
-use keyrouter::limits::{KeyCounters, KeyRef, Limiter, Permit, Refusal};
+use keyrouter::limits::{KeyCounters, KeyRef, KeyUsage, Limiter, Permit, Refusal};
 use keyrouter::metrics::Metrics;
 use keyrouter::secret::Secret;
 use logs::{Captured, capture};
@@ -284,6 +284,75 @@ async fn client_rpm_is_shared() {
     b.limiter.acquire_client("client-2", 3).await.unwrap();
 }
 
+impl Replica {
+    /// The key's usage as the management API shows it through this replica.
+    async fn usage(&self, limits: &Limits) -> KeyUsage {
+        self.limiter
+            .usage(KEY_ID, limits, self.counters.usage())
+            .await
+    }
+}
+
+#[tokio::test]
+async fn a_keys_usage_counts_every_replica_where_redis_counts_it() {
+    let url = redis_url();
+    let mut conn = plain(&url).await;
+    away_from_window_edge(&mut conn).await;
+    let all = limits(Some(100), Some(100_000), Some(10));
+    let prefix = unique_prefix("usage");
+    let a = Replica::new(&url, &prefix, OnBackendError::Deny).await;
+    let b = Replica::new(&url, &prefix, OnBackendError::Deny).await;
+
+    let held = [
+        a.acquire(&all, 40).await.unwrap(),
+        a.acquire(&all, 40).await.unwrap(),
+    ];
+    let done = b.acquire(&all, 40).await.unwrap();
+    done.settle(70);
+    let shared = KeyUsage {
+        requests_last_minute: 3,
+        tokens_last_minute: 150,
+        in_flight: 2,
+    };
+    // The release of B's slot and tokens lands from a spawned task.
+    eventually(
+        Duration::from_secs(3),
+        "B's release reaches Redis",
+        || async { b.usage(&all).await == shared },
+    )
+    .await;
+    assert_eq!(a.usage(&all).await, shared);
+    // Each replica's own counters saw only its own traffic.
+    assert_eq!(b.counters.usage().requests_last_minute, 1);
+    assert_eq!(a.counters.usage().in_flight, 2);
+    drop(held);
+
+    // Only the `rpm` makes Redis count: requests are shared, tokens and
+    // slots stay each replica's.
+    let rpm_only = limits(Some(100), None, None);
+    let prefix = unique_prefix("usage_rpm");
+    let a = Replica::new(&url, &prefix, OnBackendError::Deny).await;
+    let b = Replica::new(&url, &prefix, OnBackendError::Deny).await;
+    let _held = a.acquire(&rpm_only, 40).await.unwrap();
+    a.acquire(&rpm_only, 40).await.unwrap().settle(25);
+    assert_eq!(
+        b.usage(&rpm_only).await,
+        KeyUsage {
+            requests_last_minute: 2,
+            tokens_last_minute: 0,
+            in_flight: 0,
+        }
+    );
+    assert_eq!(
+        a.usage(&rpm_only).await,
+        KeyUsage {
+            requests_last_minute: 2,
+            tokens_last_minute: 65,
+            in_flight: 1,
+        }
+    );
+}
+
 #[tokio::test]
 async fn every_counter_carries_a_ttl() {
     let url = redis_url();
@@ -483,6 +552,8 @@ async fn starts_when_redis_is_unreachable() {
         deny.acquire(&l, 0).await,
         Err(Refusal::BackendUnavailable)
     ));
+    // With Redis out of reach, a key's usage is what this replica counted.
+    assert_eq!(local.usage(&l).await.requests_last_minute, 2);
 }
 
 #[tokio::test]

@@ -208,6 +208,31 @@ async fn two_gateways_never_exceed_a_keys_rpm_together() {
     }
 }
 
+/// What the management API of one replica says the key did in the last
+/// minute, when the key's `rpm` makes Redis count its requests.
+#[tokio::test]
+async fn either_gateway_shows_the_requests_both_served() {
+    const KEY: &str = "sk-redis-shared-usage-key-000BBBB";
+    let url = redis_url();
+    let prefix = unique_prefix("key_usage");
+    let mock = MockUpstream::start().await;
+    let r = replicas(&mock, &url, &redis_limits(&prefix, "deny"), &[]).await;
+    let id = register(&r.a, KEY, json!({"rpm": 100})).await;
+    until_in_pool(&r.b, &id).await;
+
+    for gw in [&r.a, &r.a, &r.b] {
+        let answer = Answer::of(chat(gw)).await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
+    }
+    for gw in [&r.a, &r.b] {
+        let reply = gw.get(&format!("/keys/{id}")).send().await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+        let usage = &reply.json()["usage"];
+        assert_eq!(usage["requests_last_minute"], 3, "{usage}");
+        assert_eq!(usage["in_flight"], 0, "{usage}");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 14. Redis unreachable
 

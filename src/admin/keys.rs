@@ -96,14 +96,18 @@ pub(super) async fn list(call: &Call<'_>) -> Result<Response<Body>, GatewayError
 /// `GET /keys/{id}`.
 pub(super) async fn get(call: &Call<'_>) -> Result<Response<Body>, GatewayError> {
     let key = read_key(call, &call.key_id()?).await?;
-    let usage = usage(call.app, &key);
+    let usage = usage(call.app, &key).await;
     Ok(json(StatusCode::OK, &KeyView::new(&key).with_usage(usage)))
 }
 
-/// This replica's live counters of a key (requests and tokens in the last
-/// minute, sliding estimate; requests in flight), kept while it rests.
-fn usage(app: &App, key: &KeyRecord) -> Usage {
-    let counters = app.pool.usage(&key.id);
+/// A key's live counters (requests and tokens in the last minute, sliding
+/// estimate; requests in flight), kept while it rests: this replica's, or
+/// every replica's where Redis counts them (see [`Limiter::usage`]).
+///
+/// [`Limiter::usage`]: crate::limits::Limiter::usage
+async fn usage(app: &App, key: &KeyRecord) -> Usage {
+    let here = app.pool.usage(&key.id);
+    let counters = app.limiter.usage(key.id.as_str(), &key.limits, here).await;
     Usage {
         requests_last_minute: counters.requests_last_minute,
         tokens_last_minute: counters.tokens_last_minute,

@@ -69,7 +69,7 @@ pub(super) fn wait_ms(prev: u64, cur: u64, elapsed: u64, cost: u64, limit: u64) 
 }
 
 /// The sliding estimate of the last minute, as `wait_ms` sees it.
-fn estimate(prev: u64, cur: u64, elapsed: u64) -> u64 {
+pub(super) fn estimate(prev: u64, cur: u64, elapsed: u64) -> u64 {
     (prev * (WINDOW_MS - elapsed)).div_ceil(WINDOW_MS) + cur
 }
 
@@ -226,7 +226,10 @@ pub struct KeyCounters {
     limited_until: AtomicU64,
 }
 
-/// This replica's view of one key, for `GET /admin/v1/keys/{id}`.
+/// One key's usage, for `GET /admin/v1/keys/{id}`: this replica's view,
+/// or with Redis partly every replica's (see [`Limiter::usage`]).
+///
+/// [`Limiter::usage`]: super::Limiter::usage
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KeyUsage {
     pub requests_last_minute: u64,

@@ -236,6 +236,28 @@ impl Limiter {
         }
     }
 
+    /// Key `id`'s usage for the management API. `here` is this replica's
+    /// view ([`KeyCounters::usage`]). With Redis, each figure that Redis
+    /// counts for every replica (requests with an `rpm`, tokens with a
+    /// `tpm`, slots with a `max_concurrent`) is the shared one; the others,
+    /// and all of them while Redis cannot be asked, stay this replica's.
+    pub async fn usage(&self, id: &str, limits: &Limits, here: KeyUsage) -> KeyUsage {
+        let shared = match &self.redis {
+            Some(redis) if *limits != Limits::default() => redis.usage(id, limits).await,
+            _ => None,
+        };
+        let Some(shared) = shared else {
+            return here;
+        };
+        KeyUsage {
+            requests_last_minute: shared
+                .requests_last_minute
+                .unwrap_or(here.requests_last_minute),
+            tokens_last_minute: shared.tokens_last_minute.unwrap_or(here.tokens_last_minute),
+            in_flight: shared.in_flight.unwrap_or(here.in_flight),
+        }
+    }
+
     /// One request of a client against its `rpm` (the JWT claim), counted in
     /// the same backend as the keys. An `rpm` of 0 admits nothing.
     ///

@@ -31,7 +31,7 @@
 //! info line; the URL (which may hold a password) is never logged.
 
 use super::Limited;
-use super::local::now_ms;
+use super::local::{estimate, now_ms};
 use crate::keys::Limits;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
@@ -161,8 +161,28 @@ end
 return 0
 ";
 
+/// A key's shared counts, for the management API. `KEYS[1]` the counter
+/// base. Returns `{elapsed ms in the window, previous and current rpm
+/// counts, previous and current tpm counts, slots held}`; the sliding
+/// estimate is made by the caller with the same function the local counters
+/// use. A window or slot set that is absent counts as zero (no limit of that
+/// kind, or nothing counted lately).
+const USAGE_LUA: &str = r"
+local W = 60000
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local window = math.floor(now / W)
+local function count(name, w)
+  return tonumber(redis.call('GET', KEYS[1] .. ':' .. name .. ':' .. w) or 0)
+end
+local slots = redis.call('ZCOUNT', KEYS[1] .. ':inflight', '(' .. now, '+inf')
+return {now - window * W, count('rpm', window - 1), count('rpm', window),
+  count('tpm', window - 1), count('tpm', window), slots}
+";
+
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| Script::new(ACQUIRE_LUA));
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_LUA));
+static USAGE: LazyLock<Script> = LazyLock::new(|| Script::new(USAGE_LUA));
 
 /// What Redis said, or that it could not be asked.
 pub(super) enum Remote<T> {
@@ -180,6 +200,16 @@ impl<T> Remote<T> {
             Remote::Unavailable => Remote::Unavailable,
         }
     }
+}
+
+/// What every replica together counted for a key: each figure is there
+/// only where the key has the limit that makes Redis count it (`rpm` for
+/// requests, `tpm` for tokens, `max_concurrent` for slots).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct SharedUsage {
+    pub requests_last_minute: Option<u64>,
+    pub tokens_last_minute: Option<u64>,
+    pub in_flight: Option<u32>,
 }
 
 /// The Redis backend, shared with the permits it grants.
@@ -271,7 +301,7 @@ impl RedisBackend {
         tokens: u64,
     ) -> Remote<RemotePermit> {
         let inner = &self.inner;
-        let base = format!("{}:key:{id}", inner.prefix);
+        let base = inner.key_base(id);
         let member = limits.max_concurrent.map(|_| {
             let n = inner.next_permit.fetch_add(1, Ordering::Relaxed);
             format!("{}:{n}", inner.replica)
@@ -305,6 +335,28 @@ impl RedisBackend {
         };
         self.inner.decide(&base, request).await.map(drop)
     }
+
+    /// The shared counts of key `id`; `None` when Redis cannot be asked
+    /// (resting after a failure, unreachable or slow).
+    pub(super) async fn usage(&self, id: &str, limits: &Limits) -> Option<SharedUsage> {
+        let inner = &self.inner;
+        if !inner.may_try(now_ms()) {
+            return None;
+        }
+        let mut invocation = USAGE.prepare_invoke();
+        invocation.key(inner.key_base(id));
+        let counts: Vec<u64> = inner.call(invocation, |_| None).await?;
+        let [elapsed, prev_rpm, cur_rpm, prev_tpm, cur_tpm, slots] = counts[..] else {
+            return None;
+        };
+        Some(SharedUsage {
+            requests_last_minute: limits.rpm.map(|_| estimate(prev_rpm, cur_rpm, elapsed)),
+            tokens_last_minute: limits.tpm.map(|_| estimate(prev_tpm, cur_tpm, elapsed)),
+            in_flight: limits
+                .max_concurrent
+                .map(|_| u32::try_from(slots).unwrap_or(u32::MAX)),
+        })
+    }
 }
 
 /// The arguments of one decision.
@@ -318,6 +370,11 @@ struct Request<'a> {
 }
 
 impl Inner {
+    /// Where key `id`'s counters live: `{prefix}:key:{id}`.
+    fn key_base(&self, id: &str) -> String {
+        format!("{}:key:{id}", self.prefix)
+    }
+
     /// Runs [`ACQUIRE_LUA`] unless Redis is resting after a failure; on
     /// success, the window id the tokens went into.
     async fn decide(self: &Arc<Self>, base: &str, r: Request<'_>) -> Remote<u64> {
