@@ -7,7 +7,9 @@
 //! a credential: a known key prefix (`sk-`, `sk_`, `AIza`, ...) at its start
 //! or glued on by `=`, `/`, `+`, `.` or `*` (`key=sk-...`), a masked key
 //! (`****`), an account id (`org-…`, `proj_…` with digits), or a long mix of
-//! letters and digits. The served key itself, and its edges (see [`edges`]),
+//! letters and digits. A token holding `%XX` escapes is also judged as it
+//! reads decoded (`sk%2Dproj%2D…`, `key%3Dsk-…`); a lone `%` (`100%`) is
+//! no escape. The served key itself, and its edges (see [`edges`]),
 //! are searched for anywhere in the text, since key material may hold any
 //! punctuation (`:`, `!`, `"`, ...) that ends a token: each place one is
 //! quoted goes, with the token characters around it. Structural JSON
@@ -22,7 +24,7 @@ use std::ops::Range;
 const REDACTED: &[u8] = b"[redacted]";
 
 fn is_token_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'+' | b'/' | b'=' | b'.' | b'*')
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'+' | b'/' | b'=' | b'.' | b'*' | b'%')
 }
 
 /// Where the tokens of `text` are.
@@ -69,18 +71,22 @@ fn edges(key: &[u8]) -> Option<(&[u8], &[u8])> {
     (head >= MIN_HEAD).then(|| (&key[..head], &key[key.len() - TAIL..]))
 }
 
-/// Where `text` quotes the served key: the whole key (its middle may hold
-/// characters that end a token) and its edges, each widened to the token
-/// around it.
-fn key_quotes<'t>(text: &'t [u8], key: &'t [u8]) -> impl Iterator<Item = Range<usize>> + 't {
+/// What marks text as quoting the served key: the whole key (its middle
+/// may hold characters that end a token) and its edges.
+fn key_parts(key: &[u8]) -> impl Iterator<Item = &[u8]> {
     let (head, tail) = edges(key).unzip();
     [Some(key), head, tail]
         .into_iter()
         .flatten()
-        .filter(|needle| !needle.is_empty())
-        .flat_map(move |needle| {
-            memmem::find_iter(text, needle).map(move |at| widened(text, at..at + needle.len()))
-        })
+        .filter(|part| !part.is_empty())
+}
+
+/// Where `text` quotes the served key, each place widened to the token
+/// around it.
+fn key_quotes<'t>(text: &'t [u8], key: &'t [u8]) -> impl Iterator<Item = Range<usize>> + 't {
+    key_parts(key).flat_map(move |part| {
+        memmem::find_iter(text, part).map(move |at| widened(text, at..at + part.len()))
+    })
 }
 
 /// Where a key may begin inside a token: at its start, or after a
@@ -110,7 +116,7 @@ fn is_account_id(start: &[u8]) -> bool {
 }
 
 /// Whether a token has the shape of a credential, whoever's it is.
-fn looks_secret(token: &[u8]) -> bool {
+fn has_secret_shape(token: &[u8]) -> bool {
     const PREFIXES: [&[u8]; 6] = [b"sk-", b"sk_", b"AIza", b"key-", b"rk_", b"pk_"];
     let keyed =
         |start: &[u8]| PREFIXES.iter().any(|p| start.starts_with(p)) || is_account_id(start);
@@ -120,6 +126,30 @@ fn looks_secret(token: &[u8]) -> bool {
     let has_digit = token.iter().any(u8::is_ascii_digit);
     let has_alpha = token.iter().any(u8::is_ascii_alphabetic);
     token.len() >= 24 && has_digit && has_alpha
+}
+
+/// `token` with its `%XX` escapes decoded, again as long as the result holds
+/// some (an escape may be encoded twice: `%252D`); `None` when it holds none.
+fn percent_decoded(token: &[u8]) -> Option<Vec<u8>> {
+    let mut decoded: Option<Vec<u8>> = None;
+    loop {
+        let text = decoded.as_deref().unwrap_or(token);
+        match Cow::from(percent_encoding::percent_decode(text)) {
+            Cow::Borrowed(_) => return decoded,
+            Cow::Owned(again) => decoded = Some(again),
+        }
+    }
+}
+
+/// Whether a token is credential-like as written, or as it reads once its
+/// escapes are decoded: then any of its decoded tokens may be, and it may
+/// quote the served key.
+fn looks_secret(token: &[u8], key: Option<&[u8]>) -> bool {
+    has_secret_shape(token)
+        || percent_decoded(token).is_some_and(|text| {
+            tokens(&text).any(|t| has_secret_shape(&text[t]))
+                || key.is_some_and(|k| key_parts(k).any(|part| memmem::find(&text, part).is_some()))
+        })
 }
 
 /// The places to redact, in order and without overlaps (a token that both
@@ -143,7 +173,7 @@ pub fn scrub<'a>(text: &'a [u8], key: Option<&Secret>) -> Cow<'a, [u8]> {
     // Searching for the key and its edges needs its bytes; nothing is kept.
     let key = key.map(|k| k.expose().as_bytes());
     let mut spans: Vec<Range<usize>> = key.map_or_else(Vec::new, |k| key_quotes(text, k).collect());
-    spans.extend(tokens(text).filter(|t| looks_secret(&text[t.clone()])));
+    spans.extend(tokens(text).filter(|t| looks_secret(&text[t.clone()], key)));
     if spans.is_empty() {
         return Cow::Borrowed(text);
     }
@@ -197,6 +227,37 @@ mod tests {
         // Dashes and underscores join words; `sk-` after them is not a key.
         let msg = "the x-api-key-header and risk-free task-sk-like_names";
         assert_eq!(s(msg, None), msg);
+    }
+
+    #[test]
+    fn percent_encoded_keys_go() {
+        for text in [
+            "bad key sk%2Dproj%2DAb12Cd34",
+            "the query said key%3Dsk-1234567890abcdef",
+            "twice encoded sk%252Dproj%252DAb12Cd34",
+            "url ?token=org%2DSECRETORG123",
+        ] {
+            let out = s(text, None);
+            assert!(out.ends_with("[redacted]"), "{out} from {text}");
+        }
+        // The served key's start, encoded as it would be in a URL.
+        let key = "pass:word!1234567890";
+        assert_eq!(
+            s("key pass%3Awor... was refused", Some(key)),
+            "key [redacted] was refused"
+        );
+    }
+
+    #[test]
+    fn percent_signs_in_ordinary_text_stay() {
+        let key = "zzzzFAKEKEY0000000000wxyz";
+        for msg in [
+            "You have used 100% of the quota; 50% of it in the last minute.",
+            "a 20%-off discount, %s placeholders and %% signs",
+            "top_p must be within 0%-100%",
+        ] {
+            assert_eq!(s(msg, Some(key)), msg);
+        }
     }
 
     #[test]
