@@ -141,7 +141,7 @@ fn only_ws_after(json: &[u8], i: usize) -> Result<(), Malformed> {
 /// quote). Only quotes are searched for: a quote after an odd number of
 /// backslashes is escaped (they pair up before it), so the many `\n` of a
 /// long message cost nothing.
-fn string_end(json: &[u8], at: usize) -> Result<usize, Malformed> {
+pub fn string_end(json: &[u8], at: usize) -> Result<usize, Malformed> {
     let mut from = at + 1;
     loop {
         let quote =

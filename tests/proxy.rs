@@ -2161,6 +2161,42 @@ async fn an_error_in_a_successful_answer_loses_the_key_it_quotes() {
     }
 }
 
+/// Key material may hold any punctuation. A provider quoting such a key in
+/// its JSON error writes its `"` and `\` escaped; the client finds the key
+/// neither in the bytes it receives nor in the message its parser decodes,
+/// whether the error comes as a successful answer or as a refusal.
+#[tokio::test]
+async fn a_key_with_punctuation_quoted_through_json_escapes_does_not_reach_the_client() {
+    const PUNCTUATED_KEY: &str = r#"pk"7:Zq\w%2F!x~y@Wv0T"#;
+    let (head, tail) = (
+        &PUNCTUATED_KEY[..8],
+        &PUNCTUATED_KEY[PUNCTUATED_KEY.len() - 4..],
+    );
+    let mock = MockUpstream::start().await;
+    let gw = gateway_with(provider("local", "openai_compatible", &mock.url, ""), "").await;
+    gw.register_key("local", PUNCTUATED_KEY).await;
+    for status in ["200", "400"] {
+        let a = post_with(
+            &gw,
+            "/local/v1/chat/completions",
+            &chat("llama3"),
+            &[
+                ("x-mock-echo", PUNCTUATED_KEY),
+                ("x-mock-echo-status", status),
+            ],
+        )
+        .await;
+        assert_eq!(a.status.to_string(), status, "{}", a.text);
+        let message = a.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains("Invalid value: '[redacted]'"), "{message}");
+        let escaped = serde_json::to_string(head).unwrap();
+        for leak in [head, tail, escaped.trim_matches('"')] {
+            assert!(!a.text.contains(leak), "{leak} in {}", a.text);
+            assert!(!message.contains(leak), "{leak} in {message}");
+        }
+    }
+}
+
 /// Key material glued to a name (`key=sk-…`) and account ids quoted in a
 /// kept provider message are scrubbed like free-standing ones.
 #[tokio::test]

@@ -236,7 +236,7 @@ async fn json_body(
         // A provider error in a successful answer (OpenAI-compatible
         // servers send some): its text may quote the key, as an error
         // event in a stream may.
-        Ok(Rewritten::Error) => full(scrub::scrub(&rewritten, rw.key).into_owned()),
+        Ok(Rewritten::Error) => full(scrub::scrub_document(&rewritten, rw.key).into_owned()),
         Err(Unrewritten::NotJson) => full(bytes),
         Err(Unrewritten::Broken) => {
             // Cut short or garbled: it may name the provider's id and model

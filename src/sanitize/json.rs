@@ -51,8 +51,8 @@ pub struct Rewrite<'a> {
     /// The model the client asked for; `None` drops the provider's `model`.
     pub model: Option<&'a str>,
     pub strip_usage: bool,
-    /// The key serving the response: its edges are scrubbed from the
-    /// provider errors a stream carries.
+    /// The key serving the response: it and its edges are scrubbed from
+    /// the provider errors a stream or a JSON answer carries.
     pub key: Option<&'a Secret>,
 }
 

@@ -1,6 +1,6 @@
 //! Removing anything that looks like key material from provider text that is
 //! passed on to clients (the human message of a 400/404/413/422, an error
-//! event inside a stream).
+//! event inside a stream, a provider error in a successful JSON answer).
 //!
 //! The text is cut into tokens (runs of characters that occur in API keys and
 //! their masked forms); a token is replaced by `[redacted]` when it looks like
@@ -12,10 +12,15 @@
 //! no escape. The served key itself, and its edges (see [`edges`]),
 //! are searched for anywhere in the text, since key material may hold any
 //! punctuation (`:`, `!`, `"`, ...) that ends a token: each place one is
-//! quoted goes, with the token characters around it. Structural JSON
-//! characters are never part of a token, so scrubbing a JSON document keeps
-//! it valid.
+//! quoted goes, with the token characters around it.
+//!
+//! A JSON document (an error event in a stream, a provider error in a
+//! successful answer) is scrubbed as its reader reads it ([`scrub_document`]):
+//! string by string, each decoded first, since an escape (`\u0073k-…`,
+//! `sk-proj\/…`, a key's `"` written `\"`) hides nothing from the client's
+//! parser.
 
+use crate::json_members;
 use crate::secret::Secret;
 use memchr::memmem;
 use std::borrow::Cow;
@@ -188,6 +193,61 @@ pub fn scrub<'a>(text: &'a [u8], key: Option<&Secret>) -> Cow<'a, [u8]> {
     Cow::Owned(out)
 }
 
+/// `doc` scrubbed as its reader reads it. A JSON document (one opening
+/// with `{`, `[` or `"`) is read string by string, member names included:
+/// each is decoded, scrubbed, and written again escaped when something in
+/// it went; what lies between its strings (structure, numbers, literals) is
+/// scrubbed as text. Strings are found by their quotes alone, as the
+/// sanitizer finds them, so this holds for any document it passes on, to
+/// any depth, and leaves everything that stays byte for byte as it was.
+/// Anything else is scrubbed as text.
+pub fn scrub_document<'a>(doc: &'a [u8], key: Option<&Secret>) -> Cow<'a, [u8]> {
+    if !matches!(doc.trim_ascii_start().first(), Some(b'{' | b'[' | b'"')) {
+        return scrub(doc, key);
+    }
+    let mut out = Vec::with_capacity(doc.len());
+    let mut changed = false;
+    let mut add = |piece: Cow<[u8]>| {
+        changed |= matches!(piece, Cow::Owned(_));
+        out.extend_from_slice(&piece);
+    };
+    let mut at = 0;
+    while let Some(open) = memchr::memchr(b'"', &doc[at..]).map(|n| at + n) {
+        let Ok(end) = json_members::string_end(doc, open) else {
+            break; // unterminated: the rest is text
+        };
+        add(scrub(&doc[at..open], key));
+        add(scrub_string(&doc[open..end], key));
+        at = end;
+    }
+    add(scrub(&doc[at..], key));
+    if changed {
+        Cow::Owned(out)
+    } else {
+        Cow::Borrowed(doc)
+    }
+}
+
+/// One JSON string as written (quotes included), scrubbed as it decodes.
+/// One that does not decode (no JSON reader reads it) is scrubbed as
+/// written.
+fn scrub_string<'a>(raw: &'a [u8], key: Option<&Secret>) -> Cow<'a, [u8]> {
+    let Some(text) = std::str::from_utf8(raw).ok().and_then(json_members::string) else {
+        return scrub(raw, key);
+    };
+    match scrub(text.as_bytes(), key) {
+        Cow::Borrowed(_) => Cow::Borrowed(raw),
+        Cow::Owned(scrubbed) => {
+            // Only ASCII runs were replaced: the text is still UTF-8.
+            let scrubbed = String::from_utf8_lossy(&scrubbed);
+            let mut out = Vec::with_capacity(scrubbed.len() + 2);
+            serde_json::to_writer(&mut out, &*scrubbed)
+                .expect("a str always serializes into a Vec");
+            Cow::Owned(out)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,13 +415,92 @@ mod tests {
             proptest::prop_assert!(!out.contains(head), "{} from {}", out, text);
             proptest::prop_assert!(!out.contains(tail), "{} from {}", out, text);
         }
+
+        /// Nor in a JSON error document, however its message is escaped:
+        /// what a client decodes holds neither.
+        #[test]
+        fn escaped_edges_never_survive(
+            key in "[!-~]{10,64}",
+            before in "[a-z ,.:'()]{0,30}",
+            every_char_escaped in proptest::bool::ANY,
+        ) {
+            let head = &key[..(key.len() / 2).min(HEAD)];
+            let tail = &key[key.len() - TAIL..];
+            let message = format!("{before}{head}... ending {tail}; whole {key}");
+            let quoted = if every_char_escaped {
+                let escaped: String = message.chars().map(|c| format!("\\u{:04x}", c as u32)).collect();
+                format!("\"{escaped}\"")
+            } else {
+                serde_json::to_string(&message).unwrap()
+            };
+            let document = format!(r#"{{"error":{{"message":{quoted}}}}}"#);
+            let out = message_of(&document, Some(&key)).replace("[redacted]", "\0");
+            proptest::prop_assert!(!out.contains(head), "{} from {}", out, document);
+            proptest::prop_assert!(!out.contains(tail), "{} from {}", out, document);
+        }
+    }
+
+    fn doc(text: &str, key: Option<&str>) -> String {
+        let key = key.map(|k| Secret::new(k.into()));
+        String::from_utf8(scrub_document(text.as_bytes(), key.as_ref()).into_owned()).unwrap()
+    }
+
+    /// The message of an error document scrubbed, as a client decodes it.
+    fn message_of(document: &str, key: Option<&str>) -> String {
+        let out = doc(document, key);
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        v["error"]["message"].as_str().unwrap().to_owned()
     }
 
     #[test]
     fn json_stays_valid() {
-        let doc = r#"{"error":{"message":"bad key sk-abc123def456","type":"x"}}"#;
-        let out = s(doc, None);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(v["error"]["message"], "bad key [redacted]");
+        let document = r#"{"error":{"message":"bad key sk-abc123def456","type":"x"}}"#;
+        assert_eq!(message_of(document, None), "bad key [redacted]");
+    }
+
+    #[test]
+    fn json_escapes_hide_nothing() {
+        let key = r#"Ab:cd%Ef!gh~Ij@kl"mn\op"#;
+        for (message, leak) in [
+            (r#"bad key \u0073k-proj-Ab12Cd"#, "Ab12Cd"),
+            (r#"bad key sk-proj\/Ab12Cd34Ef56"#, "Ab12Cd34Ef56"),
+            (r#"served key Ab:cd%Ef!gh~Ij@kl\"mn\\op"#, "Ab:cd%Ef"),
+            (r#"key ending in n\\op"#, r#"n\op"#),
+            (r#"key \u0041b:cd%Ef.. refused"#, "b:cd%Ef"),
+        ] {
+            let document = format!(r#"{{"error":{{"message":"{message}","type":"x"}}}}"#);
+            let out = message_of(&document, Some(key));
+            assert!(
+                out.contains("[redacted]") && !out.contains(leak),
+                "{out} from {document}"
+            );
+        }
+        // Member names are strings too.
+        let named = doc(r#"{"error":{"sk\u002dAb12Cd34":1}}"#, None);
+        assert_eq!(named, r#"{"error":{"[redacted]":1}}"#);
+    }
+
+    #[test]
+    fn documents_change_only_where_something_goes() {
+        let fine = r#"{"error": {"message": "no \"model\" given\n", "code": 400}}"#;
+        assert!(matches!(
+            scrub_document(fine.as_bytes(), None),
+            Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            doc(
+                r#"{"error": {"message": "bad\tkey sk-abcdef0123456789", "code": 400}}"#,
+                None
+            ),
+            r#"{"error": {"message": "bad\tkey [redacted]", "code": 400}}"#
+        );
+        // Text that is not JSON, and a string no JSON reader decodes, are
+        // scrubbed as written.
+        assert_eq!(doc("oops sk-abcdef0123456789", None), "oops [redacted]");
+        assert_eq!(
+            doc(r#"{"m":"\q sk-abcdef0123456789"}"#, None),
+            r#"{"m":"\q [redacted]"}"#
+        );
     }
 }

@@ -156,8 +156,9 @@ fn trim_line_ends(b: &[u8]) -> &[u8] {
 /// One payload of a stream (an SSE event's data, a line) rewritten by the
 /// JSON rules, on one line, and whether it is a provider error (`error`:
 /// the record already said so, e.g. by its event name). An error is
-/// scrubbed after rewriting: its provider message may quote key material,
-/// the served key's edges included. A payload that is not JSON (`[DONE]`)
+/// scrubbed after rewriting, as the client's parser reads it (a JSON one
+/// string by string, decoded): its provider message may quote key
+/// material, the served key's edges included. A payload that is not JSON (`[DONE]`)
 /// stays as it is; one that opens as JSON but does not parse is withheld
 /// (`None`), since it may carry the provider's ids, and counts as an error.
 pub(super) fn rewrite_payload<'p>(
@@ -188,7 +189,7 @@ pub(super) fn rewrite_payload<'p>(
     if !error {
         return Some((body, false));
     }
-    let scrubbed = scrub::scrub(&body, rw.key).into_owned();
+    let scrubbed = scrub::scrub_document(&body, rw.key).into_owned();
     Some((Cow::Owned(scrubbed), true))
 }
 
@@ -287,6 +288,16 @@ mod tests {
         .unwrap();
         assert!(error);
         assert_eq!(&*body, br#"{"error":{"message": "bad key [redacted]"}}"#);
+        // An escape hides nothing, and the scrubbed event stays one line.
+        let (body, _) = payload(
+            br#"{"error": {"message": "bad key \u0073k-proj-Ab12Cd\nretry"}}"#,
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            &*body,
+            br#"{"error":{"message": "bad key [redacted]\nretry"}}"#
+        );
         let (body, error) = payload(b"oops sk-abcdef0123456789", true).unwrap();
         assert!(error);
         assert_eq!(&*body, b"oops [redacted]");
