@@ -2159,6 +2159,16 @@ async fn an_error_in_a_successful_answer_loses_the_key_it_quotes() {
             assert!(!a.text.contains(secret), "{}", a.text);
         }
     }
+    // The requests failed, whatever status line went out.
+    for provider in ["openai", "anthropic"] {
+        eventually_metric(
+            &gw,
+            "keyrouter_requests_total",
+            &[("provider", provider), ("code", "502")],
+            1.0,
+        )
+        .await;
+    }
 }
 
 /// Key material may hold any punctuation. A provider quoting such a key in

@@ -18,7 +18,8 @@ use std::time::Instant;
 pub enum End {
     /// The whole response reached the client.
     Complete,
-    /// The provider's stream carried an error event.
+    /// The provider's answer carried an error: an error event in a
+    /// stream, or a provider error as a successful JSON answer.
     ErrorEvent,
     /// The provider broke the stream off.
     Broken,

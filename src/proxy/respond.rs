@@ -231,13 +231,16 @@ async fn json_body(
     let mut usage = Usage::default();
     let mut rewritten = Vec::new();
     let rw = spec.as_rewrite();
-    let body = match rewrite(&bytes, &rw, &mut rewritten, &mut usage) {
-        Ok(Rewritten::Document) => full(rewritten),
+    let (body, end) = match rewrite(&bytes, &rw, &mut rewritten, &mut usage) {
+        Ok(Rewritten::Document) => (full(rewritten), End::Complete),
         // A provider error in a successful answer (OpenAI-compatible
-        // servers send some): its text may quote the key, as an error
-        // event in a stream may.
-        Ok(Rewritten::Error) => full(scrub::scrub_document(&rewritten, rw.key).into_owned()),
-        Err(Unrewritten::NotJson) => full(bytes),
+        // servers send some): its text may quote the key, and the request
+        // failed, as with an error event in a stream.
+        Ok(Rewritten::Error) => (
+            full(scrub::scrub_document(&rewritten, rw.key).into_owned()),
+            End::ErrorEvent,
+        ),
+        Err(Unrewritten::NotJson) => (full(bytes), End::Complete),
         Err(Unrewritten::Broken) => {
             // Cut short or garbled: it may name the provider's id and model
             // snapshot, and cannot be rewritten.
@@ -246,7 +249,7 @@ async fn json_body(
             return Err(ProxyError::UpstreamFailed);
         }
     };
-    acct.finish(End::Complete, usage);
+    acct.finish(end, usage);
     Ok(body)
 }
 
