@@ -2171,6 +2171,42 @@ async fn an_error_in_a_successful_answer_loses_the_key_it_quotes() {
     }
 }
 
+/// Gemini's non-SSE `streamGenerateContent` answer is one JSON array; a
+/// stream failing after its first chunk ends it with an error object. That
+/// error loses the served key's edges it quotes, and the request counts as
+/// failed.
+#[tokio::test]
+async fn an_error_ending_a_gemini_array_loses_the_key_and_counts_as_failed() {
+    let mock = MockUpstream::start().await;
+    let gw = gateway(&mock, "").await;
+    let a = post_with(
+        &gw,
+        "/gemini/v1beta/models/gemini-1.5-pro:streamGenerateContent",
+        &json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}),
+        &[("x-mock-stream-error", "1")],
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_no_provider_traces(&a.text);
+    let chunks = a.json().as_array().unwrap().clone();
+    assert_eq!(chunks.len(), 2, "{}", a.text);
+    let message = chunks[1]["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("Overloaded while serving key [redacted]")
+            && message.contains("(ending [redacted])"),
+        "{message}"
+    );
+    for leak in [&GEMINI_KEY[..6], &GEMINI_KEY[GEMINI_KEY.len() - 4..]] {
+        assert!(!a.text.contains(leak), "{leak} of the key in {}", a.text);
+    }
+    let gemini = |code| [("provider", "gemini"), ("code", code)];
+    eventually_metric(&gw, "keyrouter_requests_total", &gemini("502"), 1.0).await;
+    assert_eq!(
+        metric(&gw, "keyrouter_requests_total", &gemini("200")).await,
+        0.0
+    );
+}
+
 /// Key material may hold any punctuation. A provider quoting such a key in
 /// its JSON error writes its `"` and `\` escaped; the client finds the key
 /// neither in the bytes it receives nor in the message its parser decodes,

@@ -234,8 +234,9 @@ async fn json_body(
     let (body, end) = match rewrite(&bytes, &rw, &mut rewritten, &mut usage) {
         Ok(Rewritten::Document) => (full(rewritten), End::Complete),
         // A provider error in a successful answer (OpenAI-compatible
-        // servers send some): its text may quote the key, and the request
-        // failed, as with an error event in a stream.
+        // servers send some, Gemini ends a failed non-SSE stream with one):
+        // its text may quote the key, and the request failed, as with an
+        // error event in a stream.
         Ok(Rewritten::Error) => (
             full(scrub::scrub_document(&rewritten, rw.key).into_owned()),
             End::ErrorEvent,

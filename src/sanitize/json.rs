@@ -271,7 +271,9 @@ pub enum Rewritten {
     Document,
     /// A provider error: OpenAI's and Gemini's `{"error": …}`, Anthropic's
     /// `{"type": "error"}`, the Responses API's `{"type": "error"}` and
-    /// `{"type": "response.failed"}`.
+    /// `{"type": "response.failed"}`; or a top-level array holding one
+    /// (Gemini's non-SSE `streamGenerateContent` ends in `{"error": …}`
+    /// when the stream fails after its first chunks).
     Error,
 }
 
@@ -304,7 +306,7 @@ pub enum Unrewritten {
 
 /// Rewrites `input` into `out` (which stays untouched when it fails). A
 /// top-level array (Gemini's non-SSE `streamGenerateContent`) has each of
-/// its object elements rewritten.
+/// its object elements rewritten, and is an error when one of them is.
 pub fn rewrite(
     input: &[u8],
     rw: &Rewrite,
@@ -327,7 +329,7 @@ pub fn rewrite(
             .map(|()| Rewritten::of(&members)),
         None => {
             let items = elements(input_text).ok_or_else(failed)?;
-            write_items(&items, Kind::of, rw, out, usage).map(|()| Rewritten::Document)
+            write_items(&items, Kind::of, rw, out, usage)
         }
     };
     written.map_err(|Garbled| {
@@ -441,7 +443,10 @@ fn write_object(
             Member::Kept(raw) => out.extend_from_slice(raw.as_bytes()),
             Member::Text(text) => write_str(out, text),
             Member::NewId(raw) => write_new_id(out, raw, rw.id_suffix),
-            Member::Walked(raw, kind_of) => write_walked(raw, kind_of, rw, out, usage)?,
+            // What a nested object is does not change what the document is.
+            Member::Walked(raw, kind_of) => {
+                write_walked(raw, kind_of, rw, out, usage)?;
+            }
             Member::Usage(raw) => match Members::parse(raw) {
                 Some(counts) => {
                     usage.absorb(&counts);
@@ -450,7 +455,9 @@ fn write_object(
                 None => copy_unless_opening(out, raw, '{')?,
             },
             Member::Items(raw) => match elements(raw) {
-                Some(items) => write_items(&items, resource, rw, out, usage)?,
+                Some(items) => {
+                    write_items(&items, resource, rw, out, usage)?;
+                }
                 None => copy_unless_opening(out, raw, '[')?,
             },
         }
@@ -471,37 +478,43 @@ fn copy_unless_opening(out: &mut Vec<u8>, raw: &str, bracket: char) -> Result<()
 }
 
 /// Writes a nested value walked as the kind `kind_of` gives it when it is
-/// an object, else as it is.
+/// an object, else as it is; says whether it is an object that is a
+/// provider error.
 fn write_walked(
     raw: &str,
     kind_of: fn(&Members) -> Kind,
     rw: &Rewrite,
     out: &mut Vec<u8>,
     usage: &mut Usage,
-) -> Result<(), Garbled> {
+) -> Result<Rewritten, Garbled> {
     match Members::parse(raw) {
-        Some(members) => write_object(&members, kind_of(&members), rw, out, usage),
-        None => copy_unless_opening(out, raw, '{'),
+        Some(members) => write_object(&members, kind_of(&members), rw, out, usage)
+            .map(|()| Rewritten::of(&members)),
+        None => copy_unless_opening(out, raw, '{').map(|()| Rewritten::Document),
     }
 }
 
-/// Writes an array, each element walked.
+/// Writes an array, each element walked; says whether one of its elements
+/// is a provider error.
 fn write_items(
     items: &[&str],
     kind_of: fn(&Members) -> Kind,
     rw: &Rewrite,
     out: &mut Vec<u8>,
     usage: &mut Usage,
-) -> Result<(), Garbled> {
+) -> Result<Rewritten, Garbled> {
+    let mut found = Rewritten::Document;
     out.push(b'[');
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        write_walked(item, kind_of, rw, out, usage)?;
+        if write_walked(item, kind_of, rw, out, usage)? == Rewritten::Error {
+            found = Rewritten::Error;
+        }
     }
     out.push(b']');
-    Ok(())
+    Ok(found)
 }
 
 /// The keyrouter id for a provider id: the provider's type prefix (letters up
@@ -1089,13 +1102,16 @@ mod tests {
             json!({"type": "error", "error": {"type": "overloaded_error"}}),
             json!({"type": "error", "code": "server_error", "message": "x"}),
             json!({"type": "response.failed", "response": {"object": "response"}}),
+            // Gemini's non-SSE stream, ending in an error after its chunks.
+            json!([{"candidates": []}, {"error": {"code": 503, "status": "UNAVAILABLE"}}]),
         ] {
             assert_eq!(found(error.clone()), Ok(Rewritten::Error), "{error}");
         }
         for fine in [
             json!({"id": "chatcmpl-1", "object": "chat.completion", "error": null}),
             json!({"type": "response.completed", "response": {"error": null}}),
-            json!([{"error": "inside an array is content"}]),
+            json!([{"candidates": [], "error": null}, "error", ["error"]]),
+            json!({"object": "list", "data": [{"error": "an item's own"}]}),
         ] {
             assert_eq!(found(fine.clone()), Ok(Rewritten::Document), "{fine}");
         }

@@ -37,7 +37,8 @@
 //!   `"stream":false`;
 //! - `x-mock-stream-error: 1` ends a chat or message stream, after its
 //!   first event, with an error event quoting the served key's start and
-//!   end ([`key_edges_message`]);
+//!   end ([`key_edges_message`]); a non-SSE `streamGenerateContent` array
+//!   ends, after its first chunk, with Gemini's error object quoting them;
 //! - `x-mock-unterminated: N` answers a stream with one chat chunk, then an
 //!   event that never ends (N bytes of one `data:` line in 16 KiB frames),
 //!   then silence.
@@ -623,6 +624,10 @@ async fn scripted_answer(
     }
     if flag("x-mock-stream-error").is_some() {
         let key = credential(h).unwrap_or_default();
+        let sse_asked = parts.uri.query().is_some_and(|q| q.contains("alt=sse"));
+        if parts.uri.path().ends_with(":streamGenerateContent") && !sse_asked {
+            return json(failing_gemini_chunks(&key).to_string().into());
+        }
         let anthropic = parts.uri.path().ends_with("/messages");
         return sse(failing_events(&key, anthropic), pacing, streams);
     }
@@ -1107,6 +1112,15 @@ pub fn failing_events(key: &str, anthropic: bool) -> Vec<String> {
             ),
         ]
     }
+}
+
+/// A non-SSE `streamGenerateContent` answer failing after its first chunk:
+/// Gemini ends the array with its error object.
+pub fn failing_gemini_chunks(key: &str) -> serde_json::Value {
+    let mut chunks = gemini_chunks();
+    chunks.truncate(1);
+    chunks.push(serde_json::json!({"error": {"code": 503, "message": key_edges_message(key), "status": "UNAVAILABLE"}}));
+    chunks.into()
 }
 
 /// Text of the mock's SSE comments and event ids; never shown to a client.
