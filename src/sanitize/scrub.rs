@@ -175,6 +175,16 @@ fn merged(mut spans: Vec<Range<usize>>) -> Vec<Range<usize>> {
 /// served key, replaced. `key` is the provider key that served the
 /// request, when known.
 pub fn scrub<'a>(text: &'a [u8], key: Option<&Secret>) -> Cow<'a, [u8]> {
+    replaced(text, key, REDACTED)
+}
+
+/// What goes in place of a value outside a JSON document's strings (a
+/// number holding the key's last four digits): a string, so the document
+/// still parses.
+const REDACTED_VALUE: &[u8] = b"\"[redacted]\"";
+
+/// [`scrub`], each place replaced by `marker`.
+fn replaced<'a>(text: &'a [u8], key: Option<&Secret>, marker: &[u8]) -> Cow<'a, [u8]> {
     // Searching for the key and its edges needs its bytes; nothing is kept.
     let key = key.map(|k| k.expose().as_bytes());
     let mut spans: Vec<Range<usize>> = key.map_or_else(Vec::new, |k| key_quotes(text, k).collect());
@@ -186,7 +196,7 @@ pub fn scrub<'a>(text: &'a [u8], key: Option<&Secret>) -> Cow<'a, [u8]> {
     let mut copied = 0;
     for span in merged(spans) {
         out.extend_from_slice(&text[copied..span.start]);
-        out.extend_from_slice(REDACTED);
+        out.extend_from_slice(marker);
         copied = span.end;
     }
     out.extend_from_slice(&text[copied..]);
@@ -216,11 +226,11 @@ pub fn scrub_document<'a>(doc: &'a [u8], key: Option<&Secret>) -> Cow<'a, [u8]> 
         let Ok(end) = json_members::string_end(doc, open) else {
             break; // unterminated: the rest is text
         };
-        add(scrub(&doc[at..open], key));
+        add(replaced(&doc[at..open], key, REDACTED_VALUE));
         add(scrub_string(&doc[open..end], key));
         at = end;
     }
-    add(scrub(&doc[at..], key));
+    add(replaced(&doc[at..], key, REDACTED_VALUE));
     if changed {
         Cow::Owned(out)
     } else {
@@ -457,6 +467,20 @@ mod tests {
     fn json_stays_valid() {
         let document = r#"{"error":{"message":"bad key sk-abc123def456","type":"x"}}"#;
         assert_eq!(message_of(document, None), "bad key [redacted]");
+    }
+
+    #[test]
+    fn a_number_quoting_the_key_leaves_the_document_valid() {
+        let key = "zzzzFAKEKEY00000001234";
+        let out = doc(
+            r#"{"error":{"code":91234,"message":"key ...1234 refused","retry":[1234.5]}}"#,
+            Some(key),
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert_eq!(v["error"]["code"], "[redacted]");
+        assert_eq!(v["error"]["retry"][0], "[redacted]");
+        assert_eq!(v["error"]["message"], "key [redacted] refused");
     }
 
     #[test]
