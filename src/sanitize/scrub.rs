@@ -47,6 +47,8 @@ fn tokens(text: &[u8]) -> impl Iterator<Item = Range<usize>> + '_ {
 
 /// `span` grown over the token characters on either side of it: a quoted
 /// edge goes with the rest of the key around it (`sk-proj-…wxyz.`).
+/// Growing stops at a non-token character, so a span starting where an
+/// earlier one ended never reaches back into it.
 fn widened(text: &[u8], span: Range<usize>) -> Range<usize> {
     let start = text[..span.start]
         .iter()
@@ -86,11 +88,28 @@ fn key_parts(key: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|part| !part.is_empty())
 }
 
+/// Where `text` quotes the served key, as written.
+fn raw_quotes<'t>(text: &'t [u8], key: &'t [u8]) -> impl Iterator<Item = Range<usize>> + 't {
+    key_parts(key)
+        .flat_map(move |part| memmem::find_iter(text, part).map(move |at| at..at + part.len()))
+}
+
 /// Where `text` quotes the served key, each place widened to the token
-/// around it.
+/// around it. A quote inside a token already taken (`sk-proj-sk-proj-…`
+/// repeats the key's head) is skipped rather than widened again, so long
+/// tokens cost one pass.
 fn key_quotes<'t>(text: &'t [u8], key: &'t [u8]) -> impl Iterator<Item = Range<usize>> + 't {
     key_parts(key).flat_map(move |part| {
-        memmem::find_iter(text, part).map(move |at| widened(text, at..at + part.len()))
+        let mut taken = 0;
+        memmem::find_iter(text, part).filter_map(move |at| {
+            let end = at + part.len();
+            if end <= taken {
+                return None;
+            }
+            let span = widened(text, at.max(taken)..end);
+            taken = span.end;
+            Some(span)
+        })
     })
 }
 
@@ -133,17 +152,23 @@ fn has_secret_shape(token: &[u8]) -> bool {
     token.len() >= 24 && has_digit && has_alpha
 }
 
-/// `token` with its `%XX` escapes decoded, again as long as the result holds
-/// some (an escape may be encoded twice: `%252D`); `None` when it holds none.
+/// How many times an escape is decoded (`%252D` is `-` encoded twice):
+/// enough for text that went through a URL twice, and bounded, as each
+/// round copies the token (`%252525…` would take one round per `25`).
+const DECODE_ROUNDS: usize = 3;
+
+/// `token` with its `%XX` escapes decoded, again while the result holds
+/// some, up to [`DECODE_ROUNDS`] times; `None` when it holds none.
 fn percent_decoded(token: &[u8]) -> Option<Vec<u8>> {
     let mut decoded: Option<Vec<u8>> = None;
-    loop {
+    for _ in 0..DECODE_ROUNDS {
         let text = decoded.as_deref().unwrap_or(token);
         match Cow::from(percent_encoding::percent_decode(text)) {
-            Cow::Borrowed(_) => return decoded,
+            Cow::Borrowed(_) => break,
             Cow::Owned(again) => decoded = Some(again),
         }
     }
+    decoded
 }
 
 /// Whether a token is credential-like as written, or as it reads once its
@@ -175,7 +200,11 @@ fn merged(mut spans: Vec<Range<usize>>) -> Vec<Range<usize>> {
 /// served key, replaced. `key` is the provider key that served the
 /// request, when known.
 pub fn scrub<'a>(text: &'a [u8], key: Option<&Secret>) -> Cow<'a, [u8]> {
-    replaced(text, key, REDACTED)
+    // Searching for the key and its edges needs its bytes; nothing is kept.
+    let key = key.map(|k| k.expose().as_bytes());
+    let mut spans: Vec<Range<usize>> = key.map_or_else(Vec::new, |k| key_quotes(text, k).collect());
+    spans.extend(tokens(text).filter(|t| looks_secret(&text[t.clone()], key)));
+    replace(text, merged(spans), REDACTED)
 }
 
 /// What goes in place of a value outside a JSON document's strings (a
@@ -183,18 +212,31 @@ pub fn scrub<'a>(text: &'a [u8], key: Option<&Secret>) -> Cow<'a, [u8]> {
 /// still parses.
 const REDACTED_VALUE: &[u8] = b"\"[redacted]\"";
 
-/// [`scrub`], each place replaced by `marker`.
-fn replaced<'a>(text: &'a [u8], key: Option<&Secret>, marker: &[u8]) -> Cow<'a, [u8]> {
-    // Searching for the key and its edges needs its bytes; nothing is kept.
-    let key = key.map(|k| k.expose().as_bytes());
-    let mut spans: Vec<Range<usize>> = key.map_or_else(Vec::new, |k| key_quotes(text, k).collect());
-    spans.extend(tokens(text).filter(|t| looks_secret(&text[t.clone()], key)));
+/// What lies between a JSON document's strings (structure, numbers,
+/// literals) scrubbed: each number or literal that looks secret or is part
+/// of a quote of the key becomes `"[redacted]"`. Structure (`:`, `,`,
+/// brackets) is never replaced, even inside a quote of a key that holds
+/// such characters, so the document keeps its shape.
+fn scrub_structure<'a>(text: &'a [u8], key: Option<&[u8]>) -> Cow<'a, [u8]> {
+    let quotes = merged(key.map_or_else(Vec::new, |k| raw_quotes(text, k).collect()));
+    let mut quotes = quotes.iter().peekable();
+    let spans = tokens(text)
+        .filter(|t| {
+            while quotes.next_if(|q| q.end <= t.start).is_some() {}
+            quotes.peek().is_some_and(|q| q.start < t.end) || looks_secret(&text[t.clone()], key)
+        })
+        .collect();
+    replace(text, spans, REDACTED_VALUE)
+}
+
+/// `text` with each of `spans` (in order, apart) replaced by `marker`.
+fn replace<'a>(text: &'a [u8], spans: Vec<Range<usize>>, marker: &[u8]) -> Cow<'a, [u8]> {
     if spans.is_empty() {
         return Cow::Borrowed(text);
     }
     let mut out = Vec::with_capacity(text.len());
     let mut copied = 0;
-    for span in merged(spans) {
+    for span in spans {
         out.extend_from_slice(&text[copied..span.start]);
         out.extend_from_slice(marker);
         copied = span.end;
@@ -206,8 +248,8 @@ fn replaced<'a>(text: &'a [u8], key: Option<&Secret>, marker: &[u8]) -> Cow<'a, 
 /// `doc` scrubbed as its reader reads it. A JSON document (one opening
 /// with `{`, `[` or `"`) is read string by string, member names included:
 /// each is decoded, scrubbed, and written again escaped when something in
-/// it went; what lies between its strings (structure, numbers, literals) is
-/// scrubbed as text. Strings are found by their quotes alone, as the
+/// it went; what lies between its strings is scrubbed by
+/// [`scrub_structure`]. Strings are found by their quotes alone, as the
 /// sanitizer finds them, so this holds for any document it passes on, to
 /// any depth, and leaves everything that stays byte for byte as it was.
 /// Anything else is scrubbed as text.
@@ -215,6 +257,7 @@ pub fn scrub_document<'a>(doc: &'a [u8], key: Option<&Secret>) -> Cow<'a, [u8]> 
     if !matches!(doc.trim_ascii_start().first(), Some(b'{' | b'[' | b'"')) {
         return scrub(doc, key);
     }
+    let exposed = key.map(|k| k.expose().as_bytes());
     let mut out = Vec::with_capacity(doc.len());
     let mut changed = false;
     let mut add = |piece: Cow<[u8]>| {
@@ -226,11 +269,11 @@ pub fn scrub_document<'a>(doc: &'a [u8], key: Option<&Secret>) -> Cow<'a, [u8]> 
         let Ok(end) = json_members::string_end(doc, open) else {
             break; // unterminated: the rest is text
         };
-        add(replaced(&doc[at..open], key, REDACTED_VALUE));
+        add(scrub_structure(&doc[at..open], exposed));
         add(scrub_string(&doc[open..end], key));
         at = end;
     }
-    add(replaced(&doc[at..], key, REDACTED_VALUE));
+    add(scrub_structure(&doc[at..], exposed));
     if changed {
         Cow::Owned(out)
     } else {
@@ -239,11 +282,17 @@ pub fn scrub_document<'a>(doc: &'a [u8], key: Option<&Secret>) -> Cow<'a, [u8]> 
 }
 
 /// One JSON string as written (quotes included), scrubbed as it decodes.
-/// One that does not decode (no JSON reader reads it) is scrubbed as
-/// written.
+/// One that does not decode strictly may still decode in a lenient client
+/// (JavaScript's and Python's parsers take a lone surrogate, `\ud800`):
+/// if it holds escapes they could hide key text behind, it goes whole;
+/// otherwise it is scrubbed as written.
 fn scrub_string<'a>(raw: &'a [u8], key: Option<&Secret>) -> Cow<'a, [u8]> {
     let Some(text) = std::str::from_utf8(raw).ok().and_then(json_members::string) else {
-        return scrub(raw, key);
+        return if raw.contains(&b'\\') {
+            Cow::Owned(REDACTED_VALUE.to_vec())
+        } else {
+            scrub(raw, key)
+        };
     };
     match scrub(text.as_bytes(), key) {
         Cow::Borrowed(_) => Cow::Borrowed(raw),
@@ -484,6 +533,59 @@ mod tests {
     }
 
     #[test]
+    fn escapes_are_decoded_a_bounded_number_of_times() {
+        // `%25` decodes to `%`: each round takes one `25` off.
+        let token = format!("%{}2D", "25".repeat(1000));
+        let decoded = percent_decoded(token.as_bytes()).unwrap();
+        assert_eq!(decoded.len(), token.len() - 2 * DECODE_ROUNDS);
+        assert_eq!(
+            percent_decoded(b"sk%252Dproj").as_deref(),
+            Some(&b"sk-proj"[..])
+        );
+    }
+
+    #[test]
+    fn a_key_quoted_over_and_over_in_one_token_is_one_place() {
+        let key = b"sk-proj-Zq7abc0123456789wxyz";
+        let text = "sk-proj-".repeat(20_000);
+        assert_eq!(key_quotes(text.as_bytes(), key).count(), 1);
+        assert_eq!(s(&text, Some("sk-proj-Zq7abc0123456789wxyz")), "[redacted]");
+    }
+
+    #[test]
+    fn a_string_only_a_lenient_parser_reads_goes_whole() {
+        // A lone surrogate: serde_json refuses it, browsers and Python read
+        // the key's edges behind the escapes that follow it.
+        let key = "zzzzFAKEKEY0000000000wxyz";
+        let document = r#"{"error":{"message":"\ud800 key \u007azzzFAKE... ending \u0077xyz"}}"#;
+        assert_eq!(
+            doc(document, Some(key)),
+            r#"{"error":{"message":"[redacted]"}}"#
+        );
+    }
+
+    #[test]
+    fn a_key_holding_structure_leaves_the_structure() {
+        for (key, document, path) in [
+            (
+                "acct42.secretpart:123",
+                r#"{"error":{"message":"quota","code":1234}}"#,
+                "/error/code",
+            ),
+            (
+                "acct42.secretpart1,2]",
+                r#"{"error":{"message":"x","retry":[1,2]}}"#,
+                "/error/retry/1",
+            ),
+        ] {
+            let out = doc(document, Some(key));
+            let v: serde_json::Value =
+                serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+            assert_eq!(v.pointer(path).unwrap(), "[redacted]", "{out}");
+        }
+    }
+
+    #[test]
     fn json_escapes_hide_nothing() {
         let key = r#"Ab:cd%Ef!gh~Ij@kl"mn\op"#;
         for (message, leak) in [
@@ -519,12 +621,12 @@ mod tests {
             ),
             r#"{"error": {"message": "bad\tkey [redacted]", "code": 400}}"#
         );
-        // Text that is not JSON, and a string no JSON reader decodes, are
-        // scrubbed as written.
+        // Text that is not JSON is scrubbed as written; a string whose
+        // escapes do not decode goes whole.
         assert_eq!(doc("oops sk-abcdef0123456789", None), "oops [redacted]");
         assert_eq!(
             doc(r#"{"m":"\q sk-abcdef0123456789"}"#, None),
-            r#"{"m":"\q [redacted]"}"#
+            r#"{"m":"[redacted]"}"#
         );
     }
 }
