@@ -16,8 +16,7 @@ use super::upstream::UpstreamBody;
 use crate::health::Verdict;
 use crate::http::{Body, BoxError, ReadBodyError, full, read_limited};
 use crate::keys::pool::PoolKey;
-use crate::sanitize::json::{Rewritten, Unrewritten, Usage, rewrite};
-use crate::sanitize::scrub;
+use crate::sanitize::json::{Rewritten, Unrewritten, Usage, rewrite, scrub_error};
 use crate::sanitize::stream::{Framing, StreamRewriter};
 use bytes::Bytes;
 use http::Response;
@@ -238,7 +237,7 @@ async fn json_body(
         // its text may quote the key, and the request failed, as with an
         // error event in a stream.
         Ok(Rewritten::Error) => (
-            full(scrub::scrub_document(&rewritten, rw.key).into_owned()),
+            full(scrub_error(&rewritten, rw.key).into_owned()),
             End::ErrorEvent,
         ),
         Err(Unrewritten::NotJson) => (full(bytes), End::Complete),

@@ -38,6 +38,7 @@
 //! costs several times more per request, and even splitting it with a
 //! validating parser costs more than the rest of the rewrite.
 
+use super::scrub;
 use crate::json_members;
 use crate::secret::Secret;
 use std::borrow::Cow;
@@ -336,6 +337,35 @@ pub fn rewrite(
         out.truncate(start);
         Unrewritten::Broken
     })
+}
+
+/// A document that [`rewrite`] found to be an error, scrubbed of key
+/// material ([`scrub::scrub_document`]). Of an array, only the elements
+/// that are errors: the answer chunks before a failure reach the client as
+/// the provider wrote them, and a long answer is not scanned for nothing.
+pub fn scrub_error<'a>(doc: &'a [u8], key: Option<&Secret>) -> Cow<'a, [u8]> {
+    let items = std::str::from_utf8(doc)
+        .ok()
+        .filter(|text| text.trim_start().starts_with('['))
+        .and_then(elements);
+    let Some(items) = items else {
+        return scrub::scrub_document(doc, key);
+    };
+    let mut out = Vec::with_capacity(doc.len());
+    out.push(b'[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let error = Members::parse(item).is_some_and(|m| Rewritten::of(&m) == Rewritten::Error);
+        if error {
+            out.extend_from_slice(&scrub::scrub_document(item.as_bytes(), key));
+        } else {
+            out.extend_from_slice(item.as_bytes());
+        }
+    }
+    out.push(b']');
+    Cow::Owned(out)
 }
 
 /// An object (or list) inside the document, among those rewritten, opens
@@ -1115,6 +1145,19 @@ mod tests {
         ] {
             assert_eq!(found(fine.clone()), Ok(Rewritten::Document), "{fine}");
         }
+    }
+
+    #[test]
+    fn only_the_errors_of_an_array_are_scrubbed() {
+        let chunk = json!({"candidates": [{"content": {"parts": [{"text": "hash 0123456789abcdef0123456789abcdef"}]}}]});
+        let error = json!({"error": {"code": 503, "message": "bad key sk-proj-abc123def456"}});
+        let doc = json!([chunk, error]).to_string();
+        let out: Value = serde_json::from_slice(&scrub_error(doc.as_bytes(), None)).unwrap();
+        assert_eq!(out[0], chunk);
+        assert_eq!(out[1]["error"]["message"], "bad key [redacted]");
+        // An object is scrubbed whole.
+        let doc = error.to_string();
+        assert!(!String::from_utf8_lossy(&scrub_error(doc.as_bytes(), None)).contains("sk-proj"));
     }
 
     #[test]

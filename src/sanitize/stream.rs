@@ -10,8 +10,7 @@
 //! (or a body mislabelled as a stream) that never ends a record cannot make
 //! keyrouter buffer without bound.
 
-use super::json::{Rewrite, Rewritten, Unrewritten, Usage, rewrite};
-use super::scrub;
+use super::json::{Rewrite, Rewritten, Unrewritten, Usage, rewrite, scrub_error};
 use super::{ndjson, sse};
 use std::borrow::Cow;
 
@@ -189,7 +188,7 @@ pub(super) fn rewrite_payload<'p>(
     if !error {
         return Some((body, false));
     }
-    let scrubbed = scrub::scrub_document(&body, rw.key).into_owned();
+    let scrubbed = scrub_error(&body, rw.key).into_owned();
     Some((Cow::Owned(scrubbed), true))
 }
 
