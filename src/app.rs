@@ -94,6 +94,9 @@ impl App {
             .await
             .map_err(|e| self.store_failed(StoreOp::AllKeys, e))?;
         let loaded = self.pool.reload(&records, &self.vault);
+        self.metrics
+            .keys_unopened
+            .set(i64::try_from(loaded.unopened).unwrap_or(i64::MAX));
         if loaded.none_opens() {
             tracing::error!(
                 keys = loaded.unopened,

@@ -64,6 +64,9 @@ pub struct Metrics {
     /// `keyrouter_rate_limit_fallback`: 1 while limits are counted in this
     /// process because Redis is unreachable.
     pub rate_limit_fallback: IntGauge,
+    /// `keyrouter_keys_unopened`: keys that should serve (active or cooling
+    /// down) but that this replica cannot use, as of the last pool reload.
+    pub keys_unopened: IntGauge,
     /// `keyrouter_tls_certificate_expiry_timestamp_seconds`, exported only
     /// while it is known (see [`Metrics::set_certificate_expiry`]).
     certificate_expiry: IntGauge,
@@ -203,6 +206,11 @@ impl Metrics {
                 "1 while rate limits are counted locally because Redis is unreachable",
             )
             .expect("valid metric"),
+            keys_unopened: IntGauge::new(
+                "keyrouter_keys_unopened",
+                "Active or cooling-down keys this replica cannot use: their material does not decrypt with KEYROUTER_FERNET_KEYS or is not a valid header value",
+            )
+            .expect("valid metric"),
             certificate_expiry: IntGauge::new(
                 "keyrouter_tls_certificate_expiry_timestamp_seconds",
                 "End of validity of the TLS certificate in force, in Unix seconds",
@@ -228,6 +236,7 @@ impl Metrics {
             Box::new(m.upstream_retries.clone()),
             Box::new(m.rate_limit_backend_errors.clone()),
             Box::new(m.rate_limit_fallback.clone()),
+            Box::new(m.keys_unopened.clone()),
         ] {
             m.registry.register(c).expect("metric names are unique");
         }

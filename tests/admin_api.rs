@@ -1344,6 +1344,10 @@ async fn a_replica_that_cannot_open_any_stored_key_is_not_ready() {
         .start()
         .await;
     assert_eq!(readyz(&wrong_ring).await, 503);
+    assert_eq!(
+        wrong_ring.metric("keyrouter_keys_unopened", &[]).await,
+        Some(1.0)
+    );
     wrong_ring.stop().await;
 
     let both = TestGateway::builder()
@@ -1352,6 +1356,7 @@ async fn a_replica_that_cannot_open_any_stored_key_is_not_ready() {
         .start()
         .await;
     assert_eq!(readyz(&both).await, 200);
+    assert_eq!(both.metric("keyrouter_keys_unopened", &[]).await, Some(0.0));
 }
 
 #[tokio::test]

@@ -4,6 +4,8 @@
 //! policies' turns among the keys that can serve.
 
 mod common;
+#[path = "common/logs.rs"]
+mod logs;
 
 use chrono::Utc;
 use common::records::{active_record, openai_provider};
@@ -194,4 +196,34 @@ fn a_key_that_cannot_serve_leaves_its_turns_to_all_the_others() {
         assert_eq!(turns.len(), 3, "{policy:?}: {turns:?}");
         assert!(turns.values().all(|&n| n == 10), "{policy:?}: {turns:?}");
     }
+}
+
+/// A key whose material this replica cannot open (sealed with another
+/// Fernet key) is reported once, not at every reload; a new revision of it
+/// is tried again, and opens once it is sealed with a key of the ring.
+#[test]
+fn a_key_that_cannot_be_opened_is_reported_once_per_revision() {
+    let mut foreign = active_record(1, &vault());
+    let vault = vault();
+    let pool = KeyPool::new(&[openai_provider()]);
+    let logs = logs::Captured::default();
+    let _guard = logs::capture(&logs);
+    let skipped = || logs.text().matches("key skipped").count();
+
+    for _ in 0..3 {
+        let loaded = pool.reload(std::slice::from_ref(&foreign), &vault);
+        assert_eq!((loaded.opened, loaded.unopened), (0, 1));
+    }
+    assert_eq!(skipped(), 1, "{}", logs.text());
+    assert!(logs.text().contains("key_test000001"), "{}", logs.text());
+
+    foreign.revision = 2;
+    pool.reload(std::slice::from_ref(&foreign), &vault);
+    assert_eq!(skipped(), 2, "{}", logs.text());
+
+    let mut resealed = active_record(1, &vault);
+    resealed.revision = 3;
+    let loaded = pool.reload(std::slice::from_ref(&resealed), &vault);
+    assert_eq!((loaded.opened, loaded.unopened), (1, 0));
+    assert_eq!(ids(&pool), ["key_test000001"]);
 }

@@ -130,6 +130,11 @@ pub struct KeyPool {
     /// whether or not it is in a list now. Read when an entry is built and
     /// by the management API, never by requests.
     counters: Mutex<HashMap<KeyId, Arc<KeyCounters>>>,
+    /// The revision at which each key that should serve could not be
+    /// opened. The Fernet keys are fixed for the life of the process, so a
+    /// revision that failed once fails again: it is neither decrypted nor
+    /// logged again at every reload, only when the key changes.
+    unopened: Mutex<HashMap<KeyId, i64>>,
 }
 
 #[derive(Clone, Copy)]
@@ -176,6 +181,7 @@ impl KeyPool {
                 .collect(),
             ahead: Mutex::default(),
             counters: Mutex::default(),
+            unopened: Mutex::default(),
         }
     }
 
@@ -199,6 +205,10 @@ impl KeyPool {
 
     fn ahead(&self) -> MutexGuard<'_, HashMap<KeyId, Ahead>> {
         self.ahead.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn unopened(&self) -> MutexGuard<'_, HashMap<KeyId, i64>> {
+        self.unopened.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Replaces every provider's lists with the keys among `records` (all
@@ -248,6 +258,7 @@ impl KeyPool {
                 read.get(id)
                     .is_some_and(|r| r.status.state() != KeyState::Revoked)
             });
+        self.unopened().retain(|id, _| read.contains_key(id));
 
         let mut ahead = self.ahead();
         let now = Instant::now();
@@ -376,7 +387,8 @@ impl KeyPool {
 
     /// The pool entry for a record, if the key is active or cooling down and
     /// its material opens; `previous` (the key's entry now, if any) is
-    /// reused when its revision is the record's.
+    /// reused when its revision is the record's. A revision that did not
+    /// open is logged once and not tried again.
     fn entry(
         &self,
         record: &KeyRecord,
@@ -393,17 +405,25 @@ impl KeyPool {
         if let Some(same) = previous.filter(|k| k.revision == record.revision) {
             return Some(same.clone());
         }
-        let material = match vault.open(record.sealed.as_ref()?) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::error!(key_id = %record.id, error = %e, "key skipped: its material cannot be decrypted");
-                return None;
-            }
+        let sealed = record.sealed.as_ref()?;
+        if self.unopened().get(&record.id) == Some(&record.revision) {
+            return None;
+        }
+        let opened = match vault.open(sealed) {
+            Err(_) => Err("its material does not decrypt with KEYROUTER_FERNET_KEYS"),
+            Ok(material) => match credential_header(kind, &material) {
+                Some(credential) => Ok((material, credential)),
+                None => Err("its material is not a valid header value"),
+            },
         };
-        let credential = match credential_header(kind, &material) {
-            Some(v) => v,
-            None => {
-                tracing::error!(key_id = %record.id, "key skipped: its material is not a valid header value");
+        let (material, credential) = match opened {
+            Ok(opened) => {
+                self.unopened().remove(&record.id);
+                opened
+            }
+            Err(why) => {
+                tracing::error!(key_id = %record.id, revision = record.revision, "key skipped: {why}");
+                self.unopened().insert(record.id.clone(), record.revision);
                 return None;
             }
         };
