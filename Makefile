@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SHELL := /bin/bash
 
-.PHONY: run test build release lint fmt check-config bench bench-load
+.PHONY: run test build release release-pgo lint fmt check-config bench bench-load
 
 # Starts keyrouter on the embedded defaults (config/keyrouter.toml: SQLite,
 # local rate limits), with development secrets from .env (created when missing).
@@ -30,6 +30,11 @@ build:
 
 release:
 	$(CARGO) build --release
+
+# The release build tuned with a profile of its own request path
+# (benches/load/pgo.sh: needs wrk and `rustup component add llvm-tools`).
+release-pgo:
+	benches/load/pgo.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

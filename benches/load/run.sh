@@ -18,6 +18,9 @@
 #     upstream, nginx or keyrouter) share CPU 1; nginx runs one worker and
 #     keyrouter one proxy thread. Throughput is then set by the servers' CPU
 #     time per request alone, the load generator's not counting.
+# keyrouter is the profile-guided release build (`benches/load/pgo.sh`,
+# `make release-pgo`) when the toolchain has llvm-profdata; PGO=off
+# measures the plain release build instead.
 # Other knobs: ROUNDS (3), DURATION (10s), CONNS (64), KEYS (1000),
 # LIMITS (unset; "on" registers every key with rpm/tpm/max_concurrent limits
 # high enough never to refuse, so the limiter's cost is measured).
@@ -47,6 +50,18 @@ fi
 
 cargo build --release --features load-bench --bin keyrouter --bin keyrouter-mock-upstream
 BIN="$TARGET_DIR/release"
+# The keyrouter measured: the profile-guided release build (`make
+# release-pgo`) unless PGO=off or the toolchain lacks llvm-profdata.
+KR_BIN="$BIN/keyrouter"
+KR_BUILD="plain release build"
+if [ "${PGO:-on}" != off ]; then
+  if [ -x "$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | awk '/^host:/ {print $2}')/bin/llvm-profdata" ]; then
+    KR_BIN=$(benches/load/pgo.sh | tail -1)
+    KR_BUILD="profile-guided release build (make release-pgo)"
+  else
+    echo "llvm-profdata is missing (rustup component add llvm-tools): measuring the plain release build"
+  fi
+fi
 
 case $LAYOUT in
   split) LOADCPU="taskset -c 0"; SRVCPU="taskset -c 1"; WORKERS=1 ;;
@@ -58,7 +73,7 @@ for port in $UP_PORT $NG_PORT $KR_PORT $KR_ADMIN $KR_OPS; do
   fi
 done
 
-echo "layout: $LAYOUT ($WORKERS proxy worker(s))"
+echo "layout: $LAYOUT ($WORKERS proxy worker(s)); keyrouter: $KR_BUILD"
 WORK=$(mktemp -d)
 chmod 755 "$WORK"
 PIDS=()
@@ -96,8 +111,8 @@ path = "$WORK/keyrouter.db"
 level = "warn"
 EOF
 ADMIN_KEY="bench-admin-key-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-KEYROUTER_FERNET_KEYS="$("$BIN/keyrouter" gen-fernet-key)" KEYROUTER_ADMIN_API_KEY="$ADMIN_KEY" \
-  KEYROUTER_SERVER__WORKERS=$WORKERS $SRVCPU "$BIN/keyrouter" serve --config "$WORK/keyrouter.toml" 2>"$WORK/keyrouter.log" &
+KEYROUTER_FERNET_KEYS="$("$KR_BIN" gen-fernet-key)" KEYROUTER_ADMIN_API_KEY="$ADMIN_KEY" \
+  KEYROUTER_SERVER__WORKERS=$WORKERS $SRVCPU "$KR_BIN" serve --config "$WORK/keyrouter.toml" 2>"$WORK/keyrouter.log" &
 KR_PID=$!
 PIDS+=($KR_PID)
 wait_http "http://127.0.0.1:$KR_OPS/readyz"
