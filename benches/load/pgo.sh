@@ -18,17 +18,14 @@
 # $CARGO_TARGET_DIR/pgo, apart from the plain builds (their flags differ).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. benches/load/common.sh
 
 TARGET_DIR=$(realpath -m "${CARGO_TARGET_DIR:-target}")
 PROFDATA="$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | awk '/^host:/ {print $2}')/bin/llvm-profdata"
 [ -x "$PROFDATA" ] || { echo "llvm-profdata is missing: rustup component add llvm-tools" >&2; exit 1; }
 command -v wrk >/dev/null || { echo "wrk is not installed (Debian: apt-get install wrk)" >&2; exit 1; }
 UP_PORT=19010 KR_PORT=19012 KR_ADMIN=19013 KR_OPS=19014
-for port in $UP_PORT $KR_PORT $KR_ADMIN $KR_OPS; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    echo "port $port is in use: stop what listens there first" >&2; exit 1
-  fi
-done
+ensure_ports_free $UP_PORT $KR_PORT $KR_ADMIN $KR_OPS
 
 PROFILE_DIR="$TARGET_DIR/pgo-profile"
 rm -rf "$PROFILE_DIR"
@@ -47,34 +44,12 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-wait_http() { for _ in $(seq 1 100); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done; echo "no answer from $1" >&2; exit 1; }
 
 "$TARGET_DIR/release/keyrouter-mock-upstream" "127.0.0.1:$UP_PORT" &
 PIDS+=($!)
 wait_http "http://127.0.0.1:$UP_PORT/v1/models"
-cat > "$WORK/keyrouter.toml" <<EOF
-[server]
-listen = "127.0.0.1:$KR_PORT"
-admin_listen = "127.0.0.1:$KR_ADMIN"
-ops_listen = "127.0.0.1:$KR_OPS"
-shutdown_drain = "1s"
-[[providers]]
-id = "openai"
-kind = "openai"
-base_url = "http://127.0.0.1:$UP_PORT"
-route_prefix = "/openai"
-default = true
-[[providers]]
-id = "anthropic"
-kind = "anthropic"
-base_url = "http://127.0.0.1:$UP_PORT"
-route_prefix = "/anthropic"
-[store]
-path = "$WORK/keyrouter.db"
-[log]
-level = "warn"
-EOF
-ADMIN_KEY="pgo-admin-key-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+keyrouter_config $UP_PORT $KR_PORT $KR_ADMIN $KR_OPS "$WORK/keyrouter.db" > "$WORK/keyrouter.toml"
+ADMIN_KEY=$(new_admin_key)
 # Only the serving process writes the profile used (the build scripts of
 # the instrumented build wrote theirs elsewhere).
 LLVM_PROFILE_FILE="$PROFILE_DIR/run/keyrouter-%p-%m.profraw" \
@@ -117,8 +92,12 @@ train embeddings 1s 16 /openai/v1/embeddings
 kill -TERM "$KR_PID"
 wait "$KR_PID" || true
 
-"$PROFDATA" merge -o "$PROFILE_DIR/keyrouter.profdata" "$PROFILE_DIR"/run/*.profraw
+"$PROFDATA" merge -o "$PROFILE_DIR/merged.profdata" "$PROFILE_DIR"/run/*.profraw
+# Named by its content: cargo rebuilds when the flags change, and a new
+# profile under the same name would leave the previous build in place.
+PROFILE="$PROFILE_DIR/keyrouter-$(sha256sum "$PROFILE_DIR/merged.profdata" | cut -c1-16).profdata"
+mv "$PROFILE_DIR/merged.profdata" "$PROFILE"
 echo "building keyrouter with the profile..." >&2
-CARGO_TARGET_DIR="$TARGET_DIR/pgo" RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$PROFILE_DIR/keyrouter.profdata" \
+CARGO_TARGET_DIR="$TARGET_DIR/pgo" RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$PROFILE" \
   cargo build --release --bin keyrouter >&2
 echo "$TARGET_DIR/pgo/release/keyrouter"

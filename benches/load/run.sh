@@ -26,6 +26,7 @@
 # high enough never to refuse, so the limiter's cost is measured).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. benches/load/common.sh
 
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
@@ -67,11 +68,7 @@ case $LAYOUT in
   split) LOADCPU="taskset -c 0"; SRVCPU="taskset -c 1"; WORKERS=1 ;;
   shared) LOADCPU=""; SRVCPU=""; WORKERS=$(nproc) ;;
 esac
-for port in $UP_PORT $NG_PORT $KR_PORT $KR_ADMIN $KR_OPS; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    echo "port $port is in use: stop what listens there first" >&2; exit 1
-  fi
-done
+ensure_ports_free $UP_PORT $NG_PORT $KR_PORT $KR_ADMIN $KR_OPS
 
 echo "layout: $LAYOUT ($WORKERS proxy worker(s)); keyrouter: $KR_BUILD"
 WORK=$(mktemp -d)
@@ -84,8 +81,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_http() { for _ in $(seq 1 100); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done; echo "no answer from $1" >&2; exit 1; }
-
 # --- mock upstream -----------------------------------------------------------
 $SRVCPU "$BIN/keyrouter-mock-upstream" "127.0.0.1:$UP_PORT" &
 UP_PID=$!
@@ -93,24 +88,8 @@ PIDS+=($UP_PID)
 wait_http "http://127.0.0.1:$UP_PORT/v1/models"
 
 # --- keyrouter -----------------------------------------------------------------
-cat > "$WORK/keyrouter.toml" <<EOF
-[server]
-listen = "127.0.0.1:$KR_PORT"
-admin_listen = "127.0.0.1:$KR_ADMIN"
-ops_listen = "127.0.0.1:$KR_OPS"
-shutdown_drain = "1s"
-[[providers]]
-id = "openai"
-kind = "openai"
-base_url = "http://127.0.0.1:$UP_PORT"
-route_prefix = "/openai"
-default = true
-[store]
-path = "$WORK/keyrouter.db"
-[log]
-level = "warn"
-EOF
-ADMIN_KEY="bench-admin-key-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+keyrouter_config $UP_PORT $KR_PORT $KR_ADMIN $KR_OPS "$WORK/keyrouter.db" > "$WORK/keyrouter.toml"
+ADMIN_KEY=$(new_admin_key)
 KEYROUTER_FERNET_KEYS="$("$KR_BIN" gen-fernet-key)" KEYROUTER_ADMIN_API_KEY="$ADMIN_KEY" \
   KEYROUTER_SERVER__WORKERS=$WORKERS $SRVCPU "$KR_BIN" serve --config "$WORK/keyrouter.toml" 2>"$WORK/keyrouter.log" &
 KR_PID=$!
