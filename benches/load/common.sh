@@ -50,3 +50,11 @@ EOF
 new_admin_key() {
   echo "bench-admin-key-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 }
+
+# Stops every process in the caller's PIDS and removes its WORK directory;
+# the scripts run it on exit (`trap cleanup EXIT`).
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}

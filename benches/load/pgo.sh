@@ -38,11 +38,6 @@ GEN="$TARGET_DIR/pgo-generate/release/keyrouter"
 
 WORK=$(mktemp -d)
 PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
 trap cleanup EXIT
 
 "$TARGET_DIR/release/keyrouter-mock-upstream" "127.0.0.1:$UP_PORT" &

@@ -74,11 +74,6 @@ echo "layout: $LAYOUT ($WORKERS proxy worker(s)); keyrouter: $KR_BUILD"
 WORK=$(mktemp -d)
 chmod 755 "$WORK"
 PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
 trap cleanup EXIT
 
 # --- mock upstream -----------------------------------------------------------
