@@ -47,8 +47,6 @@ fn tokens(text: &[u8]) -> impl Iterator<Item = Range<usize>> + '_ {
 
 /// `span` grown over the token characters on either side of it: a quoted
 /// edge goes with the rest of the key around it (`sk-proj-…wxyz.`).
-/// Growing stops at a non-token character, so a span starting where an
-/// earlier one ended never reaches back into it.
 fn widened(text: &[u8], span: Range<usize>) -> Range<usize> {
     let start = text[..span.start]
         .iter()
@@ -95,22 +93,22 @@ fn raw_quotes<'t>(text: &'t [u8], key: &'t [u8]) -> impl Iterator<Item = Range<u
 }
 
 /// Where `text` quotes the served key, each place widened to the token
-/// around it. A quote inside a token already taken (`sk-proj-sk-proj-…`
-/// repeats the key's head) is skipped rather than widened again, so long
-/// tokens cost one pass.
-fn key_quotes<'t>(text: &'t [u8], key: &'t [u8]) -> impl Iterator<Item = Range<usize>> + 't {
-    key_parts(key).flat_map(move |part| {
-        let mut taken = 0;
-        memmem::find_iter(text, part).filter_map(move |at| {
-            let end = at + part.len();
-            if end <= taken {
+/// around it. The quotes are taken in order and joined where they touch
+/// (`sk-proj-sk-proj-…` repeats the key's head), and one that ends inside
+/// the span already taken adds nothing, so long tokens cost one pass.
+fn key_quotes(text: &[u8], key: &[u8]) -> Vec<Range<usize>> {
+    let mut taken = 0;
+    merged(raw_quotes(text, key).collect())
+        .into_iter()
+        .filter_map(|quote| {
+            if quote.end <= taken {
                 return None;
             }
-            let span = widened(text, at.max(taken)..end);
+            let span = widened(text, quote.start.max(taken)..quote.end);
             taken = span.end;
             Some(span)
         })
-    })
+        .collect()
 }
 
 /// Where a key may begin inside a token: at its start, or after a
@@ -202,7 +200,7 @@ fn merged(mut spans: Vec<Range<usize>>) -> Vec<Range<usize>> {
 pub fn scrub<'a>(text: &'a [u8], key: Option<&Secret>) -> Cow<'a, [u8]> {
     // Searching for the key and its edges needs its bytes; nothing is kept.
     let key = key.map(|k| k.expose().as_bytes());
-    let mut spans: Vec<Range<usize>> = key.map_or_else(Vec::new, |k| key_quotes(text, k).collect());
+    let mut spans = key.map_or_else(Vec::new, |k| key_quotes(text, k));
     spans.extend(tokens(text).filter(|t| looks_secret(&text[t.clone()], key)));
     replace(text, merged(spans), REDACTED)
 }
@@ -548,7 +546,7 @@ mod tests {
     fn a_key_quoted_over_and_over_in_one_token_is_one_place() {
         let key = b"sk-proj-Zq7abc0123456789wxyz";
         let text = "sk-proj-".repeat(20_000);
-        assert_eq!(key_quotes(text.as_bytes(), key).count(), 1);
+        assert_eq!(key_quotes(text.as_bytes(), key).len(), 1);
         assert_eq!(s(&text, Some("sk-proj-Zq7abc0123456789wxyz")), "[redacted]");
     }
 
