@@ -8,6 +8,12 @@ wait_http() {
   exit 1
 }
 
+# Where the toolchain's llvm-profdata is (`rustup component add
+# llvm-tools` installs it).
+llvm_profdata() {
+  echo "$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | awk '/^host:/ {print $2}')/bin/llvm-profdata"
+}
+
 # Stops the script when something already listens on one of the ports.
 ensure_ports_free() {
   for port in "$@"; do

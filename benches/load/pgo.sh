@@ -21,7 +21,7 @@ cd "$(dirname "$0")/../.."
 . benches/load/common.sh
 
 TARGET_DIR=$(realpath -m "${CARGO_TARGET_DIR:-target}")
-PROFDATA="$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | awk '/^host:/ {print $2}')/bin/llvm-profdata"
+PROFDATA=$(llvm_profdata)
 [ -x "$PROFDATA" ] || { echo "llvm-profdata is missing: rustup component add llvm-tools" >&2; exit 1; }
 command -v wrk >/dev/null || { echo "wrk is not installed (Debian: apt-get install wrk)" >&2; exit 1; }
 UP_PORT=19010 KR_PORT=19012 KR_ADMIN=19013 KR_OPS=19014

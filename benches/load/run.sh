@@ -49,19 +49,18 @@ if [ "$LAYOUT" = split ] && [ "$(nproc)" -lt 2 ]; then
   echo "one core only: LAYOUT=shared"; LAYOUT=shared
 fi
 
-cargo build --release --features load-bench --bin keyrouter --bin keyrouter-mock-upstream
 BIN="$TARGET_DIR/release"
 # The keyrouter measured: the profile-guided release build (`make
-# release-pgo`) unless PGO=off or the toolchain lacks llvm-profdata.
-KR_BIN="$BIN/keyrouter"
-KR_BUILD="plain release build"
-if [ "${PGO:-on}" != off ]; then
-  if [ -x "$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | awk '/^host:/ {print $2}')/bin/llvm-profdata" ]; then
-    KR_BIN=$(benches/load/pgo.sh | tail -1)
-    KR_BUILD="profile-guided release build (make release-pgo)"
-  else
-    echo "llvm-profdata is missing (rustup component add llvm-tools): measuring the plain release build"
-  fi
+# release-pgo`, which builds the mock too) unless PGO=off or the toolchain
+# lacks llvm-profdata; else the plain one.
+if [ "${PGO:-on}" != off ] && [ -x "$(llvm_profdata)" ]; then
+  KR_BIN=$(benches/load/pgo.sh | tail -1)
+  KR_BUILD="profile-guided release build (make release-pgo)"
+else
+  [ "${PGO:-on}" = off ] || echo "llvm-profdata is missing (rustup component add llvm-tools): measuring the plain release build"
+  cargo build --release --features load-bench --bin keyrouter --bin keyrouter-mock-upstream
+  KR_BIN="$BIN/keyrouter"
+  KR_BUILD="plain release build"
 fi
 
 case $LAYOUT in
