@@ -1,6 +1,8 @@
 use clap::Parser;
 use std::process::ExitCode;
 
+mod allocator;
+
 /// mimalloc instead of the C library's allocator: per-thread heaps, and a
 /// buffer freed on another thread than the one that allocated it goes back
 /// without taking a lock. A proxied request makes a few dozen allocations
@@ -13,7 +15,7 @@ use std::process::ExitCode;
 /// `MIMALLOC_ALLOW_THP=0` turns them off for the process (the Kubernetes
 /// manifest sets it).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: allocator::Mimalloc = allocator::Mimalloc;
 
 fn main() -> ExitCode {
     keyrouter::cli::run(keyrouter::cli::Cli::parse())
