@@ -98,7 +98,7 @@ pub async fn classify(resp: Response<UpstreamBody>, key: &PoolKey) -> Answer {
 /// The client's response for the provider's answer `resp`. A streamed
 /// event longer than `max_record` bytes ends the stream.
 pub async fn respond(
-    resp: Response<UpstreamBody>,
+    mut resp: Response<UpstreamBody>,
     spec: RewriteSpec,
     max_record: usize,
     completion: &mut Option<Completion>,
@@ -122,11 +122,9 @@ pub async fn respond(
         .get(header::CONTENT_TYPE)
         .map(|v| v.to_str().map_or(BodyKind::Other, BodyKind::of));
     let mut out = Response::builder().status(status);
-    let headers = out.headers_mut().expect("builder without errors");
-    // Room for the allowed headers and the ones every response gets
-    // (request id, security headers, CORS): no regrowth on the way out.
-    headers.reserve(12);
-    copy_allowed(resp.headers(), headers);
+    let mut headers = std::mem::take(resp.headers_mut());
+    keep_allowed(&mut headers);
+    *out.headers_mut().expect("builder without errors") = headers;
 
     let mut acct = completion
         .take()
@@ -289,12 +287,22 @@ fn unreadable(e: BoxError) -> ProxyError {
     }
 }
 
-/// The only provider response headers a client sees (length and framing
-/// headers are set by the server for the body actually sent).
-fn copy_allowed(from: &HeaderMap, to: &mut HeaderMap) {
-    for name in [header::CONTENT_TYPE, header::CACHE_CONTROL] {
-        if let Some(v) = from.get(&name) {
-            to.insert(name, v.clone());
+/// Empties the provider's header map of all but the only headers a client
+/// sees from it (length and framing headers are set by the server for the
+/// body actually sent). The client's response is built in that map, reusing
+/// its room instead of allocating another; room is kept for the most a
+/// response gets besides (request id, security headers, CORS), so nothing
+/// regrows on the way out.
+fn keep_allowed(headers: &mut HeaderMap) {
+    let kept = [header::CONTENT_TYPE, header::CACHE_CONTROL].map(|name| {
+        let value = headers.remove(&name);
+        (name, value)
+    });
+    headers.clear();
+    headers.reserve(10);
+    for (name, value) in kept {
+        if let Some(value) = value {
+            headers.insert(name, value);
         }
     }
 }
