@@ -34,24 +34,61 @@ use std::ops::Range;
 #[derive(Debug, PartialEq, Eq)]
 pub struct Malformed;
 
-/// Calls `each` with every member of the object `json`, in order: where its
-/// name is (with its quotes, see [`string`]) and where its value is. On
-/// `Err`, the members before the break were passed already and are to be
-/// disregarded.
-pub fn each_member(
-    json: &[u8],
-    mut each: impl FnMut(Range<usize>, Range<usize>),
-) -> Result<(), Malformed> {
+/// A member's name as found in the document.
+#[derive(Clone, Debug)]
+pub struct Name {
+    /// Where it is written, quotes included.
+    pub raw: Range<usize>,
+    /// It holds a backslash: it must be decoded to be read.
+    escaped: bool,
+}
+
+impl Name {
+    /// The name read from `json`, the document it was found in: borrowed
+    /// unless it holds escapes. `None` when it does not decode.
+    pub fn decode<'a>(&self, json: &'a str) -> Option<Cow<'a, str>> {
+        if self.escaped {
+            string(&json[self.raw.clone()])
+        } else {
+            Some(Cow::Borrowed(&json[self.raw.start + 1..self.raw.end - 1]))
+        }
+    }
+}
+
+/// Calls `each` with every member of the object `json`, in order: its name
+/// and where its value is. On `Err`, the members before the break were
+/// passed already and are to be disregarded.
+pub fn each_member(json: &[u8], mut each: impl FnMut(Name, Range<usize>)) -> Result<(), Malformed> {
     each_item(json, [b'{', b'}'], |at| {
         expect(json, at, b'"')?;
-        let name = at..string_end(json, at)?;
-        let colon = skip_ws(json, name.end);
+        let name = name_at(json, at)?;
+        let colon = skip_ws(json, name.raw.end);
         expect(json, colon, b':')?;
         let start = skip_ws(json, colon + 1);
         let end = value_end(json, start)?;
         each(name, start..end);
         Ok(end)
     })
+}
+
+/// The name whose opening quote is at `at`. Names are short, and one search
+/// for a quote or a backslash finds the end of one without escapes (nearly
+/// all of them) and tells it needs no decoding.
+fn name_at(json: &[u8], at: usize) -> Result<Name, Malformed> {
+    let from = at + 1;
+    let found =
+        memchr::memchr2(b'"', b'\\', json.get(from..).ok_or(Malformed)?).ok_or(Malformed)?;
+    if json[from + found] == b'"' {
+        Ok(Name {
+            raw: at..from + found + 1,
+            escaped: false,
+        })
+    } else {
+        Ok(Name {
+            raw: at..string_end(json, at)?,
+            escaped: true,
+        })
+    }
 }
 
 /// Calls `each` with where every element of the array `json` is, in order.
@@ -271,7 +308,7 @@ pub(crate) mod tests {
             let text = write(&object);
             let mut found = serde_json::Map::new();
             each_member(text.as_bytes(), |name, value| {
-                let name = string(&text[name]).unwrap().into_owned();
+                let name = name.decode(&text).unwrap().into_owned();
                 found.insert(name, serde_json::from_str(&text[value]).unwrap());
             }).unwrap();
             let parsed: Value = serde_json::from_str(&text).unwrap();
@@ -289,7 +326,7 @@ pub(crate) mod tests {
     fn members(json: &str) -> Result<Vec<(String, String)>, Malformed> {
         let mut found = Vec::new();
         each_member(json.as_bytes(), |name, value| {
-            found.push((json[name].to_owned(), json[value].to_owned()));
+            found.push((json[name.raw].to_owned(), json[value].to_owned()));
         })?;
         Ok(found)
     }
@@ -459,6 +496,22 @@ pub(crate) mod tests {
         );
         assert_eq!(first("[]"), None);
         assert_eq!(first(r#"[{"a":1"#), None);
+    }
+
+    #[test]
+    fn names_are_borrowed_unless_they_hold_escapes() {
+        let json = r#"{"plain":1,"we\"ird":2,"mod\u0065l":3,"tail\\":4, "x" :5}"#;
+        let mut names = Vec::new();
+        each_member(json.as_bytes(), |name, _| {
+            names.push(name.decode(json).unwrap())
+        })
+        .unwrap();
+        assert_eq!(names, ["plain", "we\"ird", "model", "tail\\", "x"]);
+        let borrowed = names.iter().map(|n| matches!(n, Cow::Borrowed(_)));
+        assert_eq!(
+            borrowed.collect::<Vec<_>>(),
+            [true, false, false, false, true]
+        );
     }
 
     #[test]
