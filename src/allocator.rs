@@ -34,6 +34,28 @@ fn plain(align: usize, size: usize) -> bool {
     align <= MIN_ALIGN && align <= size
 }
 
+type Plain = unsafe extern "C" fn(usize) -> *mut c_void;
+type Aligned = unsafe extern "C" fn(usize, usize) -> *mut c_void;
+
+/// A block for `layout` from the `plain` entry point when it gives the
+/// alignment, else from the `aligned` one.
+///
+/// # Safety
+///
+/// `layout` has a non-zero size.
+#[inline]
+unsafe fn allocate(layout: Layout, plain_entry: Plain, aligned_entry: Aligned) -> *mut u8 {
+    // SAFETY: mimalloc's entry points take any non-zero size, and any
+    // power-of-two alignment (a layout's always is one).
+    unsafe {
+        if plain(layout.align(), layout.size()) {
+            plain_entry(layout.size()).cast()
+        } else {
+            aligned_entry(layout.size(), layout.align()).cast()
+        }
+    }
+}
+
 // SAFETY: every entry point hands mimalloc's own blocks out and back, with
 // the alignment the layout asks for (see `plain` and the module
 // documentation); `mi_free` takes blocks from the aligned entry points too.
@@ -41,25 +63,13 @@ unsafe impl GlobalAlloc for Mimalloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: `GlobalAlloc` callers pass a layout of non-zero size.
-        unsafe {
-            if plain(layout.align(), layout.size()) {
-                mi::mi_malloc(layout.size()).cast()
-            } else {
-                mi::mi_malloc_aligned(layout.size(), layout.align()).cast()
-            }
-        }
+        unsafe { allocate(layout, mi::mi_malloc, mi::mi_malloc_aligned) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: as for `alloc`.
-        unsafe {
-            if plain(layout.align(), layout.size()) {
-                mi::mi_zalloc(layout.size()).cast()
-            } else {
-                mi::mi_zalloc_aligned(layout.size(), layout.align()).cast()
-            }
-        }
+        unsafe { allocate(layout, mi::mi_zalloc, mi::mi_zalloc_aligned) }
     }
 
     #[inline]
