@@ -14,10 +14,13 @@
 //! mimalloc's blocks of 16 bytes or more are 16-byte aligned on every
 //! target (its size classes are multiples of 16 bytes, as C's `malloc`
 //! must be for `max_align_t`; mimalloc asserts this on every allocation in
-//! its debug builds), and smaller blocks are word aligned. So a request of
-//! alignment at most 16 and no larger than its size is served by plain
-//! `mi_malloc`; only larger alignments (a runtime's cache-padded task cells)
-//! take the aligned entry points.
+//! its debug builds), and smaller blocks are word aligned. (Its guarded
+//! mode, compiled in only with `libmimalloc-sys`'s `debug` feature, which
+//! this build does not enable, can place a block flush against a guard page
+//! and keeps no such alignment.) So a request of alignment at most 16 and
+//! no larger than its size is served by plain `mi_malloc`; only larger
+//! alignments (a runtime's cache-padded task cells) take the aligned entry
+//! points.
 
 use libmimalloc_sys as mi;
 use std::alloc::{GlobalAlloc, Layout};
