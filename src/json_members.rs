@@ -44,13 +44,14 @@ pub struct Name {
 }
 
 impl Name {
-    /// The name read from `json`, the document it was found in: borrowed
-    /// unless it holds escapes. `None` when it does not decode.
-    pub fn decode<'a>(&self, json: &'a str) -> Option<Cow<'a, str>> {
+    /// The name, from `written`, the text at `raw` (quotes included):
+    /// borrowed unless it holds escapes, so a name without any is not
+    /// searched for them again. `None` when it does not decode.
+    pub fn decode<'a>(&self, written: &'a str) -> Option<Cow<'a, str>> {
         if self.escaped {
-            string(&json[self.raw.clone()])
+            string(written)
         } else {
-            Some(Cow::Borrowed(&json[self.raw.start + 1..self.raw.end - 1]))
+            Some(Cow::Borrowed(&written[1..written.len() - 1]))
         }
     }
 }
@@ -308,7 +309,7 @@ pub(crate) mod tests {
             let text = write(&object);
             let mut found = serde_json::Map::new();
             each_member(text.as_bytes(), |name, value| {
-                let name = name.decode(&text).unwrap().into_owned();
+                let name = name.decode(&text[name.raw.clone()]).unwrap().into_owned();
                 found.insert(name, serde_json::from_str(&text[value]).unwrap());
             }).unwrap();
             let parsed: Value = serde_json::from_str(&text).unwrap();
@@ -503,7 +504,7 @@ pub(crate) mod tests {
         let json = r#"{"plain":1,"we\"ird":2,"mod\u0065l":3,"tail\\":4, "x" :5}"#;
         let mut names = Vec::new();
         each_member(json.as_bytes(), |name, _| {
-            names.push(name.decode(json).unwrap())
+            names.push(name.decode(&json[name.raw.clone()]).unwrap())
         })
         .unwrap();
         assert_eq!(names, ["plain", "we\"ird", "model", "tail\\", "x"]);

@@ -54,7 +54,8 @@ fn peek_body(body: &[u8]) -> RequestPeek {
         (None, None, None, None);
     let text = |raw: std::ops::Range<usize>| std::str::from_utf8(&body[raw]).ok();
     let scanned = json_members::each_member(body, |name, value| {
-        let slot = match text(name.raw).and_then(json_members::string).as_deref() {
+        let written = text(name.raw.clone());
+        let slot = match written.and_then(|w| name.decode(w)).as_deref() {
             Some("model") => &mut model,
             Some("max_tokens") => &mut max_tokens,
             Some("max_completion_tokens") => &mut max_completion_tokens,

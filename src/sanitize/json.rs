@@ -130,9 +130,11 @@ impl<'a> Members<'a> {
     fn parse(json: &'a str) -> Option<Self> {
         let mut members = Vec::with_capacity(12);
         let mut names_decode = true;
-        json_members::each_member(json.as_bytes(), |name, value| match name.decode(json) {
-            Some(name) => members.push((name, &json[value])),
-            None => names_decode = false,
+        json_members::each_member(json.as_bytes(), |name, value| {
+            match name.decode(&json[name.raw.clone()]) {
+                Some(name) => members.push((name, &json[value])),
+                None => names_decode = false,
+            }
         })
         .ok()?;
         names_decode.then_some(Members(members))
